@@ -1,0 +1,1 @@
+"""spotguard package."""

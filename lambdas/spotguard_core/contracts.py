@@ -1,0 +1,555 @@
+"""The contracts of spotguard, defined once.
+
+Everything that two parts of the system must agree on lives here: tag keys,
+table key schemas and record shapes, metric names, EventBridge patterns,
+environment variable names and configuration ranges. The CDK stacks, the Lambda
+functions, the instance agent and the local drill all import this module.
+
+This module is shipped inside the agent bundle as well as the Lambda asset, so
+it must only use the standard library (instances have python3 and boto3, not
+pydantic or Powertools).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Final
+
+# --------------------------------------------------------------------------------------
+# Tags
+# --------------------------------------------------------------------------------------
+#: Marks an instance (and the ASG, launch template, …) as belonging to a spotguard fleet.
+#: Value: the fleet name. IAM conditions on destructive actions use this key
+#: (``aws:ResourceTag/spotguard:fleet``), so an instance without it is never touched.
+FLEET_TAG_KEY: Final = "spotguard:fleet"
+#: Bootstrap outcome written by the instance itself: ``ready`` or ``failed``.
+BOOTSTRAP_TAG_KEY: Final = "spotguard:bootstrap"
+#: Short reason for a failed bootstrap (tag values are limited to 256 characters).
+BOOTSTRAP_REASON_TAG_KEY: Final = "spotguard:bootstrap-reason"
+#: Set on instances that should receive AWS FIS spot-interruption drills (staging).
+FIS_TARGET_TAG_KEY: Final = "spotguard:fis-target"
+
+# --------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------
+METRIC_NAMESPACE: Final = "Spotguard"
+#: The only dimension spotguard metrics carry. Dashboards and alarms use exactly this.
+METRIC_DIMENSION_FLEET: Final = "Fleet"
+
+
+class Metric(StrEnum):
+    """CloudWatch metric names. The dashboard and the alarms are built from this list."""
+
+    # dispatcher
+    SIGNALS_RECEIVED = "SignalsReceived"
+    SIGNALS_REJECTED = "SignalsRejected"  # malformed / unknown / wrong account or region
+    SIGNALS_UNMANAGED = "SignalsUnmanagedIgnored"  # valid event about an instance we do not manage
+    SIGNALS_DUPLICATE = "SignalsDuplicate"
+    INTERRUPTION_WARNINGS = "InterruptionWarnings"
+    REBALANCE_RECOMMENDATIONS = "RebalanceRecommendations"
+    HEALTH_SCHEDULED_CHANGES = "HealthScheduledChanges"
+    INSTANCES_ENDED = "InstancesEnded"
+    REPLACEMENTS_REQUESTED = "ReplacementsRequested"
+    # requeue (dispatcher, watchdog)
+    MESSAGES_REQUEUED = "MessagesRequeued"
+    REQUEUE_LATENCY = "RequeueLatency"  # milliseconds, interruption event time -> message visible
+    REQUEUE_FAILURES = "RequeueFailures"
+    # watchdog
+    WATCHDOG_HEARTBEAT = "WatchdogHeartbeat"
+    TERMINATED_BY_WATCHDOG = "InstancesTerminatedByWatchdog"
+    ORPHAN_LEASES_SWEPT = "OrphanLeasesSwept"
+    BOOTSTRAP_FAILURES = "BootstrapFailures"
+    FLEET_SIZE = "FleetSize"  # managed instances not ended, emitted by the watchdog
+    # reconciler / migration
+    MIGRATION_JOBS = "MigrationJobs"
+    MIGRATIONS_SUCCEEDED = "MigrationsSucceeded"
+    MIGRATIONS_FAILED = "MigrationsFailed"
+    MIGRATION_ELIGIBLE = "MigrationEligibleInstances"
+    # notifier
+    NOTIFICATIONS_PUBLISHED = "NotificationsPublished"
+    WEBHOOK_DELIVERED = "WebhookDelivered"
+    WEBHOOK_FAILURES = "WebhookFailures"
+    # agent (PutMetricData from instances)
+    TASKS_COMPLETED = "TasksCompleted"
+    TASKS_FAILED = "TasksFailed"
+    TASKS_RELEASED_ON_DRAIN = "TasksReleasedOnDrain"
+    POISON_MESSAGES = "PoisonMessages"
+
+
+# --------------------------------------------------------------------------------------
+# Signals: every source (IMDS, each EventBridge kind, scheduled sweeps) becomes one of these
+# --------------------------------------------------------------------------------------
+class SignalKind(StrEnum):
+    SPOT_INTERRUPTION = "spot_interruption"  # 2-minute warning (IMDS instance-action or EventBridge)
+    REBALANCE = "rebalance"  # rebalance recommendation
+    STATE_CHANGE = "state_change"  # EC2 instance state-change notification
+    LIFECYCLE_LAUNCH = "lifecycle_launch"  # ASG launch lifecycle action
+    LIFECYCLE_TERMINATE = "lifecycle_terminate"  # ASG terminate lifecycle action / target state
+    HEALTH_SCHEDULED = "health_scheduled"  # AWS Health scheduled change for EC2
+    BOOTSTRAP_DEADLINE = "bootstrap_deadline"  # watchdog: not ready by the deadline
+    HEARTBEAT_STALE = "heartbeat_stale"  # watchdog: agent stopped heartbeating
+    DRAIN_DEADLINE = "drain_deadline"  # watchdog: interruption deadline passed, no state change seen
+
+
+class SignalSource(StrEnum):
+    IMDS = "imds"
+    EVENTBRIDGE = "eventbridge"
+    TEST = "test"  # EventBridge event with source spotguard.test (staging)
+    WATCHDOG = "watchdog"
+
+
+#: EC2 states after which the instance does no more work: its leases are requeued.
+ENDING_EC2_STATES: Final = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
+
+
+@dataclass(frozen=True, slots=True)
+class Signal:
+    """One normalised signal about one instance. Parsed once, then decided on by kind."""
+
+    instance_id: str
+    kind: SignalKind
+    source: SignalSource
+    event_id: str
+    received_at: datetime
+    #: When the instance goes away (spot warning ``instance-action`` time, health window start).
+    deadline: datetime | None = None
+    #: EC2 state for ``STATE_CHANGE``; lifecycle transition for lifecycle kinds.
+    state: str | None = None
+    account: str | None = None
+    region: str | None = None
+    #: Time of the underlying event (EventBridge ``time``), used for requeue latency.
+    event_time: datetime | None = None
+    #: Kind-specific extras (lifecycle hook name/token, ASG name, health event type …).
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    def idempotency_key(self) -> str:
+        return f"{self.event_id}:{self.instance_id}:{self.kind.value}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["kind"] = self.kind.value
+        data["source"] = self.source.value
+        for key in ("received_at", "deadline", "event_time"):
+            value = data[key]
+            data[key] = value.isoformat() if value is not None else None
+        data["attributes"] = dict(self.attributes)
+        return data
+
+
+# --------------------------------------------------------------------------------------
+# EventBridge patterns (used by the stack's rules, `spotguard explain` and the drill)
+# --------------------------------------------------------------------------------------
+TEST_EVENT_SOURCE: Final = "spotguard.test"
+#: Source of the events spotguard itself publishes on its own bus (notifications).
+NOTIFICATION_EVENT_SOURCE: Final = "spotguard"
+
+
+class DetailType(StrEnum):
+    SPOT_INTERRUPTION = "EC2 Spot Instance Interruption Warning"
+    REBALANCE = "EC2 Instance Rebalance Recommendation"
+    STATE_CHANGE = "EC2 Instance State-change Notification"
+    LIFECYCLE_LAUNCH = "EC2 Instance-launch Lifecycle Action"
+    LIFECYCLE_TERMINATE = "EC2 Instance-terminate Lifecycle Action"
+    HEALTH = "AWS Health Event"
+
+
+def event_patterns(*, allow_test_events: bool, asg_name: str | None = None) -> dict[str, dict[str, Any]]:
+    """The EventBridge rule patterns, by rule name.
+
+    ``aws.ec2`` events cannot be filtered by tag or group, so the EC2 rules see every
+    instance in the account and region; the dispatcher acknowledges foreign ones at once.
+    With ``allow_test_events`` (staging) each rule also accepts source ``spotguard.test``.
+    ``asg_name`` narrows the lifecycle rule to the fleet's group (it may be a CDK token).
+    """
+
+    def sources(aws_source: str) -> list[str]:
+        return [aws_source, TEST_EVENT_SOURCE] if allow_test_events else [aws_source]
+
+    lifecycle: dict[str, Any] = {
+        "source": sources("aws.autoscaling"),
+        "detail-type": [DetailType.LIFECYCLE_LAUNCH.value, DetailType.LIFECYCLE_TERMINATE.value],
+    }
+    if asg_name is not None:
+        lifecycle["detail"] = {"AutoScalingGroupName": [asg_name]}
+    return {
+        "spot-interruption": {
+            "source": sources("aws.ec2"),
+            "detail-type": [DetailType.SPOT_INTERRUPTION.value],
+        },
+        "rebalance": {
+            "source": sources("aws.ec2"),
+            "detail-type": [DetailType.REBALANCE.value],
+        },
+        "state-change": {
+            "source": sources("aws.ec2"),
+            "detail-type": [DetailType.STATE_CHANGE.value],
+            "detail": {"state": sorted(ENDING_EC2_STATES)},
+        },
+        "lifecycle": lifecycle,
+        "health": {
+            "source": sources("aws.health"),
+            "detail-type": [DetailType.HEALTH.value],
+            "detail": {"service": ["EC2"], "eventTypeCategory": ["scheduledChange"]},
+        },
+    }
+
+
+class NotificationType(StrEnum):
+    """``detail-type`` of events spotguard publishes on its bus and POSTs to webhooks."""
+
+    INSTANCE_INTERRUPTED = "instance.interrupted"
+    INSTANCE_REPLACED = "instance.replaced"
+    INSTANCE_MIGRATED = "instance.migrated"
+    BOOTSTRAP_FAILED = "bootstrap.failed"
+    MIGRATION_JOB_COMPLETED = "migration.job.completed"
+
+
+#: Webhook headers: ``t=<unix seconds>,v1=<hex hmac-sha256 of "<t>.<body>">``.
+WEBHOOK_SIGNATURE_HEADER: Final = "X-Spotguard-Signature"
+WEBHOOK_EVENT_HEADER: Final = "X-Spotguard-Event"
+WEBHOOK_ID_HEADER: Final = "X-Spotguard-Delivery"
+#: Receivers reject signatures older than this (replay protection).
+WEBHOOK_TOLERANCE_SECONDS: Final = 300
+
+# --------------------------------------------------------------------------------------
+# Lease table: who holds which SQS message (single table, two item kinds)
+# --------------------------------------------------------------------------------------
+LEASE_TABLE_PK: Final = "pk"
+LEASE_TABLE_SK: Final = "sk"
+#: TTL attribute of every table that has one (epoch seconds).
+TTL_ATTRIBUTE: Final = "expires_at"
+#: Leases outlive any visibility timeout; the TTL only cleans up after crashes.
+LEASE_TTL_SECONDS: Final = 2 * 24 * 3600
+#: Requeue counters live as long as the longest SQS retention (14 days).
+REQUEUE_COUNTER_TTL_SECONDS: Final = 14 * 24 * 3600
+
+
+def lease_pk(instance_id: str) -> str:
+    return f"instance#{instance_id}"
+
+
+def lease_sk(message_id: str) -> str:
+    return f"lease#{message_id}"
+
+
+def requeue_counter_key(message_id: str) -> dict[str, str]:
+    """Key of the item that counts how often interruptions (not failures) requeued a message."""
+    return {LEASE_TABLE_PK: f"message#{message_id}", LEASE_TABLE_SK: "requeues"}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Written by the worker before it starts a message; deleted when it deletes or releases it."""
+
+    instance_id: str
+    message_id: str
+    receipt_handle: str
+    queue_url: str
+    leased_at: float  # epoch seconds
+    heartbeat_at: float  # epoch seconds; refreshed while the task runs
+    expires_at: int = 0  # TTL, epoch seconds
+
+    def key(self) -> dict[str, str]:
+        return {LEASE_TABLE_PK: lease_pk(self.instance_id), LEASE_TABLE_SK: lease_sk(self.message_id)}
+
+    def to_item(self) -> dict[str, Any]:
+        """Plain-Python item (boto3 resource style); adapters serialise it."""
+        expires_at = self.expires_at or int(self.leased_at) + LEASE_TTL_SECONDS
+        return {
+            **self.key(),
+            "instance_id": self.instance_id,
+            "message_id": self.message_id,
+            "receipt_handle": self.receipt_handle,
+            "queue_url": self.queue_url,
+            "leased_at": _decimal_safe(self.leased_at),
+            "heartbeat_at": _decimal_safe(self.heartbeat_at),
+            TTL_ATTRIBUTE: expires_at,
+        }
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> Lease:
+        return cls(
+            instance_id=str(item["instance_id"]),
+            message_id=str(item["message_id"]),
+            receipt_handle=str(item["receipt_handle"]),
+            queue_url=str(item["queue_url"]),
+            leased_at=float(item["leased_at"]),
+            heartbeat_at=float(item["heartbeat_at"]),
+            expires_at=int(item.get(TTL_ATTRIBUTE, 0)),
+        )
+
+
+def _decimal_safe(value: float) -> Any:
+    """DynamoDB numbers must not be binary floats; keep millisecond precision."""
+    from decimal import Decimal  # noqa: PLC0415 - keep import local: tiny module, hot path elsewhere
+
+    return Decimal(str(round(value, 3)))
+
+
+# --------------------------------------------------------------------------------------
+# Poison rule (who counts what toward the DLQ)
+# --------------------------------------------------------------------------------------
+#: Message attribute / system attribute names the worker reads.
+RECEIVE_COUNT_ATTRIBUTE: Final = "ApproximateReceiveCount"
+#: SQS redrive threshold on the work queue. It is only a backstop far above the poison
+#: threshold: interruptions make messages visible again (raising ApproximateReceiveCount)
+#: without being failures. The worker moves a message to the DLQ itself once
+#: ``receive_count - 1 - requeues_by_interruption >= max_failures``.
+REDRIVE_BACKSTOP_RECEIVE_COUNT: Final = 100
+
+
+def genuine_failures(receive_count: int, interruption_requeues: int) -> int:
+    """Processing attempts that ended in failure (or a silent visibility timeout).
+
+    ``receive_count`` is SQS's ApproximateReceiveCount *including* the current receive;
+    ``interruption_requeues`` counts the times spotguard made the message visible because
+    its instance went away. What is left are previous receives that failed.
+    """
+    return max(0, receive_count - 1 - interruption_requeues)
+
+
+# --------------------------------------------------------------------------------------
+# Fleet table: one record per managed instance
+# --------------------------------------------------------------------------------------
+FLEET_TABLE_PK: Final = "instance_id"
+#: Records of ended instances are kept this long for the fleet views, then expire.
+FLEET_RECORD_RETENTION_SECONDS: Final = 30 * 24 * 3600
+
+
+class InstanceState(StrEnum):
+    LAUNCHING = "launching"  # launched, bootstrap not finished
+    READY = "ready"  # bootstrap verified, agent running
+    DRAINING = "draining"  # interruption notice / scale-in: finishing or releasing work
+    ENDED = "ended"  # stopped, terminated or terminated by the watchdog
+
+
+#: Transitions are monotonic: a record only moves to a higher rank (out-of-order events
+#: are normal on EventBridge; a terminated instance never goes back to draining).
+STATE_RANK: Final[Mapping[InstanceState, int]] = {
+    InstanceState.LAUNCHING: 0,
+    InstanceState.READY: 1,
+    InstanceState.DRAINING: 2,
+    InstanceState.ENDED: 3,
+}
+
+
+class BootstrapStatus(StrEnum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class EndReason(StrEnum):
+    SPOT_RECLAIM = "spot_reclaim"  # stopped/terminated after a spot interruption warning
+    SCALE_IN = "scale_in"  # ASG terminate lifecycle / scale-in
+    BOOTSTRAP_FAILED = "bootstrap_failed"  # instance reported a failed bootstrap
+    BOOTSTRAP_DEADLINE = "bootstrap_deadline"  # watchdog: not ready by the deadline
+    HEARTBEAT_STALE = "heartbeat_stale"  # watchdog: agent silent
+    MIGRATED = "migrated"  # reconciler replaced it
+    STOPPED = "stopped"  # stopped for another reason
+    TERMINATED = "terminated"  # terminated for another reason
+
+
+@dataclass(slots=True)
+class FleetRecord:
+    """The control plane's and the agent's shared view of one instance."""
+
+    instance_id: str
+    fleet: str
+    state: InstanceState = InstanceState.LAUNCHING
+    bootstrap_status: BootstrapStatus = BootstrapStatus.PENDING
+    bootstrap_reason: str | None = None
+    launched_at: float | None = None
+    bootstrap_deadline_at: float | None = None
+    ready_at: float | None = None
+    heartbeat_at: float | None = None
+    #: Interruption deadline (spot warning time) while draining.
+    drain_deadline_at: float | None = None
+    ended_at: float | None = None
+    end_reason: EndReason | None = None
+    ec2_state: str | None = None
+    instance_type: str | None = None
+    availability_zone: str | None = None
+    #: Last signal seen: {"kind", "event_id", "source", "at"}.
+    last_signal: dict[str, str] | None = None
+    replacement_requested_at: float | None = None
+    replaced_by: str | None = None
+    expires_at: int | None = None
+
+    @property
+    def state_rank(self) -> int:
+        return STATE_RANK[self.state]
+
+    def to_item(self) -> dict[str, Any]:
+        item: dict[str, Any] = {"state_rank": self.state_rank}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            if isinstance(value, float):
+                value = _decimal_safe(value)
+            elif isinstance(value, StrEnum):
+                value = value.value
+            item[key] = value
+        return item
+
+    @classmethod
+    def from_item(cls, item: Mapping[str, Any]) -> FleetRecord:
+        def num(key: str) -> float | None:
+            value = item.get(key)
+            return float(value) if value is not None else None
+
+        end_reason = item.get("end_reason")
+        expires = item.get(TTL_ATTRIBUTE)
+        return cls(
+            instance_id=str(item[FLEET_TABLE_PK]),
+            fleet=str(item.get("fleet", "")),
+            state=InstanceState(item.get("state", InstanceState.LAUNCHING)),
+            bootstrap_status=BootstrapStatus(item.get("bootstrap_status", BootstrapStatus.PENDING)),
+            bootstrap_reason=item.get("bootstrap_reason"),
+            launched_at=num("launched_at"),
+            bootstrap_deadline_at=num("bootstrap_deadline_at"),
+            ready_at=num("ready_at"),
+            heartbeat_at=num("heartbeat_at"),
+            drain_deadline_at=num("drain_deadline_at"),
+            ended_at=num("ended_at"),
+            end_reason=EndReason(end_reason) if end_reason else None,
+            ec2_state=item.get("ec2_state"),
+            instance_type=item.get("instance_type"),
+            availability_zone=item.get("availability_zone"),
+            last_signal=dict(item["last_signal"]) if item.get("last_signal") else None,
+            replacement_requested_at=num("replacement_requested_at"),
+            replaced_by=item.get("replaced_by"),
+            expires_at=int(expires) if expires is not None else None,
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Jobs table: migration / reconcile runs (history API)
+# --------------------------------------------------------------------------------------
+JOBS_TABLE_PK: Final = "job_kind"  # e.g. "migration"
+JOBS_TABLE_SK: Final = "started_key"  # "<iso start time>#<job id>": newest first by Query
+JOB_KIND_MIGRATION: Final = "migration"
+JOB_RECORD_RETENTION_SECONDS: Final = 90 * 24 * 3600
+
+# --------------------------------------------------------------------------------------
+# Idempotency table (Powertools Idempotency's own schema)
+# --------------------------------------------------------------------------------------
+IDEMPOTENCY_TABLE_PK: Final = "id"
+IDEMPOTENCY_TTL_ATTRIBUTE: Final = "expiration"
+
+# --------------------------------------------------------------------------------------
+# Configuration ranges shared by the CDK settings and the runtime (seed: auto-migration)
+# --------------------------------------------------------------------------------------
+MIGRATION_INTERVAL_MINUTES_RANGE: Final = (1, 60)
+MIGRATION_JOB_TIMEOUT_MS_RANGE: Final = (60_000, 1_800_000)  # 1-30 minutes
+MIGRATION_MAX_CONCURRENT_RANGE: Final = (1, 20)
+LOG_LEVELS: Final = ("debug", "info", "warn", "error")
+
+
+class RebalancePolicy(StrEnum):
+    """What a rebalance recommendation or AWS Health scheduled change does."""
+
+    IGNORE = "ignore"
+    REPLACE = "replace"  # request replacement capacity early, keep working
+    DRAIN = "drain"  # replace early and drain like a spot warning
+
+
+# --------------------------------------------------------------------------------------
+# Environment variables (Lambda functions and the agent read these; CDK and the drill set them)
+# --------------------------------------------------------------------------------------
+class Env(StrEnum):
+    FLEET_NAME = "SPOTGUARD_FLEET_NAME"
+    WORK_QUEUE_URL = "SPOTGUARD_WORK_QUEUE_URL"
+    WORK_DLQ_URL = "SPOTGUARD_WORK_DLQ_URL"
+    LEASE_TABLE = "SPOTGUARD_LEASE_TABLE"
+    FLEET_TABLE = "SPOTGUARD_FLEET_TABLE"
+    JOBS_TABLE = "SPOTGUARD_JOBS_TABLE"
+    IDEMPOTENCY_TABLE = "SPOTGUARD_IDEMPOTENCY_TABLE"
+    ASG_NAME = "SPOTGUARD_ASG_NAME"
+    LAUNCH_TEMPLATE_ID = "SPOTGUARD_LAUNCH_TEMPLATE_ID"
+    NOTIFICATION_BUS = "SPOTGUARD_NOTIFICATION_BUS"
+    WEBHOOK_URL = "SPOTGUARD_WEBHOOK_URL"
+    WEBHOOK_SECRET_ARN = "SPOTGUARD_WEBHOOK_SECRET_ARN"  # noqa: S105 - a name, not a secret
+    NOVITA_API_KEY_SECRET_ARN = "SPOTGUARD_NOVITA_API_KEY_SECRET_ARN"  # noqa: S105
+    NOVITA_API_URL = "SPOTGUARD_NOVITA_API_URL"
+    ACCOUNT_ID = "SPOTGUARD_ACCOUNT_ID"
+    REGION = "SPOTGUARD_REGION"
+    REBALANCE_POLICY = "SPOTGUARD_REBALANCE_POLICY"
+    EARLY_REPLACEMENT = "SPOTGUARD_EARLY_REPLACEMENT"
+    HEARTBEAT_STALE_SECONDS = "SPOTGUARD_HEARTBEAT_STALE_SECONDS"
+    BOOTSTRAP_DEADLINE_SECONDS = "SPOTGUARD_BOOTSTRAP_DEADLINE_SECONDS"
+    REQUEUE_ENABLED = "SPOTGUARD_REQUEUE_ENABLED"  # drill baseline mode turns it off
+    MAX_FAILURES = "SPOTGUARD_MAX_FAILURES"  # poison threshold (genuine failures)
+    MIGRATION_ENABLED = "MIGRATION_ENABLED"
+    MIGRATION_INTERVAL_MINUTES = "MIGRATION_INTERVAL_MINUTES"
+    MIGRATION_JOB_TIMEOUT_MS = "MIGRATION_JOB_TIMEOUT_MS"
+    MIGRATION_MAX_CONCURRENT = "MIGRATION_MAX_CONCURRENT"
+    MIGRATION_DRY_RUN = "MIGRATION_DRY_RUN"
+    MIGRATION_RETRY_FAILED = "MIGRATION_RETRY_FAILED"
+    MIGRATION_LOG_LEVEL = "MIGRATION_LOG_LEVEL"
+    MIGRATION_PROVIDER = "MIGRATION_PROVIDER"
+    # instance agent (written to /etc/spotguard/agent.env by the installer)
+    HANDLER = "SPOTGUARD_HANDLER"  # module:function run for each message
+    CONCURRENCY = "SPOTGUARD_CONCURRENCY"
+    VISIBILITY_TIMEOUT_SECONDS = "SPOTGUARD_VISIBILITY_TIMEOUT_SECONDS"
+    IMDS_URL = "SPOTGUARD_IMDS_URL"
+    IMDS_POLL_SECONDS = "SPOTGUARD_IMDS_POLL_SECONDS"
+    HEALTH_PORT = "SPOTGUARD_HEALTH_PORT"
+    DRAIN_MARGIN_SECONDS = "SPOTGUARD_DRAIN_MARGIN_SECONDS"
+    LAUNCH_HOOK_NAME = "SPOTGUARD_LAUNCH_HOOK_NAME"
+    TERMINATE_HOOK_NAME = "SPOTGUARD_TERMINATE_HOOK_NAME"
+    AGENT_CONFIG_PARAMETER = "SPOTGUARD_AGENT_CONFIG_PARAMETER"
+    BUNDLE_URL = "SPOTGUARD_BUNDLE_URL"
+    BUNDLE_SHA256 = "SPOTGUARD_BUNDLE_SHA256"
+
+
+# --------------------------------------------------------------------------------------
+# Fleet naming and the bootstrap contract (CDK <-> user data <-> installer <-> agent)
+# --------------------------------------------------------------------------------------
+def asg_name(fleet: str) -> str:
+    """The ASG name is fixed from the fleet name: the launch template's user data needs
+    it (to answer the lifecycle hook) and cannot reference the ASG without a cycle."""
+    return f"spotguard-{fleet}"
+
+
+LAUNCH_HOOK_NAME: Final = "spotguard-launch"
+TERMINATE_HOOK_NAME: Final = "spotguard-terminate"
+
+
+def agent_config_parameter(fleet: str) -> str:
+    """SSM parameter holding the agent's configuration as a JSON object of ``Env`` names to
+    values (queue URL, tables, handler …). Keeps the user data tiny; read by the installer."""
+    return f"/spotguard/{fleet}/agent-config"
+
+
+#: Files on the instance.
+AGENT_ENV_FILE: Final = "/etc/spotguard/agent.env"
+BOOTSTRAP_LOG_FILE: Final = "/var/log/spotguard-bootstrap.log"
+INSTALL_ROOT: Final = "/opt/spotguard"
+#: User data template inside instance_assets/, rendered by CDK with ``Fn::Sub``. Its
+#: ``${Name}`` placeholders are exactly the keys of ``BOOTSTRAP_PLACEHOLDERS``.
+USER_DATA_TEMPLATE: Final = "bootstrap/user-data.sh"
+BOOTSTRAP_PLACEHOLDERS: Final[Mapping[str, str]] = {
+    "Fleet": "fleet name",
+    "Region": "AWS region",
+    "BundleUrl": "s3://bucket/key of the agent bundle (tar.gz)",
+    "BundleSha256": "hex sha256 of the bundle file",
+    "DeadlineSeconds": "bootstrap deadline, seconds after boot",
+    "FleetTable": "fleet table name (failure record)",
+    "AsgName": "ASG name (lifecycle answer)",
+    "LaunchHook": "launch lifecycle hook name",
+    "ConfigParameter": "SSM parameter name of the agent config",
+}
+
+
+def now() -> float:
+    """Wall-clock epoch seconds (one place, so tests and the drill read the same clock)."""
+    return time.time()
+
+
+def utc_from_epoch(value: float) -> datetime:
+    return datetime.fromtimestamp(value, tz=UTC)

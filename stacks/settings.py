@@ -1,0 +1,369 @@
+"""Typed, validated settings read from CDK context.
+
+All settings live under the ``spotguard`` key of ``cdk.json``'s context. Any single
+value can be overridden on the command line with a dotted key, for example::
+
+    cdk deploy -c spotguard.fleet.max_capacity=20 -c spotguard.staging.allow_test_events=true
+
+A bad value fails synth with a message naming the setting, what is allowed and
+what was given (``SettingsError``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from spotguard_core import contracts
+
+CONTEXT_KEY = "spotguard"
+
+_FLEET_NAME = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
+_INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\d[a-z0-9-]*\.[a-z0-9]+$")
+_AMI_ID = re.compile(r"^ami-[0-9a-f]{8,17}$")
+_VPC_ID = re.compile(r"^vpc-[0-9a-f]{8,17}$")
+_HANDLER = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
+_ACCOUNT = re.compile(r"^\d{12}$")
+_REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
+
+
+class SettingsError(ValueError):
+    """Raised for invalid configuration; the message says what to change."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EnvironmentSettings(_Section):
+    #: Leave both empty for an environment-agnostic template (the default).
+    account: str | None = None
+    region: str | None = None
+    #: With a region set, the AZs to use (so synth needs no AWS lookup).
+    availability_zones: list[str] | None = None
+
+    @field_validator("account")
+    @classmethod
+    def _account(cls, value: str | None) -> str | None:
+        if value is not None and not _ACCOUNT.match(value):
+            raise ValueError("must be a 12-digit AWS account id")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region(cls, value: str | None) -> str | None:
+        if value is not None and not _REGION.match(value):
+            raise ValueError("must be an AWS region name such as eu-west-1")
+        return value
+
+
+class NetworkSettings(_Section):
+    #: Use an existing VPC (its public subnets) instead of creating one.
+    vpc_id: str | None = None
+    max_azs: int = Field(2, ge=1, le=6)
+
+    @field_validator("vpc_id")
+    @classmethod
+    def _vpc(cls, value: str | None) -> str | None:
+        if value is not None and not _VPC_ID.match(value):
+            raise ValueError("must look like vpc-0123456789abcdef0")
+        return value
+
+
+class FleetSettings(_Section):
+    name: str = "default"
+    #: Several types across families spread the fleet over more spot pools.
+    instance_types: list[str] = Field(default_factory=lambda: ["m7i.large", "m6i.large", "m5.large", "c6i.large"])
+    min_capacity: int = Field(0, ge=0, le=1000)
+    max_capacity: int = Field(10, ge=1, le=1000)
+    #: Initial desired capacity; scaling on backlog adjusts it afterwards.
+    desired_capacity: int | None = Field(None, ge=0, le=1000)
+    on_demand_base_capacity: int = Field(0, ge=0, le=1000)
+    #: Visible messages per instance the backlog scaling aims for.
+    backlog_per_instance: int = Field(10, ge=1, le=10_000)
+    #: Override the default Amazon Linux 2023 image (resolved from SSM at deploy time).
+    ami_id: str | None = None
+    root_volume_gb: int = Field(20, ge=8, le=16_384)
+    #: ``module:function`` the worker runs for each message.
+    handler: str = "spotguard_agent.sample_handler:handle"
+    concurrency: int = Field(2, ge=1, le=64)
+    #: Port the bootstrap verifies is listening (the agent's own health endpoint by default;
+    #: e.g. 8080 for the code-server box of the seed).
+    health_port: int = Field(9880, ge=1, le=65_535)
+    #: Tag instances for AWS FIS spot-interruption drills (staging).
+    fis_target: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _FLEET_NAME.match(value):
+            raise ValueError(
+                "must be 3-32 characters of lowercase letters, digits and '-', starting with a letter"
+            )
+        return value
+
+    @field_validator("instance_types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        if not 1 <= len(value) <= 20:
+            raise ValueError("must list between 1 and 20 instance types (several spread spot risk)")
+        bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
+        if bad:
+            raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
+        if len(set(value)) != len(value):
+            raise ValueError("lists an instance type twice")
+        return value
+
+    @field_validator("ami_id")
+    @classmethod
+    def _ami(cls, value: str | None) -> str | None:
+        if value is not None and not _AMI_ID.match(value):
+            raise ValueError("must look like ami-0123456789abcdef0")
+        return value
+
+    @field_validator("handler")
+    @classmethod
+    def _handler(cls, value: str) -> str:
+        if not _HANDLER.match(value):
+            raise ValueError("must be 'module:function', e.g. mypackage.tasks:handle")
+        return value
+
+    @model_validator(mode="after")
+    def _capacity(self) -> FleetSettings:
+        if self.min_capacity > self.max_capacity:
+            raise ValueError(
+                f"min_capacity ({self.min_capacity}) must not exceed max_capacity ({self.max_capacity})"
+            )
+        if self.desired_capacity is not None and not (
+            self.min_capacity <= self.desired_capacity <= self.max_capacity
+        ):
+            raise ValueError(
+                f"desired_capacity ({self.desired_capacity}) must be between min_capacity "
+                f"({self.min_capacity}) and max_capacity ({self.max_capacity})"
+            )
+        if self.on_demand_base_capacity > self.max_capacity:
+            raise ValueError("on_demand_base_capacity must not exceed max_capacity")
+        return self
+
+
+class QueueSettings(_Section):
+    #: Initial visibility timeout; the worker extends it while a task runs.
+    visibility_timeout_seconds: int = Field(120, ge=30, le=43_200)
+    retention_days: int = Field(4, ge=1, le=14)
+    #: Genuine processing failures before a message goes to the DLQ (interruptions do not count).
+    max_failures: int = Field(5, ge=1, le=50)
+    #: Alarm when the oldest visible work message is older than this.
+    max_message_age_seconds: int = Field(900, ge=60, le=1_209_600)
+
+
+class BootstrapSettings(_Section):
+    #: An instance not ready this long after boot terminates itself (seed: 20 minutes).
+    deadline_minutes: int = Field(20, ge=3, le=120)
+
+
+class AgentSettings(_Section):
+    imds_poll_seconds: float = Field(1.0, ge=0.2, le=30)
+    #: Tasks that cannot finish this long before the interruption deadline are released.
+    drain_margin_seconds: int = Field(15, ge=0, le=110)
+
+
+class ControlPlaneSettings(_Section):
+    rebalance_policy: contracts.RebalancePolicy = contracts.RebalancePolicy.REPLACE
+    #: Detach an instance from its ASG at the spot warning (desired capacity kept), so the
+    #: replacement launches at once instead of after the old instance is gone.
+    early_replacement: bool = True
+    #: The watchdog ends instances whose agent has not heartbeated for this long.
+    heartbeat_stale_minutes: int = Field(5, ge=2, le=120)
+    #: CloudWatch Logs retention of every function, in days.
+    log_retention_days: Literal[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365] = 30
+    #: Version of the public Powertools for AWS Lambda (Python) v3 layer.
+    powertools_layer_version: int = Field(27, ge=1, le=10_000)
+
+
+class MigrationSettings(_Section):
+    """The auto-migration seed's settings, with its ranges."""
+
+    enabled: bool = True
+    interval_minutes: int = Field(15, ge=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[0],
+                                  le=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[1])
+    job_timeout_ms: int = Field(600_000, ge=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[0],
+                                le=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[1])
+    max_concurrent: int = Field(5, ge=contracts.MIGRATION_MAX_CONCURRENT_RANGE[0],
+                                le=contracts.MIGRATION_MAX_CONCURRENT_RANGE[1])
+    dry_run: bool = False
+    retry_failed: bool = True
+    log_level: Literal["debug", "info", "warn", "error"] = "info"
+    provider: Literal["aws", "novita"] = "aws"
+    #: Secrets Manager secret name holding the Novita API key (provider "novita" only).
+    novita_api_key_secret_name: str | None = None
+    novita_api_url: str = "https://api.novita.ai"
+
+    @model_validator(mode="after")
+    def _novita(self) -> MigrationSettings:
+        if self.provider == "novita" and not self.novita_api_key_secret_name:
+            raise ValueError(
+                "provider 'novita' needs novita_api_key_secret_name (a Secrets Manager secret holding the key)"
+            )
+        return self
+
+
+class NotificationSettings(_Section):
+    #: HTTPS endpoint that receives signed webhooks; empty disables webhooks.
+    webhook_url: str | None = None
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _https(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https://[^\s/]+(/\S*)?$", value):
+            raise ValueError("must be an https:// URL (webhooks are only sent over TLS)")
+        return value
+
+
+class ObservabilitySettings(_Section):
+    #: Subscribed to the alarm topic when set.
+    alarm_email: str | None = None
+
+    @field_validator("alarm_email")
+    @classmethod
+    def _email(cls, value: str | None) -> str | None:
+        if value is not None and not _EMAIL.match(value):
+            raise ValueError("must be an email address")
+        return value
+
+
+class StagingSettings(_Section):
+    #: Rules also accept source ``spotguard.test`` (``spotguard send-test-event``). Staging only.
+    allow_test_events: bool = False
+    #: Create the AWS FIS experiment template that interrupts the fleet's tagged instances.
+    fis_experiment: bool = False
+
+
+class Settings(_Section):
+    environment: EnvironmentSettings = EnvironmentSettings()
+    network: NetworkSettings = NetworkSettings()
+    fleet: FleetSettings = FleetSettings()
+    queue: QueueSettings = QueueSettings()
+    bootstrap: BootstrapSettings = BootstrapSettings()
+    agent: AgentSettings = AgentSettings()
+    control_plane: ControlPlaneSettings = ControlPlaneSettings()
+    migration: MigrationSettings = MigrationSettings()
+    notifications: NotificationSettings = NotificationSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
+    staging: StagingSettings = StagingSettings()
+
+    @model_validator(mode="after")
+    def _cross(self) -> Settings:
+        if self.staging.fis_experiment and not self.fleet.fis_target:
+            raise ValueError("staging.fis_experiment needs fleet.fis_target = true (FIS targets that tag)")
+        if self.queue.visibility_timeout_seconds < self.agent.drain_margin_seconds:
+            raise ValueError("queue.visibility_timeout_seconds must be at least agent.drain_margin_seconds")
+        return self
+
+    @property
+    def stack_name(self) -> str:
+        return f"Spotguard-{self.fleet.name}"
+
+    @classmethod
+    def from_context(cls, get_context: Any) -> Settings:
+        """Build from a CDK node (``node.try_get_context``) or any ``key -> value`` getter."""
+        base = get_context(CONTEXT_KEY) or {}
+        if isinstance(base, str):  # -c spotguard='{"fleet": …}'
+            base = _parse_json(CONTEXT_KEY, base)
+        return cls.from_mapping(base)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
+        merged = _deep_copy(data)
+        for dotted, value in (overrides or {}).items():
+            _set_dotted(merged, dotted, value)
+        try:
+            return cls.model_validate(merged)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc)) from None
+
+
+def overrides_from_context(context: Mapping[str, Any]) -> dict[str, Any]:
+    """``spotguard.<section>.<field>`` keys given with ``-c`` (values arrive as strings)."""
+    prefix = CONTEXT_KEY + "."
+    result: dict[str, Any] = {}
+    for key, value in context.items():
+        if key.startswith(prefix):
+            result[key[len(prefix) :]] = _maybe_json(value)
+    return result
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
+    return value
+
+
+def _parse_json(name: str, text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(f"{name}: not valid JSON ({exc.msg})") from None
+    if not isinstance(value, dict):
+        raise SettingsError(f"{name}: must be a JSON object")
+    return value
+
+
+def _deep_copy(data: Mapping[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(data))
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = target
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SettingsError(f"{CONTEXT_KEY}.{dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+_RANGE_ERRORS = frozenset({"greater_than_equal", "less_than_equal", "greater_than", "less_than"})
+
+
+def _allowed_range(loc: tuple[int | str, ...]) -> str | None:
+    """'must be between 1 and 60' for a numeric field, from its declared bounds."""
+    model: type[BaseModel] = Settings
+    for part in loc[:-1]:
+        annotation = model.model_fields[str(part)].annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    info = model.model_fields.get(str(loc[-1]))
+    if info is None:
+        return None
+    low = next((m.ge for m in info.metadata if getattr(m, "ge", None) is not None), None)
+    high = next((m.le for m in info.metadata if getattr(m, "le", None) is not None), None)
+    if low is None or high is None:
+        return None
+    return f"must be between {low} and {high}"
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"])
+        name = f"{CONTEXT_KEY}.{location}" if location else CONTEXT_KEY
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] in _RANGE_ERRORS:
+            message = _allowed_range(error["loc"]) or message
+        if error["type"] == "extra_forbidden":
+            message = "is not a known setting (check the spelling; see README 'Configuration')"
+        given = error.get("input")
+        shown = "" if error["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"{name}: {message}{shown}")
+    return "invalid spotguard configuration:\n  " + "\n  ".join(lines) + (
+        "\nChange these values in cdk.json (context 'spotguard') or the -c overrides."
+    )
