@@ -492,6 +492,8 @@ class Env(StrEnum):
     MIGRATION_RETRY_FAILED = "MIGRATION_RETRY_FAILED"
     MIGRATION_LOG_LEVEL = "MIGRATION_LOG_LEVEL"
     MIGRATION_PROVIDER = "MIGRATION_PROVIDER"
+    RECONCILER_FUNCTION = "SPOTGUARD_RECONCILER_FUNCTION"  # the api invokes it for /migration/trigger
+    SIGNAL_QUEUE_URL = "SPOTGUARD_SIGNAL_QUEUE_URL"
     # instance agent (written to /etc/spotguard/agent.env by the installer)
     HANDLER = "SPOTGUARD_HANDLER"  # module:function run for each message
     CONCURRENCY = "SPOTGUARD_CONCURRENCY"
