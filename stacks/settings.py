@@ -261,6 +261,13 @@ class Settings(_Section):
             raise ValueError("staging.fis_experiment needs fleet.fis_target = true (FIS targets that tag)")
         if self.queue.visibility_timeout_seconds < self.agent.drain_margin_seconds:
             raise ValueError("queue.visibility_timeout_seconds must be at least agent.drain_margin_seconds")
+        if self.network.vpc_id and not (self.environment.account and self.environment.region):
+            raise ValueError(
+                "network.vpc_id needs environment.account and environment.region (the VPC is looked up "
+                "with AWS credentials at synth and cached in cdk.context.json)"
+            )
+        if self.environment.availability_zones and not self.environment.region:
+            raise ValueError("environment.availability_zones needs environment.region")
         return self
 
     @property
@@ -268,12 +275,13 @@ class Settings(_Section):
         return f"Spotguard-{self.fleet.name}"
 
     @classmethod
-    def from_context(cls, get_context: Any) -> Settings:
-        """Build from a CDK node (``node.try_get_context``) or any ``key -> value`` getter."""
+    def from_context(cls, get_context: Any, overrides: Mapping[str, Any] | None = None) -> Settings:
+        """Build from a CDK node (``node.try_get_context``) or any ``key -> value`` getter,
+        then apply dotted ``overrides`` (see ``overrides_from_context``)."""
         base = get_context(CONTEXT_KEY) or {}
         if isinstance(base, str):  # -c spotguard='{"fleet": …}'
             base = _parse_json(CONTEXT_KEY, base)
-        return cls.from_mapping(base)
+        return cls.from_mapping(base, overrides)
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -32,6 +32,8 @@ BOOTSTRAP_TAG_KEY: Final = "spotguard:bootstrap"
 BOOTSTRAP_REASON_TAG_KEY: Final = "spotguard:bootstrap-reason"
 #: Set on instances that should receive AWS FIS spot-interruption drills (staging).
 FIS_TARGET_TAG_KEY: Final = "spotguard:fis-target"
+#: On a replacement launched by the migration job: the id of the reclaimed instance it replaces.
+REPLACES_TAG_KEY: Final = "spotguard:replaces"
 
 # --------------------------------------------------------------------------------------
 # Metrics
@@ -241,6 +243,12 @@ def requeue_counter_key(message_id: str) -> dict[str, str]:
     return {LEASE_TABLE_PK: f"message#{message_id}", LEASE_TABLE_SK: "requeues"}
 
 
+#: Number attribute of the requeue counter item (``ADD requeues :1``). Whoever makes a
+#: message visible because its instance is going away increments it *before* the
+#: visibility change, so the next receiver never counts that receive as a failure.
+REQUEUE_COUNTER_ATTRIBUTE: Final = "requeues"
+
+
 @dataclass(frozen=True, slots=True)
 class Lease:
     """Written by the worker before it starts a message; deleted when it deletes or releases it."""
@@ -379,6 +387,9 @@ class FleetRecord:
     replacement_requested_at: float | None = None
     replaced_by: str | None = None
     expires_at: int | None = None
+    #: When a spot interruption warning for this instance was first seen (epoch seconds):
+    #: the later stop/termination is then recorded as ``EndReason.SPOT_RECLAIM``.
+    interrupted_at: float | None = None
 
     @property
     def state_rank(self) -> int:
@@ -424,6 +435,7 @@ class FleetRecord:
             replacement_requested_at=num("replacement_requested_at"),
             replaced_by=item.get("replaced_by"),
             expires_at=int(expires) if expires is not None else None,
+            interrupted_at=num("interrupted_at"),
         )
 
 
@@ -494,6 +506,7 @@ class Env(StrEnum):
     MIGRATION_PROVIDER = "MIGRATION_PROVIDER"
     RECONCILER_FUNCTION = "SPOTGUARD_RECONCILER_FUNCTION"  # the api invokes it for /migration/trigger
     SIGNAL_QUEUE_URL = "SPOTGUARD_SIGNAL_QUEUE_URL"
+    SUBNET_IDS = "SPOTGUARD_SUBNET_IDS"  # comma-separated fleet subnets (reconciler launches)
     # instance agent (written to /etc/spotguard/agent.env by the installer)
     HANDLER = "SPOTGUARD_HANDLER"  # module:function run for each message
     CONCURRENCY = "SPOTGUARD_CONCURRENCY"

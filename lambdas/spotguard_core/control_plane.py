@@ -1,0 +1,275 @@
+"""The control plane's one path: signal → (record, managed?) → decide → execute.
+
+The dispatcher (EventBridge signals) and the watchdog (deadline sweeps) both call
+``ControlPlane.process``; ``spotguard explain`` calls only ``decide``. Every AWS call is
+made through the adapters here (fleet store, lease store, requeuer, EC2, Auto Scaling,
+notifications). Destructive EC2/ASG calls re-check the fleet tag first, so the code
+refuses an instance that is not this fleet's before IAM has to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from spotguard_core import aws, notifications
+from spotguard_core.contracts import (
+    FLEET_RECORD_RETENTION_SECONDS,
+    FLEET_TAG_KEY,
+    EndReason,
+    FleetRecord,
+    InstanceState,
+    Metric,
+    NotificationType,
+    Signal,
+    SignalKind,
+    SignalSource,
+)
+from spotguard_core.control_settings import ControlSettings
+from spotguard_core.decisions import (
+    Action,
+    CorrectEndReason,
+    Notify,
+    RecordDraining,
+    RecordEnded,
+    RecordLaunching,
+    RequestReplacement,
+    RequeueLeases,
+    TerminateInstance,
+    decide,
+)
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.lease_store import LeaseStore
+from spotguard_core.managed import ManagedCheck
+from spotguard_core.ports import MetricsSink
+from spotguard_core.requeue import Requeuer
+
+KIND_METRICS: Mapping[SignalKind, Metric] = {
+    SignalKind.SPOT_INTERRUPTION: Metric.INTERRUPTION_WARNINGS,
+    SignalKind.REBALANCE: Metric.REBALANCE_RECOMMENDATIONS,
+    SignalKind.HEALTH_SCHEDULED: Metric.HEALTH_SCHEDULED_CHANGES,
+}
+
+Publisher = Callable[[NotificationType, Mapping[str, Any]], bool]
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What happened to one signal (logged by the handlers, printed by the drill)."""
+
+    signal: Signal
+    managed: bool
+    actions: list[Action] = field(default_factory=list)
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "signal": self.signal.to_json(),
+            "managed": self.managed,
+            "actions": [a.to_json() for a in self.actions],
+            "results": self.results,
+        }
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        settings: ControlSettings,
+        *,
+        fleet_store: FleetStore,
+        lease_store: LeaseStore,
+        metrics: MetricsSink,
+        ec2: Any,
+        autoscaling: Any,
+        sqs: Any,
+        managed_check: ManagedCheck | None = None,
+        publish: Publisher | None = None,
+        logger: Any = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.fleet_store = fleet_store
+        self.lease_store = lease_store
+        self.metrics = metrics
+        self.ec2 = ec2
+        self.autoscaling = autoscaling
+        self.managed_check = managed_check or ManagedCheck(settings.fleet, ec2=ec2)
+        self.requeuer = Requeuer(lease_store=lease_store, sqs=sqs, metrics=metrics, clock=clock)
+        self.publish: Publisher = publish or notifications.publish
+        self.logger = logger or logging.getLogger(__name__)
+        self.clock = clock
+
+    @classmethod
+    def from_env(
+        cls, metrics: MetricsSink, *, logger: Any = None, managed_check: ManagedCheck | None = None
+    ) -> ControlPlane:
+        settings = ControlSettings.from_env()
+        ec2 = aws.client("ec2")
+        return cls(
+            settings,
+            fleet_store=FleetStore(),
+            lease_store=LeaseStore(),
+            metrics=metrics,
+            ec2=ec2,
+            autoscaling=aws.client("autoscaling"),
+            sqs=aws.client("sqs"),
+            managed_check=managed_check,
+            logger=logger,
+        )
+
+    # -- the path ------------------------------------------------------------------------
+    def lookup(self, signal: Signal) -> tuple[FleetRecord | None, bool]:
+        """The instance's fleet record and whether this fleet manages it."""
+        record = self.fleet_store.get(signal.instance_id)
+        return record, self.managed_check.is_managed(signal.instance_id, record)
+
+    def process(self, signal: Signal, record: FleetRecord | None) -> Outcome:
+        """Decide on a *managed* instance's signal and perform the actions."""
+        if signal.kind in KIND_METRICS:
+            self.metrics.add_metric(KIND_METRICS[signal.kind], "Count", 1)
+        actions = decide(signal, record, self.settings)
+        outcome = Outcome(signal=signal, managed=True, actions=actions)
+        for action in actions:
+            outcome.results.append(self.execute(signal, action))
+        return outcome
+
+    # -- actions -------------------------------------------------------------------------
+    def execute(self, signal: Signal, action: Action) -> dict[str, Any]:  # noqa: PLR0912 - one branch per action type
+        """Perform one action. AWS errors propagate (transient: the caller retries the
+        signal); notification failures do not (bookkeeping never blocks requeueing)."""
+        result: dict[str, Any] = {"action": action.name}
+        if isinstance(action, RequeueLeases):
+            requeued = self.requeuer.requeue_instance(
+                action.instance_id, event_time=signal.event_time or signal.received_at
+            )
+            result.update(requeued.to_json())
+        elif isinstance(action, RecordLaunching):
+            result["applied"] = self.fleet_store.advance(
+                action.instance_id,
+                fleet=self.settings.fleet,
+                state=InstanceState.LAUNCHING,
+                fields={
+                    "launched_at": action.launched_at,
+                    "bootstrap_deadline_at": action.bootstrap_deadline_at,
+                    "last_signal": self._last_signal(signal),
+                },
+            )
+        elif isinstance(action, RecordDraining):
+            fields: dict[str, Any] = {"last_signal": self._last_signal(signal)}
+            if action.drain_deadline_at is not None:
+                fields["drain_deadline_at"] = action.drain_deadline_at
+            if action.interrupted_at is not None:
+                fields["interrupted_at"] = action.interrupted_at
+            result["applied"] = self.fleet_store.advance(
+                action.instance_id, fleet=self.settings.fleet, state=InstanceState.DRAINING, fields=fields
+            )
+        elif isinstance(action, RecordEnded):
+            fields = {
+                "end_reason": action.end_reason,
+                "ended_at": action.ended_at,
+                "last_signal": self._last_signal(signal),
+                "expires_at": int(action.ended_at + FLEET_RECORD_RETENTION_SECONDS),
+            }
+            if action.ec2_state:
+                fields["ec2_state"] = action.ec2_state
+            applied = self.fleet_store.advance(
+                action.instance_id,
+                fleet=self.settings.fleet,
+                state=InstanceState.ENDED,
+                fields=fields,
+                allow_same_rank=False,
+            )
+            result["applied"] = applied
+            if applied:
+                self.metrics.add_metric(Metric.INSTANCES_ENDED, "Count", 1)
+        elif isinstance(action, CorrectEndReason):
+            result["applied"] = self.fleet_store.update_fields(
+                action.instance_id, {"end_reason": action.end_reason, "interrupted_at": action.interrupted_at}
+            )
+        elif isinstance(action, RequestReplacement):
+            result.update(self._request_replacement(action))
+        elif isinstance(action, TerminateInstance):
+            result.update(self._terminate(signal, action))
+        elif isinstance(action, Notify):
+            result["published"] = self._notify(action)
+        else:  # pragma: no cover - every Action subclass is handled above
+            raise TypeError(f"unknown action {action!r}")
+        return result
+
+    @staticmethod
+    def _last_signal(signal: Signal) -> dict[str, str]:
+        return {
+            "kind": signal.kind.value,
+            "event_id": signal.event_id,
+            "source": signal.source.value,
+            "at": (signal.event_time or signal.received_at).isoformat(),
+        }
+
+    def _instance(self, instance_id: str) -> dict[str, Any] | None:
+        try:
+            reservations = self.ec2.describe_instances(InstanceIds=[instance_id]).get("Reservations", [])
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "InvalidInstanceID.NotFound":
+                return None
+            raise
+        for reservation in reservations:
+            for instance in reservation.get("Instances", []):
+                return dict(instance)
+        return None
+
+    def _carries_fleet_tag(self, instance: Mapping[str, Any]) -> bool:
+        return any(
+            tag.get("Key") == FLEET_TAG_KEY and tag.get("Value") == self.settings.fleet
+            for tag in instance.get("Tags", [])
+        )
+
+    def _request_replacement(self, action: RequestReplacement) -> dict[str, Any]:
+        found = self.autoscaling.describe_auto_scaling_instances(InstanceIds=[action.instance_id])
+        groups = found.get("AutoScalingInstances", [])
+        member = next((g for g in groups if g.get("AutoScalingGroupName") == action.asg_name), None)
+        if member is None:
+            return {"detached": False, "skipped": f"not in {action.asg_name}"}
+        if member.get("LifecycleState") != "InService":
+            return {"detached": False, "skipped": f"lifecycle state {member.get('LifecycleState')}"}
+        self.autoscaling.detach_instances(
+            AutoScalingGroupName=action.asg_name,
+            InstanceIds=[action.instance_id],
+            ShouldDecrementDesiredCapacity=False,
+        )
+        self.fleet_store.update_fields(action.instance_id, {"replacement_requested_at": self.clock()})
+        self.metrics.add_metric(Metric.REPLACEMENTS_REQUESTED, "Count", 1)
+        return {"detached": True, "asg_name": action.asg_name}
+
+    def _terminate(self, signal: Signal, action: TerminateInstance) -> dict[str, Any]:
+        instance = self._instance(action.instance_id)
+        if instance is None:
+            return {"terminated": False, "skipped": "instance not found"}
+        if not self._carries_fleet_tag(instance):
+            self.logger.warning(
+                "refusing to terminate %s: it does not carry %s=%s",
+                action.instance_id,
+                FLEET_TAG_KEY,
+                self.settings.fleet,
+            )
+            return {"terminated": False, "refused": "no fleet tag"}
+        state = instance.get("State", {}).get("Name")
+        if state in ("shutting-down", "terminated"):
+            return {"terminated": False, "skipped": f"already {state}"}
+        self.ec2.terminate_instances(InstanceIds=[action.instance_id])
+        if signal.source is SignalSource.WATCHDOG:
+            self.metrics.add_metric(Metric.TERMINATED_BY_WATCHDOG, "Count", 1)
+        if action.reason is EndReason.BOOTSTRAP_DEADLINE:
+            self.metrics.add_metric(Metric.BOOTSTRAP_FAILURES, "Count", 1)
+        return {"terminated": True, "reason": action.reason.value}
+
+    def _notify(self, action: Notify) -> bool:
+        try:
+            return bool(self.publish(action.notification, action.detail))
+        except (ClientError, BotoCoreError) as error:
+            self.logger.warning("notification %s not published: %s", action.notification.value, error)
+            return False

@@ -1,0 +1,57 @@
+"""Small helpers shared by the DynamoDB adapters (value conversion, update expressions)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+from spotguard_core import aws
+from spotguard_core.contracts import Env
+
+
+def to_dynamo(value: Any) -> Any:
+    """Plain Python → what the boto3 resource layer accepts (no binary floats, no enums)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float):
+        return Decimal(str(round(value, 3)))
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Mapping):
+        return {str(k): to_dynamo(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_dynamo(v) for v in value]
+    return value
+
+
+def table(env_name: Env, table_name: str | None = None) -> Any:
+    """The boto3 ``Table`` named by ``table_name`` or by the environment variable ``env_name``."""
+    name = table_name or os.environ.get(env_name)
+    if not name:
+        raise RuntimeError(f"table name missing: set {env_name.value}")
+    return aws.resource("dynamodb").Table(name)
+
+
+def update_expression(fields: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
+    """``SET #f0 = :f0, …`` (names always aliased: ``state`` is a reserved word) and
+    ``REMOVE`` for fields set to ``None``."""
+    sets: list[str] = []
+    removes: list[str] = []
+    names: dict[str, str] = {}
+    values: dict[str, Any] = {}
+    for index, (key, value) in enumerate(fields.items()):
+        names[f"#f{index}"] = key
+        if value is None:
+            removes.append(f"#f{index}")
+        else:
+            sets.append(f"#f{index} = :f{index}")
+            values[f":f{index}"] = to_dynamo(value)
+    expression = ""
+    if sets:
+        expression += "SET " + ", ".join(sets)
+    if removes:
+        expression += (" " if expression else "") + "REMOVE " + ", ".join(removes)
+    return expression, names, values

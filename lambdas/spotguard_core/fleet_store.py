@@ -1,0 +1,132 @@
+"""DynamoDB adapter of the fleet table: one ``contracts.FleetRecord`` per managed instance.
+
+State transitions are monotonic (``contracts.STATE_RANK``): every state change is a
+conditional write that only succeeds when the stored record is absent or of a lower (or,
+if allowed, equal) rank. Out-of-order events therefore cannot move a terminated instance
+back to draining, whatever order they arrive in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from boto3.dynamodb.conditions import Attr
+from botocore.exceptions import ClientError
+
+from spotguard_core import dynamo
+from spotguard_core.contracts import (
+    FLEET_TABLE_PK,
+    STATE_RANK,
+    Env,
+    FleetRecord,
+    InstanceState,
+)
+
+
+def _conditional_failed(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class FleetStore:
+    """Reads and writes fleet records. The table name comes from ``SPOTGUARD_FLEET_TABLE``."""
+
+    def __init__(self, table_name: str | None = None, *, table: Any = None) -> None:
+        self.table = table if table is not None else dynamo.table(Env.FLEET_TABLE, table_name)
+
+    # -- reads ---------------------------------------------------------------------------
+    def get(self, instance_id: str) -> FleetRecord | None:
+        """One strongly consistent GetItem (the dispatcher's whole "managed?" check when present)."""
+        item = self.table.get_item(Key={FLEET_TABLE_PK: instance_id}, ConsistentRead=True).get("Item")
+        return FleetRecord.from_item(item) if item else None
+
+    def scan(self, states: Iterable[InstanceState] | None = None) -> Iterator[FleetRecord]:
+        """Every record (optionally only those in ``states``), paginated."""
+        kwargs: dict[str, Any] = {}
+        if states is not None:
+            wanted = [InstanceState(s).value for s in states]
+            kwargs["FilterExpression"] = Attr("state").is_in(wanted)
+        while True:
+            page = self.table.scan(**kwargs)
+            for item in page.get("Items", []):
+                yield FleetRecord.from_item(item)
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def active(self) -> Iterator[FleetRecord]:
+        """Records of instances that have not ended."""
+        return self.scan([s for s in InstanceState if s is not InstanceState.ENDED])
+
+    # -- writes --------------------------------------------------------------------------
+    def put(self, record: FleetRecord) -> None:
+        """Unconditional write of a whole record (seeding, tests, the drill)."""
+        self.table.put_item(Item=record.to_item())
+
+    def advance(
+        self,
+        instance_id: str,
+        *,
+        fleet: str,
+        state: InstanceState,
+        fields: Mapping[str, Any] | None = None,
+        allow_same_rank: bool = True,
+    ) -> bool:
+        """Move the record to ``state`` and set ``fields``, creating it if absent.
+
+        Returns False (and changes nothing) when the stored record is already of a higher
+        rank, or of the same rank and ``allow_same_rank`` is False.
+        """
+        rank = STATE_RANK[InstanceState(state)]
+        updates: dict[str, Any] = {"state": InstanceState(state).value, "state_rank": rank}
+        updates.update({k: v for k, v in (fields or {}).items() if k not in (FLEET_TABLE_PK, "fleet")})
+        expression, names, values = dynamo.update_expression(updates)
+        names["#fleet"] = "fleet"
+        names["#rank"] = "state_rank"
+        names["#pk"] = FLEET_TABLE_PK
+        values[":fleet"] = fleet
+        values[":rank"] = rank
+        expression = expression.replace("SET ", "SET #fleet = if_not_exists(#fleet, :fleet), ", 1)
+        comparison = "<=" if allow_same_rank else "<"
+        try:
+            self.table.update_item(
+                Key={FLEET_TABLE_PK: instance_id},
+                UpdateExpression=expression,
+                ConditionExpression=f"attribute_not_exists(#pk) OR #rank {comparison} :rank",
+                ExpressionAttributeNames=names,
+                ExpressionAttributeValues=values,
+            )
+        except ClientError as error:
+            if _conditional_failed(error):
+                return False
+            raise
+        return True
+
+    def update_fields(
+        self, instance_id: str, fields: Mapping[str, Any], *, max_state: InstanceState | None = None
+    ) -> bool:
+        """Set ``fields`` on an existing record (only while its state is at most ``max_state``)."""
+        if not fields:
+            return True
+        expression, names, values = dynamo.update_expression(fields)
+        names["#pk"] = FLEET_TABLE_PK
+        condition = "attribute_exists(#pk)"
+        if max_state is not None:
+            names["#rank"] = "state_rank"
+            values[":max_rank"] = STATE_RANK[InstanceState(max_state)]
+            condition += " AND #rank <= :max_rank"
+        kwargs: dict[str, Any] = {
+            "Key": {FLEET_TABLE_PK: instance_id},
+            "UpdateExpression": expression,
+            "ConditionExpression": condition,
+            "ExpressionAttributeNames": names,
+        }
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        try:
+            self.table.update_item(**kwargs)
+        except ClientError as error:
+            if _conditional_failed(error):
+                return False
+            raise
+        return True

@@ -1,0 +1,230 @@
+"""AWS EC2 provider: managed instances stopped by a spot reclaim get a replacement.
+
+Eligible: an instance with the fleet tag, in state ``stopped``, whose EC2 state reason is
+a spot reclaim (``Server.SpotInstanceTermination``) or whose fleet record ended with
+``spot_reclaim`` — and that has not been replaced already.
+
+Migration: RunInstances from the fleet's launch template into the best pool (instance type
+× availability zone) that has capacity, tagged as the fleet's and with the id it replaces;
+then the stopped instance is terminated and its fleet record ends as ``migrated`` with
+``replaced_by``. Pools that were just reclaimed are tried last: after a spot interruption
+the same type in the same zone is likely to be reclaimed again soon.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Any
+
+from botocore.exceptions import ClientError
+
+from spotguard_core import aws, contracts
+from spotguard_core.contracts import EndReason, Env, InstanceState
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.migration.models import CandidateInstance, MigrationError, MigrationResult
+
+SPOT_RECLAIM_STATE_REASON = "Server.SpotInstanceTermination"
+LISTED_STATES = ("pending", "running", "stopping", "stopped")
+#: RunInstances errors that mean "no capacity in this pool": try the next pool.
+CAPACITY_ERRORS = frozenset(
+    {
+        "InsufficientInstanceCapacity",
+        "InsufficientCapacity",
+        "InsufficientHostCapacity",
+        "SpotMaxPriceTooLow",
+        "MaxSpotInstanceCountExceeded",
+        "Unsupported",
+    }
+)
+#: Errors no retry can fix.
+PERMANENT_ERRORS = frozenset({"UnauthorizedOperation", "AuthFailure", "InvalidLaunchTemplateId.NotFound",
+                              "InvalidLaunchTemplateId.Malformed", "InvalidParameterValue"})
+
+
+def _error_code(error: ClientError) -> str:
+    return str(error.response.get("Error", {}).get("Code", ""))
+
+
+class AwsEc2Provider:
+    name = "aws"
+
+    def __init__(
+        self,
+        *,
+        fleet: str,
+        launch_template_id: str,
+        fleet_store: FleetStore,
+        asg_name: str | None = None,
+    ) -> None:
+        self._fleet = fleet
+        self._template = launch_template_id
+        self._store = fleet_store
+        self._asg = asg_name
+        self._ec2 = aws.client("ec2")
+        #: (instance type, zone) pools of the instances reclaimed in the current listing.
+        self._reclaimed_pools: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_environment(cls) -> AwsEc2Provider:
+        fleet = os.environ.get(Env.FLEET_NAME)
+        template = os.environ.get(Env.LAUNCH_TEMPLATE_ID)
+        if not fleet or not template:
+            raise RuntimeError(
+                f"provider 'aws' needs {Env.FLEET_NAME.value} and {Env.LAUNCH_TEMPLATE_ID.value}"
+            )
+        return cls(fleet=fleet, launch_template_id=template, fleet_store=FleetStore(),
+                   asg_name=os.environ.get(Env.ASG_NAME) or None)
+
+    # ------------------------------------------------------------------ listing
+    def list_instances(self) -> list[CandidateInstance]:
+        candidates: list[CandidateInstance] = []
+        reclaimed: set[tuple[str, str]] = set()
+        paginator = self._ec2.get_paginator("describe_instances")
+        pages = paginator.paginate(
+            Filters=[
+                {"Name": f"tag:{contracts.FLEET_TAG_KEY}", "Values": [self._fleet]},
+                {"Name": "instance-state-name", "Values": list(LISTED_STATES)},
+            ]
+        )
+        for page in pages:
+            for reservation in page.get("Reservations", []):
+                for instance in reservation.get("Instances", []):
+                    candidate = self._candidate(instance)
+                    candidates.append(candidate)
+                    if candidate.eligible:
+                        reclaimed.add((candidate.attributes["instance_type"], candidate.attributes["zone"]))
+        self._reclaimed_pools = reclaimed
+        return candidates
+
+    def _candidate(self, instance: dict[str, Any]) -> CandidateInstance:
+        instance_id = str(instance["InstanceId"])
+        state = str(instance.get("State", {}).get("Name", ""))
+        reason_code = str(instance.get("StateReason", {}).get("Code", ""))
+        attributes = {
+            "instance_type": str(instance.get("InstanceType", "")),
+            "zone": str(instance.get("Placement", {}).get("AvailabilityZone", "")),
+            "subnet_id": str(instance.get("SubnetId", "")),
+        }
+        name = next((t["Value"] for t in instance.get("Tags", []) if t.get("Key") == "Name"), None)
+        if state != "stopped":
+            return CandidateInstance(instance_id, state, False, f"state is {state}, not stopped", name, attributes)
+        record = self._store.get(instance_id)
+        if record is not None and record.replaced_by:
+            return CandidateInstance(instance_id, state, False, f"already replaced by {record.replaced_by}", name,
+                                     attributes)
+        if reason_code == SPOT_RECLAIM_STATE_REASON:
+            return CandidateInstance(instance_id, state, True, f"state reason {reason_code}", name, attributes)
+        if record is not None and record.end_reason is EndReason.SPOT_RECLAIM:
+            return CandidateInstance(instance_id, state, True, "fleet record ended by spot reclaim", name, attributes)
+        return CandidateInstance(instance_id, state, False, f"stopped, but not by a spot reclaim ({reason_code or 'no reason'})",
+                                 name, attributes)
+
+    # ------------------------------------------------------------------ migration
+    def migrate(self, instance: CandidateInstance, *, job_id: str, attempt: int) -> MigrationResult:
+        pools = self.pools_for(instance)
+        # The same token on every attempt of this job: a retried RunInstances returns the
+        # instance it already launched instead of a second one.
+        token = hashlib.sha256(f"{job_id}:{instance.instance_id}".encode()).hexdigest()[:64]
+        new_id: str | None = None
+        chosen = ("", "")
+        tried: list[str] = []
+        for instance_type, subnet_id, zone in pools:
+            tried.append(f"{instance_type}/{zone}")
+            try:
+                new_id = self._launch(instance, instance_type, subnet_id, f"{token[:48]}-{len(tried)}")
+            except ClientError as error:
+                code = _error_code(error)
+                if code in CAPACITY_ERRORS:
+                    continue
+                raise MigrationError(f"RunInstances failed: {code}: {error}", retryable=code not in PERMANENT_ERRORS) from None
+            chosen = (instance_type, zone)
+            break
+        if new_id is None:
+            raise MigrationError(f"no capacity in any pool ({', '.join(tried)})", retryable=True)
+        try:
+            self._ec2.terminate_instances(InstanceIds=[instance.instance_id])
+        except ClientError as error:
+            # The replacement runs; the stopped instance costs only its volumes. Record it and
+            # let the next attempt/job retire it (the record below marks it replaced).
+            terminate_error = f"{_error_code(error)}"
+        else:
+            terminate_error = ""
+        now = contracts.now()
+        self._store.advance(
+            instance.instance_id,
+            fleet=self._fleet,
+            state=InstanceState.ENDED,
+            fields={"end_reason": EndReason.MIGRATED.value, "replaced_by": new_id, "ended_at": now,
+                    "ec2_state": "terminated" if not terminate_error else "stopped"},
+        )
+        self._store.advance(
+            new_id,
+            fleet=self._fleet,
+            state=InstanceState.LAUNCHING,
+            fields={"launched_at": now, "instance_type": chosen[0], "availability_zone": chosen[1],
+                    "ec2_state": "pending"},
+        )
+        details = {"instanceType": chosen[0], "availabilityZone": chosen[1], "replaces": instance.instance_id}
+        if terminate_error:
+            details["terminateError"] = terminate_error
+        return MigrationResult(new_instance_id=new_id, status="pending", details=details)
+
+    def _launch(self, instance: CandidateInstance, instance_type: str, subnet_id: str, token: str) -> str:
+        tags = [
+            {"Key": contracts.FLEET_TAG_KEY, "Value": self._fleet},
+            {"Key": contracts.REPLACES_TAG_KEY, "Value": instance.instance_id},
+        ]
+        kwargs: dict[str, Any] = {
+            "LaunchTemplate": {"LaunchTemplateId": self._template, "Version": "$Default"},
+            "MinCount": 1,
+            "MaxCount": 1,
+            "ClientToken": token,
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": tags}],
+        }
+        if instance_type:
+            kwargs["InstanceType"] = instance_type
+        if subnet_id:
+            kwargs["SubnetId"] = subnet_id
+        response = self._ec2.run_instances(**kwargs)
+        return str(response["Instances"][0]["InstanceId"])
+
+    def pools_for(self, instance: CandidateInstance) -> list[tuple[str, str, str]]:
+        """(instance type, subnet, zone) pools, best first: other type *and* other zone, then
+        one of them different, then the pool that was just reclaimed."""
+        old_type = str(instance.attributes.get("instance_type", ""))
+        old_zone = str(instance.attributes.get("zone", ""))
+        old_subnet = str(instance.attributes.get("subnet_id", ""))
+        types, subnets = self._fleet_pools()
+        types = types or [old_type]
+        subnets = subnets or ([old_subnet] if old_subnet else [])
+        zones = self._subnet_zones(subnets)
+        if not subnets:
+            subnets, zones = [""], {"": old_zone}
+
+        def risk(pool: tuple[str, str, str]) -> tuple[int, int]:
+            instance_type, _, zone = pool
+            same = int(instance_type == old_type) + int(zone == old_zone)
+            return (int((instance_type, zone) in self._reclaimed_pools), same)
+
+        pools = [(t, s, zones.get(s, "")) for t in types for s in subnets]
+        return sorted(pools, key=risk)
+
+    def _fleet_pools(self) -> tuple[list[str], list[str]]:
+        """Instance types and subnets of the fleet's ASG (mixed instances policy), if known."""
+        if not self._asg:
+            return [], []
+        groups = aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[self._asg])
+        if not groups.get("AutoScalingGroups"):
+            return [], []
+        group = groups["AutoScalingGroups"][0]
+        overrides = group.get("MixedInstancesPolicy", {}).get("LaunchTemplate", {}).get("Overrides", [])
+        types = [str(o["InstanceType"]) for o in overrides if o.get("InstanceType")]
+        subnets = [s for s in str(group.get("VPCZoneIdentifier", "")).split(",") if s]
+        return types, subnets
+
+    def _subnet_zones(self, subnets: list[str]) -> dict[str, str]:
+        if not subnets:
+            return {}
+        response = self._ec2.describe_subnets(SubnetIds=subnets)
+        return {str(s["SubnetId"]): str(s["AvailabilityZone"]) for s in response.get("Subnets", [])}

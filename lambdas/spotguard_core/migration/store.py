@@ -1,0 +1,162 @@
+"""The jobs table: one item per migration job, plus one running-statistics item.
+
+Items of a job kind share the partition ``job_kind`` and sort by ``started_key``
+(``<ISO start>#<job id>``), so the history is a descending Query. The statistics the
+status API shows (the seed's ``totalExecutions`` …) are kept as atomic counters in a
+separate partition, updated when a job finishes: reading them never scans history.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from boto3.dynamodb.conditions import Attr, Key
+
+from spotguard_core import contracts, dynamo
+from spotguard_core.contracts import JOBS_TABLE_PK, JOBS_TABLE_SK, TTL_ATTRIBUTE, Env
+from spotguard_core.migration.models import JobRecord, JobStatus
+
+STATS_SORT_KEY = "all"
+
+
+def new_job_id() -> str:
+    return f"migration-job-{uuid.uuid4().hex[:12]}"
+
+
+@dataclass(frozen=True, slots=True)
+class JobStatistics:
+    """The seed's ``statistics`` block."""
+
+    total_executions: int = 0
+    successful_executions: int = 0
+    failed_executions: int = 0
+    total_duration_ms: int = 0
+    total_migrations: int = 0
+    total_instances_processed: int = 0
+
+    @property
+    def average_execution_time_ms(self) -> int:
+        return self.total_duration_ms // self.total_executions if self.total_executions else 0
+
+    def to_json(self) -> dict[str, int]:
+        return {
+            "totalExecutions": self.total_executions,
+            "successfulExecutions": self.successful_executions,
+            "failedExecutions": self.failed_executions,
+            "averageExecutionTime": self.average_execution_time_ms,
+            "totalMigrations": self.total_migrations,
+            "totalInstancesProcessed": self.total_instances_processed,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryPage:
+    jobs: list[JobRecord]
+    total: int
+    limit: int
+    offset: int
+
+
+class JobStore:
+    """Jobs of one kind (``contracts.JOB_KIND_MIGRATION`` by default) in the jobs table."""
+
+    def __init__(self, table_name: str | None = None, *, job_kind: str = contracts.JOB_KIND_MIGRATION) -> None:
+        self._table = dynamo.table(Env.JOBS_TABLE, table_name)
+        self._kind = job_kind
+        self._stats_kind = f"{job_kind}#stats"
+
+    # ---------------------------------------------------------------- writes
+    def save(self, job: JobRecord) -> None:
+        """Create or overwrite the job's item (called when it starts and when it ends)."""
+        item: dict[str, Any] = {
+            JOBS_TABLE_PK: self._kind,
+            JOBS_TABLE_SK: job.started_key,
+            TTL_ATTRIBUTE: int(job.started_at.timestamp()) + contracts.JOB_RECORD_RETENTION_SECONDS,
+            **job.to_json(),
+        }
+        self._table.put_item(Item=dynamo.to_dynamo(item))
+
+    def record_finished(self, job: JobRecord) -> None:
+        """Save the finished job and add it to the running statistics."""
+        self.save(job)
+        succeeded = job.status is JobStatus.COMPLETED
+        self._table.update_item(
+            Key={JOBS_TABLE_PK: self._stats_kind, JOBS_TABLE_SK: STATS_SORT_KEY},
+            UpdateExpression=(
+                "ADD total_executions :one, successful_executions :ok, failed_executions :bad, "
+                "total_duration_ms :duration, total_migrations :migrated, total_instances :instances"
+            ),
+            ExpressionAttributeValues={
+                ":one": 1,
+                ":ok": 1 if succeeded else 0,
+                ":bad": 0 if succeeded else 1,
+                ":duration": job.duration_ms or 0,
+                ":migrated": job.summary.migrated_instances,
+                ":instances": job.summary.total_instances,
+            },
+        )
+
+    # ---------------------------------------------------------------- reads
+    def statistics(self) -> JobStatistics:
+        item = self._table.get_item(
+            Key={JOBS_TABLE_PK: self._stats_kind, JOBS_TABLE_SK: STATS_SORT_KEY}
+        ).get("Item")
+        if not item:
+            return JobStatistics()
+        return JobStatistics(
+            total_executions=int(item.get("total_executions", 0)),
+            successful_executions=int(item.get("successful_executions", 0)),
+            failed_executions=int(item.get("failed_executions", 0)),
+            total_duration_ms=int(item.get("total_duration_ms", 0)),
+            total_migrations=int(item.get("total_migrations", 0)),
+            total_instances_processed=int(item.get("total_instances", 0)),
+        )
+
+    def latest(self, count: int = 1) -> list[JobRecord]:
+        return self.history(limit=count, offset=0, with_total=False).jobs
+
+    def history(self, *, limit: int, offset: int, with_total: bool = True) -> HistoryPage:
+        """Newest first. DynamoDB has no offset: read ``offset + limit`` items and slice
+        (history is bounded by the record retention and the API bounds ``offset``)."""
+        wanted = offset + limit
+        items: list[dict[str, Any]] = []
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key(JOBS_TABLE_PK).eq(self._kind),
+            "ScanIndexForward": False,
+            "Limit": min(wanted, 1000),
+        }
+        while len(items) < wanted:
+            response = self._table.query(**kwargs)
+            items.extend(response.get("Items", []))
+            if "LastEvaluatedKey" not in response:
+                break
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        jobs = [JobRecord.model_validate(item) for item in items[offset:wanted]]
+        total = self.count() if with_total else len(items)
+        return HistoryPage(jobs=jobs, total=total, limit=limit, offset=offset)
+
+    def count(self) -> int:
+        total = 0
+        kwargs: dict[str, Any] = {
+            "KeyConditionExpression": Key(JOBS_TABLE_PK).eq(self._kind),
+            "Select": "COUNT",
+        }
+        while True:
+            response = self._table.query(**kwargs)
+            total += int(response.get("Count", 0))
+            if "LastEvaluatedKey" not in response:
+                return total
+            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+
+    def find(self, job_id: str, *, search_latest: int = 200) -> JobRecord | None:
+        """A recent job by id (the trigger API hands out ids before the job is stored)."""
+        response = self._table.query(
+            KeyConditionExpression=Key(JOBS_TABLE_PK).eq(self._kind),
+            FilterExpression=Attr("jobId").eq(job_id),
+            ScanIndexForward=False,
+            Limit=search_latest,
+        )
+        items = response.get("Items", [])
+        return JobRecord.model_validate(items[0]) if items else None

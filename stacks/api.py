@@ -1,0 +1,89 @@
+"""The operations API: REST API Gateway, IAM (SigV4) auth on every method, Lambda proxy.
+
+Routes and request bodies are validated by the api function (Powertools Event Handler);
+API Gateway validates request parameters. Access logs go to their own log group; the
+stage has execution logging, detailed metrics and X-Ray tracing.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import RemovalPolicy
+from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_lambda as lambda_
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from stacks.common import retention
+from stacks.nag import acknowledge
+from stacks.settings import Settings
+
+
+class OpsApi(Construct):
+    def __init__(
+        self, scope: Construct, construct_id: str, *, settings: Settings, handler: lambda_.IFunction
+    ) -> None:
+        super().__init__(scope, construct_id)
+        access_logs = logs.LogGroup(
+            self, "AccessLogs", retention=retention(settings.control_plane.log_retention_days)
+        )
+        self.api = apigateway.LambdaRestApi(
+            self,
+            "Api",
+            rest_api_name=f"spotguard-{settings.fleet.name}",
+            description="spotguard operations API (IAM auth)",
+            handler=handler,
+            proxy=True,
+            default_method_options=apigateway.MethodOptions(
+                authorization_type=apigateway.AuthorizationType.IAM,
+            ),
+            endpoint_types=[apigateway.EndpointType.REGIONAL],
+            cloud_watch_role=True,
+            cloud_watch_role_removal_policy=RemovalPolicy.RETAIN,
+            deploy_options=apigateway.StageOptions(
+                stage_name="v1",
+                access_log_destination=apigateway.LogGroupLogDestination(access_logs),
+                access_log_format=apigateway.AccessLogFormat.json_with_standard_fields(
+                    caller=True,
+                    http_method=True,
+                    ip=True,
+                    protocol=True,
+                    request_time=True,
+                    resource_path=True,
+                    response_length=True,
+                    status=True,
+                    user=True,
+                ),
+                logging_level=apigateway.MethodLoggingLevel.ERROR,
+                data_trace_enabled=False,
+                metrics_enabled=True,
+                tracing_enabled=True,
+            ),
+        )
+        # Routes and bodies are validated by the api function against its typed models (it
+        # owns the routes behind the proxy, so there are no API Gateway models to check
+        # bodies against); the validator still makes API Gateway check declared parameters.
+        validator = self.api.add_request_validator(
+            "RequestValidator", validate_request_parameters=True, validate_request_body=True
+        )
+        for method in self.api.methods:
+            cfn_method = method.node.default_child
+            assert isinstance(cfn_method, apigateway.CfnMethod)
+            cfn_method.request_validator_id = validator.request_validator_id
+        acknowledge(
+            self.api,
+            "AwsSolutions-APIG3",
+            "The API is for operators only, authorised with IAM (SigV4) on every method and "
+            "throttled by the stage; a WAF web ACL adds cost without protecting anything IAM does not.",
+        )
+        acknowledge(
+            self.api,
+            "AwsSolutions-COG4",
+            "Callers are AWS principals authorised with IAM (SigV4), not Cognito user pool users.",
+        )
+        acknowledge(
+            self.api,
+            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/service-role/"
+            "AmazonAPIGatewayPushToCloudWatchLogs]",
+            "Account-level role API Gateway needs to write execution logs (APIG6); AWS's managed "
+            "policy is the documented one and is limited to CloudWatch Logs.",
+        )

@@ -1,0 +1,68 @@
+"""Network: a VPC without NAT gateways, or an existing VPC.
+
+Instances live in public subnets with public IPs so they reach AWS APIs and package
+repositories without a NAT gateway (the largest fixed cost of a small fleet). Their
+security group has no ingress at all and allows only HTTPS out; S3 and DynamoDB are
+reached through free gateway endpoints. Access for operators is SSM Session Manager.
+"""
+
+from __future__ import annotations
+
+from aws_cdk import aws_ec2 as ec2
+from aws_cdk import aws_logs as logs
+from constructs import Construct
+
+from stacks.common import retention
+from stacks.settings import Settings
+
+
+class Network(Construct):
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+        super().__init__(scope, construct_id)
+        if settings.network.vpc_id:
+            # Needs an explicit environment and AWS credentials at synth (the result is
+            # cached in cdk.context.json); settings validation enforces the environment.
+            self.vpc = ec2.Vpc.from_lookup(self, "Vpc", vpc_id=settings.network.vpc_id)
+        else:
+            vpc = ec2.Vpc(
+                self,
+                "Vpc",
+                ip_addresses=ec2.IpAddresses.cidr("10.40.0.0/16"),
+                # Explicit AZs keep synth offline for an environment-specific stack; an
+                # environment-agnostic stack uses two AZs chosen at deploy (Fn::GetAZs).
+                max_azs=None if settings.environment.availability_zones else settings.network.max_azs,
+                availability_zones=settings.environment.availability_zones,
+                nat_gateways=0,
+                subnet_configuration=[
+                    ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=20)
+                ],
+                gateway_endpoints={
+                    "S3": ec2.GatewayVpcEndpointOptions(service=ec2.GatewayVpcEndpointAwsService.S3),
+                    "DynamoDb": ec2.GatewayVpcEndpointOptions(
+                        service=ec2.GatewayVpcEndpointAwsService.DYNAMODB
+                    ),
+                },
+            )
+            flow_log_group = logs.LogGroup(
+                self,
+                "FlowLogs",
+                retention=retention(settings.control_plane.log_retention_days),
+            )
+            vpc.add_flow_log(
+                "FlowLog",
+                destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
+                traffic_type=ec2.FlowLogTrafficType.REJECT,
+            )
+            self.vpc = vpc
+
+        self.subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
+        self.instance_security_group = ec2.SecurityGroup(
+            self,
+            "InstanceSecurityGroup",
+            vpc=self.vpc,
+            description="spotguard workers: no ingress (SSM for access), HTTPS egress only",
+            allow_all_outbound=False,
+        )
+        self.instance_security_group.add_egress_rule(
+            ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs, S3 and package repositories"
+        )

@@ -1,0 +1,140 @@
+"""Synthesize the app once per session, exactly as ``cdk synth`` runs it (``python app.py``
+with ``CDK_OUTDIR`` and ``CDK_CONTEXT_JSON``), for two configurations at the same time:
+
+- ``default``: cdk.json as shipped (environment-agnostic, production-like);
+- ``staging``: every optional part on (test events, FIS, webhook, alarm email, Novita
+  provider, minimum capacity, explicit environment with AZs from context).
+
+Tests that use these fixtures carry ``@pytest.mark.xdist_group("synth")`` so that
+``pytest -n 2 --dist loadgroup`` keeps them on one worker and synthesizes only once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
+
+STAGING_CONTEXT: dict[str, Any] = {
+    "spotguard.fleet.name": "staging",
+    "spotguard.fleet.min_capacity": "1",
+    "spotguard.fleet.fis_target": "true",
+    "spotguard.staging.allow_test_events": "true",
+    "spotguard.staging.fis_experiment": "true",
+    "spotguard.notifications.webhook_url": "https://hooks.example.com/spotguard",
+    "spotguard.observability.alarm_email": "ops@example.com",
+    "spotguard.migration.enabled": "false",
+    "spotguard.migration.provider": "novita",
+    "spotguard.migration.novita_api_key_secret_name": "spotguard/novita-api-key",
+    "spotguard.environment.account": "123456789012",
+    "spotguard.environment.region": "eu-west-1",
+    "spotguard.environment.availability_zones": '["eu-west-1a", "eu-west-1b"]',
+}
+
+
+@dataclass
+class Synth:
+    name: str
+    outdir: Path
+    returncode: int
+    stderr: str
+    seconds: float
+    stack_name: str
+    template: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def resources(self) -> dict[str, dict[str, Any]]:
+        return self.template.get("Resources", {})
+
+    def of_type(self, resource_type: str) -> dict[str, dict[str, Any]]:
+        return {k: v for k, v in self.resources.items() if v["Type"] == resource_type}
+
+    def template_path(self) -> Path:
+        return self.outdir / f"{self.stack_name}.template.json"
+
+    def assertions(self) -> Any:
+        from aws_cdk.assertions import Template  # noqa: PLC0415 - starts jsii only when needed
+
+        return Template.from_json(self.template)
+
+
+def synth_environment(outdir: Path, context: Mapping[str, Any]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["CDK_OUTDIR"] = str(outdir)
+    env["CDK_CONTEXT_JSON"] = json.dumps(dict(context))
+    env["JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION"] = "20"
+    # Prove synth needs no AWS: no credentials, no metadata service.
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        env.pop(key, None)
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    return env
+
+
+def _start(outdir: Path, context: Mapping[str, Any]) -> subprocess.Popen[str]:
+    return subprocess.Popen(  # noqa: S603 - our own app with our interpreter
+        [sys.executable, "app.py"],
+        cwd=REPO_ROOT,
+        env=synth_environment(outdir, context),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def synths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Synth]]:
+    configs = {"default": ({}, "Spotguard-default"), "staging": (STAGING_CONTEXT, "Spotguard-staging")}
+    started = {}
+    t0 = time.monotonic()
+    for name, (context, _) in configs.items():
+        outdir = tmp_path_factory.mktemp(f"cdk-{name}")
+        started[name] = (outdir, _start(outdir, context))
+    results: dict[str, Synth] = {}
+    for name, (outdir, process) in started.items():
+        _, stderr = process.communicate(timeout=240)
+        stack_name = configs[name][1]
+        synth = Synth(
+            name=name,
+            outdir=outdir,
+            returncode=process.returncode,
+            stderr=stderr,
+            seconds=time.monotonic() - t0,
+            stack_name=stack_name,
+        )
+        if synth.template_path().exists():
+            synth.template = json.loads(synth.template_path().read_text())
+        results[name] = synth
+    yield results
+
+
+@pytest.fixture(scope="session")
+def default_synth(synths: dict[str, Synth]) -> Synth:
+    synth = synths["default"]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
+
+
+@pytest.fixture(scope="session")
+def staging_synth(synths: dict[str, Synth]) -> Synth:
+    synth = synths["staging"]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
+
+
+@pytest.fixture(scope="session", params=["default", "staging"])
+def any_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
+    synth = synths[request.param]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth

@@ -1,0 +1,91 @@
+"""Helpers shared by the operations tests (migration, API, notifier, CLI): tables on the
+moto server, a Lambda context, API Gateway REST proxy events."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import boto3
+from spotguard_core import aws
+from spotguard_core.contracts import FLEET_TABLE_PK, JOBS_TABLE_PK, JOBS_TABLE_SK, Env
+
+JOBS_TABLE = "spotguard-jobs"
+FLEET_TABLE = "spotguard-fleet"
+
+
+def create_tables(monkeypatch: Any) -> None:
+    """Jobs and fleet tables with the contract key schemas; env vars point at them."""
+    aws.reset_clients()
+    dynamodb = boto3.client("dynamodb")
+    dynamodb.create_table(
+        TableName=JOBS_TABLE,
+        KeySchema=[{"AttributeName": JOBS_TABLE_PK, "KeyType": "HASH"},
+                   {"AttributeName": JOBS_TABLE_SK, "KeyType": "RANGE"}],
+        AttributeDefinitions=[{"AttributeName": JOBS_TABLE_PK, "AttributeType": "S"},
+                              {"AttributeName": JOBS_TABLE_SK, "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    dynamodb.create_table(
+        TableName=FLEET_TABLE,
+        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    monkeypatch.setenv(Env.JOBS_TABLE.value, JOBS_TABLE)
+    monkeypatch.setenv(Env.FLEET_TABLE.value, FLEET_TABLE)
+
+
+@dataclass
+class FakeLambdaContext:
+    """The attributes Powertools reads from a Lambda context (a plain value object)."""
+
+    function_name: str = "spotguard-test"
+    memory_limit_in_mb: int = 256
+    invoked_function_arn: str = "arn:aws:lambda:us-east-1:123456789012:function:spotguard-test"
+    aws_request_id: str = "00000000-0000-0000-0000-000000000000"
+    remaining_ms: int = 300_000
+
+    def get_remaining_time_in_millis(self) -> int:
+        return self.remaining_ms
+
+
+def rest_event(
+    method: str,
+    path: str,
+    *,
+    query: dict[str, str] | None = None,
+    body: Any = None,
+    raw_body: str | None = None,
+    resource: str | None = None,
+    path_parameters: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """An API Gateway REST (v1 proxy) event as IAM-authorised requests produce it."""
+    text = raw_body if raw_body is not None else (json.dumps(body) if body is not None else None)
+    return {
+        "resource": resource or path,
+        "path": path,
+        "httpMethod": method,
+        "headers": {"Content-Type": "application/json", "Host": "api.example.com"},
+        "multiValueHeaders": {"Content-Type": ["application/json"], "Host": ["api.example.com"]},
+        "queryStringParameters": query,
+        "multiValueQueryStringParameters": {k: [v] for k, v in query.items()} if query else None,
+        "pathParameters": path_parameters,
+        "stageVariables": None,
+        "requestContext": {
+            "resourcePath": resource or path,
+            "httpMethod": method,
+            "path": f"/prod{path}",
+            "stage": "prod",
+            "requestId": str(uuid.uuid4()),
+            "accountId": "123456789012",
+            "identity": {"userArn": "arn:aws:iam::123456789012:user/operator", "sourceIp": "127.0.0.1",
+                         "caller": "AIDAEXAMPLE", "accessKey": "AKIAEXAMPLE"},
+            "authorizer": None,
+            "apiId": "abc123",
+        },
+        "body": text,
+        "isBase64Encoded": False,
+    }

@@ -1,0 +1,224 @@
+"""The real dispatcher handler, driven through the SQS-record format against moto."""
+
+from __future__ import annotations
+
+import time
+
+import boto3
+import pytest
+
+from spotguard_core.contracts import (
+    BootstrapStatus,
+    EndReason,
+    Env,
+    FleetRecord,
+    InstanceState,
+    Metric,
+)
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.lease_store import LeaseStore
+from tests.integration.control_plane_helpers import Output, dispatch, sample_event
+from tests.support import control_plane_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cp(moto_server, monkeypatch):
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    yield from control_plane_env.control_plane()
+
+
+def fleet_record(instance_id: str) -> FleetRecord | None:
+    return FleetStore().get(instance_id)
+
+
+def ready(cp, instance_id: str) -> None:
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance_id,
+            fleet=cp.fleet,
+            state=InstanceState.READY,
+            bootstrap_status=BootstrapStatus.READY,
+            launched_at=now - 600,
+            ready_at=now - 500,
+            heartbeat_at=now,
+        )
+    )
+
+
+def test_spot_warning_drains_detaches_and_keeps_leases(cp, capfd):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    leases = cp.lease_messages(instance, 3)
+    event = sample_event("spot_interruption_warning", instance)
+
+    response = dispatch(event)
+
+    assert response == {"batchItemFailures": []}
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.DRAINING
+    assert record.drain_deadline_at is not None and record.interrupted_at is not None
+    assert record.drain_deadline_at - record.interrupted_at == pytest.approx(120)
+    assert record.replacement_requested_at is not None
+    # Detached without decrementing: moto launches a replacement into the group.
+    members = cp.asg_instance_ids()
+    assert instance not in members and len(members) == 1
+    # The warning does not steal running tasks: leases stay, messages stay invisible.
+    assert len(LeaseStore().for_instance(instance)) == len(leases)
+    assert cp.receive_all() == []
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.INTERRUPTION_WARNINGS) == 1
+    assert out.metric(Metric.REPLACEMENTS_REQUESTED) == 1
+
+
+def test_state_change_requeues_all_25_leases_at_once(cp, capfd):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    dispatch(sample_event("spot_interruption_warning", instance))
+    leases = cp.lease_messages(instance, 25)
+    # The worker finished one task already and deleted its message (the lease is stale).
+    cp.sqs.delete_message(QueueUrl=cp.work_queue_url, ReceiptHandle=leases[0].receipt_handle)
+    capfd.readouterr()
+
+    response = dispatch(sample_event("state_change_terminated", instance))
+
+    assert response == {"batchItemFailures": []}
+    received = cp.receive_all()
+    assert {m["MessageId"] for m in received} == {lease.message_id for lease in leases[1:]}
+    assert LeaseStore().for_instance(instance) == []
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.SPOT_RECLAIM and record.ec2_state == "terminated"
+    store = LeaseStore()
+    assert all(store.requeue_count(lease.message_id) == 1 for lease in leases)
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.MESSAGES_REQUEUED) == 24
+    assert out.metric(Metric.REQUEUE_LATENCY) >= 0
+    assert out.metric(Metric.INSTANCES_ENDED) == 1
+
+
+def test_duplicate_delivery_changes_nothing_more(cp, capfd):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    cp.lease_messages(instance, 5)
+    event = sample_event("state_change_terminated", instance)
+    dispatch(event)
+    first = fleet_record(instance)
+    received = cp.receive_all()
+    assert len(received) == 5
+    capfd.readouterr()
+
+    # The same event again (EventBridge delivers at least once), in one batch and in another.
+    response = dispatch(event, event)
+
+    assert response == {"batchItemFailures": []}
+    assert fleet_record(instance) == first
+    assert cp.receive_all() == []  # still held by the other consumer: nothing requeued again
+    assert LeaseStore().requeue_count(received[0]["MessageId"]) == 1
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.SIGNALS_DUPLICATE) == 2
+    assert out.metric(Metric.MESSAGES_REQUEUED) == 0
+
+
+def test_out_of_order_warning_after_termination_keeps_it_ended(cp):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    dispatch(sample_event("state_change_terminated", instance))
+    dispatch(sample_event("spot_interruption_warning", instance))
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    # The late warning tells why it ended, but never moves the record back to draining.
+    assert record.end_reason is EndReason.SPOT_RECLAIM
+    assert instance in cp.asg_instance_ids()  # no replacement for an instance already gone
+
+
+def test_lifecycle_launch_records_bootstrap_deadline(cp):
+    [instance] = cp.launch_in_asg(1)
+    event = sample_event("lifecycle_launch", instance)
+    dispatch(event)
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.LAUNCHING
+    assert record.launched_at is not None and record.bootstrap_deadline_at is not None
+    assert record.bootstrap_deadline_at - record.launched_at == 1200
+
+
+def test_lifecycle_terminate_marks_draining_and_scale_in(cp):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    cp.lease_messages(instance, 2)
+    dispatch(sample_event("lifecycle_terminate", instance))
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.DRAINING
+    assert len(LeaseStore().for_instance(instance)) == 2  # the agent drains; nothing stolen
+    dispatch(sample_event("state_change_terminated", instance))
+    record = fleet_record(instance)
+    assert record is not None and record.end_reason is EndReason.SCALE_IN
+    assert len(cp.receive_all()) == 2
+
+
+@pytest.mark.parametrize("policy", ["ignore", "replace", "drain"])
+def test_rebalance_follows_policy(cp, monkeypatch, policy):
+    monkeypatch.setenv(Env.REBALANCE_POLICY.value, policy)
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    dispatch(sample_event("rebalance_recommendation", instance))
+    record = fleet_record(instance)
+    assert record is not None
+    detached = instance not in cp.asg_instance_ids()
+    assert detached is (policy != "ignore")
+    expected = InstanceState.DRAINING if policy == "drain" else InstanceState.READY
+    assert record.state is expected
+
+
+def test_health_event_by_arn_without_resources_affects_every_named_instance(cp, monkeypatch):
+    monkeypatch.setenv(Env.REBALANCE_POLICY.value, "drain")
+    first, second = cp.launch_in_asg(2)
+    ready(cp, first)
+    ready(cp, second)
+    event = sample_event("health_scheduled_change", first, second_instance_id=second)
+    assert "resources" not in event
+    dispatch(event)
+    for instance in (first, second):
+        record = fleet_record(instance)
+        assert record is not None and record.state is InstanceState.DRAINING
+        assert record.drain_deadline_at is not None
+    assert first not in cp.asg_instance_ids() and second not in cp.asg_instance_ids()
+
+
+def test_requeue_disabled_is_the_baseline(cp, monkeypatch):
+    monkeypatch.setenv(Env.REQUEUE_ENABLED.value, "false")
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    cp.lease_messages(instance, 3)
+    dispatch(sample_event("state_change_terminated", instance))
+    assert cp.receive_all() == []
+    assert len(LeaseStore().for_instance(instance)) == 3
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+
+
+def test_test_source_events_parse_the_same(cp):
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    dispatch(sample_event("spot_interruption_warning", instance, source="spotguard.test"))
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.DRAINING
+    assert record.last_signal is not None and record.last_signal["source"] == "test"
+
+
+def test_notification_is_published_on_the_bus(cp):
+    # Route the bus to a queue so the published instance.interrupted event can be read.
+    events_client = boto3.client("events")
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="notifications")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    events_client.put_rule(Name="all", EventBusName=cp.bus_name, EventPattern='{"source": ["spotguard"]}')
+    events_client.put_targets(Rule="all", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    [instance] = cp.launch_in_asg(1)
+    ready(cp, instance)
+    dispatch(sample_event("spot_interruption_warning", instance))
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    assert len(messages) == 1
+    assert "instance.interrupted" in messages[0]["Body"] and instance in messages[0]["Body"]

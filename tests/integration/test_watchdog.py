@@ -1,0 +1,160 @@
+"""The real watchdog handler against moto: deadlines, stale heartbeats, orphaned leases."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from spotguard_core.contracts import (
+    FLEET_TAG_KEY,
+    BootstrapStatus,
+    EndReason,
+    FleetRecord,
+    InstanceState,
+    Lease,
+    Metric,
+)
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.lease_store import LeaseStore
+from tests.integration.control_plane_helpers import Output, run_watchdog
+from tests.support import control_plane_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cp(moto_server, monkeypatch):
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    yield from control_plane_env.control_plane()
+
+
+def launching(cp, instance_id: str, *, age: float) -> None:
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance_id,
+            fleet=cp.fleet,
+            state=InstanceState.LAUNCHING,
+            launched_at=now - age,
+            bootstrap_deadline_at=now - age + 1200,
+        )
+    )
+
+
+def test_past_deadline_not_ready_is_terminated_ready_and_unmanaged_untouched(cp, capfd):
+    stuck, healthy = cp.launch_in_asg(2)
+    launching(cp, stuck, age=1500)
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=healthy,
+            fleet=cp.fleet,
+            state=InstanceState.READY,
+            bootstrap_status=BootstrapStatus.READY,
+            launched_at=now - 5000,
+            bootstrap_deadline_at=now - 3800,
+            ready_at=now - 4900,
+            heartbeat_at=now - 10,
+        )
+    )
+    # An old instance without the fleet tag whose record claims it (a stray write): the
+    # watchdog must refuse to terminate it.
+    foreign = cp.run_instance(tags={"team": "other"})
+    launching(cp, foreign, age=5000)
+    cp.lease_messages(stuck, 2)
+
+    report = run_watchdog()
+
+    assert cp.instance_state(stuck) in ("shutting-down", "terminated")
+    record = FleetStore().get(stuck)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.BOOTSTRAP_DEADLINE
+    assert len(cp.receive_all()) == 2  # its leased work is back on the queue
+    assert cp.instance_state(healthy) == "running"
+    assert FleetStore().get(healthy).state is InstanceState.READY  # type: ignore[union-attr]
+    assert cp.instance_state(foreign) == "running"
+    assert report["fleet_size"] == 3
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.WATCHDOG_HEARTBEAT) == 1
+    assert out.metric(Metric.FLEET_SIZE) == 3
+    assert out.metric(Metric.TERMINATED_BY_WATCHDOG) == 1
+    assert out.metric(Metric.BOOTSTRAP_FAILURES) == 1
+
+
+def test_stale_heartbeat_is_terminated(cp):
+    [instance] = cp.launch_in_asg(1)
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance,
+            fleet=cp.fleet,
+            state=InstanceState.READY,
+            bootstrap_status=BootstrapStatus.READY,
+            ready_at=now - 3000,
+            heartbeat_at=now - 600,
+        )
+    )
+    run_watchdog()
+    assert cp.instance_state(instance) in ("shutting-down", "terminated")
+    assert FleetStore().get(instance).end_reason is EndReason.HEARTBEAT_STALE  # type: ignore[union-attr]
+
+
+def test_orphaned_leases_are_released(cp):
+    [gone] = cp.launch_in_asg(1)
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=gone,
+            fleet=cp.fleet,
+            state=InstanceState.ENDED,
+            end_reason=EndReason.TERMINATED,
+            ended_at=now - 300,
+        )
+    )
+    leases = cp.lease_messages(gone, 3)
+    # A lease of an instance with no record at all, stale for an hour.
+    [other] = cp.lease_messages("i-0123456789abcdef0", 1)
+    LeaseStore().put(
+        Lease(
+            instance_id=other.instance_id,
+            message_id=other.message_id,
+            receipt_handle=other.receipt_handle,
+            queue_url=other.queue_url,
+            leased_at=now - 3600,
+            heartbeat_at=now - 3600,
+        )
+    )
+
+    report = run_watchdog()
+
+    assert report["orphan_leases_released"] == 4
+    assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in [*leases, other]}
+    assert list(LeaseStore().scan_leases()) == []
+
+
+def test_draining_past_deadline_requeues(cp):
+    [instance] = cp.launch_in_asg(1)
+    now = time.time()
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance,
+            fleet=cp.fleet,
+            state=InstanceState.DRAINING,
+            bootstrap_status=BootstrapStatus.READY,
+            heartbeat_at=now - 5,
+            drain_deadline_at=now - 30,
+            interrupted_at=now - 150,
+        )
+    )
+    cp.lease_messages(instance, 4)
+    run_watchdog()
+    assert len(cp.receive_all()) == 4
+    assert FleetStore().get(instance).state is InstanceState.DRAINING  # type: ignore[union-attr]
+
+
+def test_unmanaged_instance_without_record_is_never_touched(cp):
+    old = cp.run_instance(tags={FLEET_TAG_KEY: "another-fleet"})
+    run_watchdog()
+    assert cp.instance_state(old) == "running"
+    assert FleetStore().get(old) is None

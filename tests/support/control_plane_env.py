@@ -1,0 +1,245 @@
+"""A control-plane environment on the moto server: the tables, queues, fleet ASG and env vars
+the dispatcher and watchdog need, with key schemas mirroring the stack's (from contracts).
+
+Used by the control-plane integration tests and the requeue benchmark.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+
+from spotguard_core import aws
+from spotguard_core.contracts import (
+    FLEET_TABLE_PK,
+    FLEET_TAG_KEY,
+    IDEMPOTENCY_TABLE_PK,
+    LEASE_TABLE_PK,
+    LEASE_TABLE_SK,
+    Env,
+    Lease,
+    asg_name,
+)
+
+FLEET = "render"
+ACCOUNT_ID = "123456789012"
+REGION = "us-east-1"
+
+
+def create_tables(prefix: str) -> dict[Env, str]:
+    ddb = boto3.client("dynamodb")
+    names = {
+        Env.FLEET_TABLE: f"{prefix}-fleet",
+        Env.LEASE_TABLE: f"{prefix}-leases",
+        Env.IDEMPOTENCY_TABLE: f"{prefix}-idempotency",
+    }
+    ddb.create_table(
+        TableName=names[Env.FLEET_TABLE],
+        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    ddb.create_table(
+        TableName=names[Env.LEASE_TABLE],
+        KeySchema=[
+            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
+            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
+            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    ddb.create_table(
+        TableName=names[Env.IDEMPOTENCY_TABLE],
+        KeySchema=[{"AttributeName": IDEMPOTENCY_TABLE_PK, "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": IDEMPOTENCY_TABLE_PK, "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    return names
+
+
+@dataclass
+class ControlPlaneEnv:
+    """What a test gets: names, URLs and helpers to make instances and leases."""
+
+    fleet: str
+    work_queue_url: str
+    signal_queue_url: str
+    asg_name: str
+    bus_name: str
+    tables: dict[Env, str]
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sqs(self) -> Any:
+        return boto3.client("sqs")
+
+    @property
+    def ec2(self) -> Any:
+        return boto3.client("ec2")
+
+    def launch_in_asg(self, count: int = 1) -> list[str]:
+        """Raise the fleet ASG's desired capacity; return the new instance ids (moto launches them)."""
+        autoscaling = boto3.client("autoscaling")
+        before = set(self.asg_instance_ids())
+        group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[self.asg_name])
+        desired = group["AutoScalingGroups"][0]["DesiredCapacity"] + count
+        autoscaling.set_desired_capacity(AutoScalingGroupName=self.asg_name, DesiredCapacity=desired)
+        return sorted(set(self.asg_instance_ids()) - before)
+
+    def asg_instance_ids(self) -> list[str]:
+        autoscaling = boto3.client("autoscaling")
+        group = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[self.asg_name])
+        return [i["InstanceId"] for i in group["AutoScalingGroups"][0]["Instances"]]
+
+    def run_instance(self, *, tags: Mapping[str, str] | None = None) -> str:
+        """A plain EC2 instance outside the ASG (tagged as given)."""
+        kwargs: dict[str, Any] = {"ImageId": "ami-12c6146b", "MinCount": 1, "MaxCount": 1}
+        if tags:
+            kwargs["TagSpecifications"] = [
+                {"ResourceType": "instance", "Tags": [{"Key": k, "Value": v} for k, v in tags.items()]}
+            ]
+        return str(self.ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"])
+
+    def instance_state(self, instance_id: str) -> str:
+        reservations = self.ec2.describe_instances(InstanceIds=[instance_id])["Reservations"]
+        return str(reservations[0]["Instances"][0]["State"]["Name"])
+
+    def lease_messages(self, instance_id: str, count: int, *, visibility: int = 600) -> list[Lease]:
+        """Send ``count`` messages, receive them as ``instance_id``'s worker would, write leases."""
+        from spotguard_core.lease_store import LeaseStore  # noqa: PLC0415
+
+        sqs = self.sqs
+        for start in range(0, count, 10):
+            entries = [{"Id": str(i), "MessageBody": f"task-{i}"} for i in range(start, min(count, start + 10))]
+            sqs.send_message_batch(QueueUrl=self.work_queue_url, Entries=entries)
+        leases: list[Lease] = []
+        while len(leases) < count:
+            messages = sqs.receive_message(
+                QueueUrl=self.work_queue_url,
+                MaxNumberOfMessages=10,
+                VisibilityTimeout=visibility,
+                WaitTimeSeconds=0,
+            ).get("Messages", [])
+            if not messages:
+                break
+            now = time.time()
+            for message in messages:
+                leases.append(
+                    Lease(
+                        instance_id=instance_id,
+                        message_id=message["MessageId"],
+                        receipt_handle=message["ReceiptHandle"],
+                        queue_url=self.work_queue_url,
+                        leased_at=now,
+                        heartbeat_at=now,
+                    )
+                )
+        store = LeaseStore(self.tables[Env.LEASE_TABLE])
+        with store.table.batch_writer() as writer:
+            for lease in leases:
+                writer.put_item(Item=lease.to_item())
+        return leases
+
+    def receive_all(self, *, max_rounds: int = 200) -> list[dict[str, Any]]:
+        """Everything receivable from the work queue right now (as another consumer)."""
+        received: list[dict[str, Any]] = []
+        for _ in range(max_rounds):
+            batch = self.sqs.receive_message(
+                QueueUrl=self.work_queue_url, MaxNumberOfMessages=10, VisibilityTimeout=600, WaitTimeSeconds=0
+            ).get("Messages", [])
+            if not batch:
+                break
+            received.extend(batch)
+        return received
+
+
+def build(*, fleet: str = FLEET, min_size: int = 0, extra_env: Mapping[str, str] | None = None) -> ControlPlaneEnv:
+    """Create everything on the current moto server and export the env vars (caller restores)."""
+    prefix = f"sg-{uuid.uuid4().hex[:6]}"
+    tables = create_tables(prefix)
+    sqs = boto3.client("sqs")
+    work = sqs.create_queue(QueueName=f"{prefix}-work", Attributes={"VisibilityTimeout": "600"})["QueueUrl"]
+    signals = sqs.create_queue(QueueName=f"{prefix}-signals")["QueueUrl"]
+    bus = boto3.client("events").create_event_bus(Name=f"{prefix}-bus")["EventBusArn"].split("/")[-1]
+    ec2 = boto3.client("ec2")
+    template = ec2.create_launch_template(
+        LaunchTemplateName=f"{prefix}-lt",
+        LaunchTemplateData={
+            "ImageId": "ami-12c6146b",
+            "InstanceType": "t3.micro",
+            "TagSpecifications": [
+                {"ResourceType": "instance", "Tags": [{"Key": FLEET_TAG_KEY, "Value": fleet}]}
+            ],
+        },
+    )["LaunchTemplate"]
+    group = asg_name(fleet)
+    boto3.client("autoscaling").create_auto_scaling_group(
+        AutoScalingGroupName=group,
+        LaunchTemplate={"LaunchTemplateId": template["LaunchTemplateId"], "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=2000,
+        DesiredCapacity=min_size,
+        AvailabilityZones=[f"{REGION}a"],
+        Tags=[{"Key": FLEET_TAG_KEY, "Value": fleet, "PropagateAtLaunch": True}],
+    )
+    env = {
+        Env.FLEET_NAME.value: fleet,
+        Env.WORK_QUEUE_URL.value: work,
+        Env.SIGNAL_QUEUE_URL.value: signals,
+        Env.FLEET_TABLE.value: tables[Env.FLEET_TABLE],
+        Env.LEASE_TABLE.value: tables[Env.LEASE_TABLE],
+        Env.IDEMPOTENCY_TABLE.value: tables[Env.IDEMPOTENCY_TABLE],
+        Env.ASG_NAME.value: group,
+        Env.NOTIFICATION_BUS.value: bus,
+        Env.ACCOUNT_ID.value: ACCOUNT_ID,
+        Env.REGION.value: REGION,
+        Env.EARLY_REPLACEMENT.value: "true",
+        Env.REQUEUE_ENABLED.value: "true",
+        Env.BOOTSTRAP_DEADLINE_SECONDS.value: "1200",
+        Env.HEARTBEAT_STALE_SECONDS.value: "180",
+        "POWERTOOLS_SERVICE_NAME": "spotguard-test",
+        **(extra_env or {}),
+    }
+    os.environ.update(env)
+    aws.reset_clients()
+    return ControlPlaneEnv(
+        fleet=fleet,
+        work_queue_url=work,
+        signal_queue_url=signals,
+        asg_name=group,
+        bus_name=bus,
+        tables=tables,
+        env=env,
+    )
+
+
+def restore_environment(saved: Mapping[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    aws.reset_clients()
+
+
+def environment_snapshot() -> dict[str, str | None]:
+    keys = [e.value for e in Env] + ["POWERTOOLS_SERVICE_NAME"]
+    return {key: os.environ.get(key) for key in keys}
+
+
+def control_plane(**kwargs: Any) -> Iterator[ControlPlaneEnv]:
+    """Generator for a pytest fixture: build, yield, restore the environment."""
+    saved = environment_snapshot()
+    try:
+        yield build(**kwargs)
+    finally:
+        restore_environment(saved)

@@ -1,0 +1,110 @@
+"""Webhook signing and the receiver-side verification function."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from spotguard_core import contracts, webhooks
+from spotguard_core.webhooks import SignatureError, sign, verify
+
+SECRET = "whsec_test"  # noqa: S105 - test value
+BODY = json.dumps({"event": "instance.migrated", "instanceId": "i-0123456789abcdef0"}).encode()
+
+
+def test_signature_header_format():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    t, v1 = header.split(",")
+    assert t == "t=1700000000"
+    assert v1.startswith("v1=") and len(v1) == 3 + 64
+
+
+def test_signature_verifies_and_returns_the_timestamp():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    assert verify(SECRET, header, BODY, now=1_700_000_010) == 1_700_000_000
+
+
+def test_str_and_bytes_bodies_are_the_same():
+    header = sign(SECRET, BODY.decode(), timestamp=1_700_000_000)
+    assert verify(SECRET, header, BODY, now=1_700_000_000) == 1_700_000_000
+
+
+def test_tampered_body_is_rejected():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    tampered = BODY.replace(b"i-0123456789abcdef0", b"i-0fffffffffffffff0")
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(SECRET, header, tampered, now=1_700_000_000)
+
+
+def test_wrong_secret_is_rejected():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    with pytest.raises(SignatureError):
+        verify("another-secret", header, BODY, now=1_700_000_000)
+
+
+def test_old_timestamp_is_rejected_as_a_replay():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    late = 1_700_000_000 + contracts.WEBHOOK_TOLERANCE_SECONDS + 1
+    with pytest.raises(SignatureError, match="tolerance"):
+        verify(SECRET, header, BODY, now=late)
+    # exactly at the tolerance it is still accepted
+    assert verify(SECRET, header, BODY, now=late - 1)
+
+
+def test_future_timestamp_is_rejected():
+    header = sign(SECRET, BODY, timestamp=1_700_001_000)
+    with pytest.raises(SignatureError, match="tolerance"):
+        verify(SECRET, header, BODY, now=1_700_000_000)
+
+
+def test_moving_the_signature_to_another_timestamp_fails():
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    forged = header.replace("t=1700000000", "t=1700000100")
+    with pytest.raises(SignatureError, match="does not match"):
+        verify(SECRET, forged, BODY, now=1_700_000_100)
+
+
+@pytest.mark.parametrize("header", [None, "", "garbage", "t=abc,v1=00", "v1=abcdef", "t=1700000000"])
+def test_malformed_headers_are_rejected(header):
+    with pytest.raises(SignatureError):
+        verify(SECRET, header, BODY, now=1_700_000_000)
+
+
+def test_any_of_several_v1_signatures_may_match_during_secret_rotation():
+    good = sign(SECRET, BODY, timestamp=1_700_000_000)
+    old = sign("old-secret", BODY, timestamp=1_700_000_000)
+    header = f"t=1700000000,{old.split(',')[1]},{good.split(',')[1]}"
+    assert verify(SECRET, header, BODY, now=1_700_000_000)
+
+
+@given(secret=st.text(min_size=1, max_size=64), body=st.binary(max_size=2048), timestamp=st.integers(0, 2**33))
+def test_property_signed_bodies_verify(secret, body, timestamp):
+    assert verify(secret, sign(secret, body, timestamp=timestamp), body, now=timestamp) == timestamp
+
+
+@given(body=st.binary(min_size=1, max_size=512), position=st.integers(min_value=0), flip=st.integers(1, 255))
+def test_property_any_changed_byte_is_detected(body, position, flip):
+    header = sign(SECRET, body, timestamp=1_700_000_000)
+    index = position % len(body)
+    changed = body[:index] + bytes([body[index] ^ flip]) + body[index + 1 :]
+    with pytest.raises(SignatureError):
+        verify(SECRET, header, changed, now=1_700_000_000)
+
+
+def test_webhook_payload_has_the_seed_shape():
+    event = {
+        "id": "evt-1",
+        "detail-type": "instance.migrated",
+        "source": "spotguard",
+        "time": "2026-01-15T10:45:00Z",
+        "detail": {"instanceId": "inst-new123", "originalInstanceId": "inst-old456", "status": "running"},
+    }
+    payload = webhooks.webhook_payload(event)
+    assert payload["event"] == "instance.migrated"
+    assert payload["timestamp"] == "2026-01-15T10:45:00Z"
+    assert payload["instanceId"] == "inst-new123" and payload["originalInstanceId"] == "inst-old456"
+    # the detail's own event/timestamp win over the envelope's
+    event["detail"]["timestamp"] = "2026-01-15T10:44:59.123Z"
+    assert webhooks.webhook_payload(event)["timestamp"] == "2026-01-15T10:44:59.123Z"

@@ -1,0 +1,86 @@
+"""The drill's ledger: every task start and completion, appended durably by task id.
+
+Agents (separate processes) append one JSON line per record with a single ``write`` on a
+file opened with ``O_APPEND`` (atomic for lines this short on a local file system), and
+``fsync`` completions, so "lost" and "duplicated" are counted from what really happened.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Environment variables the drill gives each simulated instance's agent (drill-only).
+LEDGER_ENV = "SPOTGUARD_DRILL_LEDGER"
+INSTANCE_ENV = "SPOTGUARD_DRILL_INSTANCE_ID"
+
+START = "start"
+DONE = "done"
+
+
+def append(path: str | Path, record: dict[str, Any], *, durable: bool) -> None:
+    line = (json.dumps(record, separators=(",", ":")) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, line)
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One run of a task on one instance."""
+
+    task_id: str
+    instance_id: str
+    started_at: float
+    finished_at: float | None = None
+    receive_count: int = 0
+
+
+@dataclass(slots=True)
+class Ledger:
+    attempts: list[Attempt] = field(default_factory=list)
+    completions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    @classmethod
+    def read(cls, path: Path) -> Ledger:
+        ledger = cls()
+        if not path.exists():
+            return ledger
+        open_attempts: dict[tuple[str, str], Attempt] = {}
+        for raw in path.read_text().splitlines():
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a line torn by a SIGKILL mid-write
+            key = (str(record["task"]), str(record["instance"]))
+            if record["ev"] == START:
+                attempt = Attempt(
+                    task_id=key[0],
+                    instance_id=key[1],
+                    started_at=float(record["t"]),
+                    receive_count=int(record.get("rc", 0)),
+                )
+                ledger.attempts.append(attempt)
+                open_attempts[key] = attempt
+            elif record["ev"] == DONE:
+                ledger.completions[key[0]] += 1
+                started = open_attempts.pop(key, None)
+                if started is not None:
+                    started.finished_at = float(record["t"])
+        return ledger
+
+    @property
+    def done(self) -> set[str]:
+        return {task for task, count in self.completions.items() if count > 0}
+
+    @property
+    def duplicated(self) -> int:
+        return sum(count - 1 for count in self.completions.values() if count > 1)

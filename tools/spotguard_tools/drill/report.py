@@ -1,0 +1,203 @@
+"""The drill's report: counted from the ledger, the journal and the control-plane log."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotguard_tools.drill.journal import Journal, Mark
+from spotguard_tools.drill.ledger import Ledger
+from spotguard_tools.drill.plan import ChaosKind
+
+#: Interruptions whose in-flight tasks must come back (a rebalance keeps the instance).
+_TAKING = {ChaosKind.SPOT_WARNING, ChaosKind.HARD_KILL}
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), ``q`` in [0, 100]."""
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low, high = math.floor(position), math.ceil(position)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+@dataclass(frozen=True, slots=True)
+class Interruption:
+    instance_id: str
+    kind: str  # a ChaosKind value, or "watchdog" for terminations by the control plane
+    at: float
+
+
+def requeue_latencies(ledger: Ledger, interruptions: Sequence[Interruption]) -> list[tuple[str, float]]:
+    """Seconds from the interruption of a task's instance to the task being picked up again.
+
+    A task counts when its attempt on the interrupted instance never completed there; the
+    next attempt (on any instance) after that is the pick-up. Tasks never picked up again
+    are lost and have no latency.
+    """
+    by_task: dict[str, list[Any]] = {}
+    for attempt in ledger.attempts:
+        by_task.setdefault(attempt.task_id, []).append(attempt)
+    latencies = []
+    for interruption in interruptions:
+        if interruption.kind not in _TAKING and interruption.kind != "watchdog":
+            continue
+        for attempt in ledger.attempts:
+            if attempt.instance_id != interruption.instance_id or attempt.finished_at is not None:
+                continue
+            origin = max(interruption.at, attempt.started_at)
+            later = [
+                a for a in by_task[attempt.task_id] if a.started_at > attempt.started_at and a is not attempt
+            ]
+            if later:
+                latencies.append((interruption.kind, max(0.0, min(a.started_at for a in later) - origin)))
+    return latencies
+
+
+def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
+    return {
+        "count": len(latencies),
+        "p50": round(percentile(latencies, 50), 2),
+        "p95": round(percentile(latencies, 95), 2),
+        "p99": round(percentile(latencies, 99), 2),
+        "max": round(max(latencies, default=0.0), 2),
+    }
+
+
+def in_flight_at(ledger: Ledger, instance_id: str, at: float) -> int:
+    """Attempts running on ``instance_id`` at ``at`` that never completed there."""
+    return sum(
+        1
+        for a in ledger.attempts
+        if a.instance_id == instance_id and a.started_at <= at and a.finished_at is None
+    )
+
+
+def read_control_plane_log(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def build_report(
+    *,
+    mode: str,
+    config: dict[str, Any],
+    task_ids: Sequence[str],
+    ledger: Ledger,
+    journal: Journal,
+    interruptions: Sequence[Interruption],
+    control_plane_log: Sequence[dict[str, Any]],
+    initial_instances: int,
+    launched_instances: int,
+    bootstrap_failure_ids: Sequence[str],
+    tasks_in_dlq: int,
+    wall_s: float,
+    drill_s: float,
+) -> dict[str, Any]:
+    done = ledger.done & set(task_ids)
+    by_kind = requeue_latencies(ledger, interruptions)
+    latencies = [latency for _, latency in by_kind]
+    kinds = Counter(i.kind for i in interruptions if i.kind != "watchdog")
+    for kind in ChaosKind:
+        kinds.setdefault(kind.value, 0)
+    killed_in_flight = sum(
+        in_flight_at(ledger, i.instance_id, i.at) for i in interruptions if i.kind == ChaosKind.HARD_KILL
+    )
+    reclaimed_in_flight = sum(
+        in_flight_at(ledger, e.instance_id, e.t)
+        for e in journal.entries(Mark.RECLAIMED)
+        if e.detail.get("agent_alive")
+    )
+    by_watchdog = sorted({e.instance_id for e in journal.entries(Mark.TERMINATED_BY_CONTROL_PLANE)})
+    dispatcher = [r for r in control_plane_log if r.get("fn") == "dispatcher"]
+    watchdog = [r for r in control_plane_log if r.get("fn") == "watchdog"]
+    return {
+        "mode": mode,
+        "tasks_total": len(task_ids),
+        "tasks_done": len(done),
+        "tasks_lost": len(task_ids) - len(done),
+        "tasks_duplicated": ledger.duplicated,
+        "tasks_in_dlq": tasks_in_dlq,
+        "requeue_latency_s": latency_summary(latencies),
+        "requeue_latency_by_kind_s": {
+            kind: latency_summary([latency for k, latency in by_kind if k == kind])
+            for kind in sorted({k for k, _ in by_kind})
+        },
+        "interruptions": dict(sorted(kinds.items())),
+        "hard_killed_in_flight": killed_in_flight,
+        "reclaimed_in_flight": reclaimed_in_flight,
+        "replacements": max(0, launched_instances - initial_instances),
+        "instances_launched": launched_instances,
+        "terminated_by_watchdog": len(by_watchdog),
+        "terminated_by_watchdog_ids": by_watchdog,
+        "bootstrap_failure_ids": list(bootstrap_failure_ids),
+        "bootstrap_failures_terminated": sum(1 for i in bootstrap_failure_ids if i in by_watchdog),
+        "control_plane": {
+            "dispatcher_invocations": len(dispatcher),
+            "signals_handled": sum(int(r.get("records", 0)) for r in dispatcher),
+            "signals_failed": sum(len(r.get("failed", [])) for r in dispatcher),
+            "dispatcher_errors": sum(1 for r in dispatcher if r.get("error")),
+            "watchdog_runs": len(watchdog),
+            "watchdog_errors": sum(1 for r in watchdog if r.get("error")),
+        },
+        "wall_s": round(wall_s, 1),
+        "drill_s": round(drill_s, 1),
+        "config": config,
+    }
+
+
+def format_table(reports: Sequence[dict[str, Any]]) -> str:
+    """One column per report (spotguard, baseline): the numbers a reader compares."""
+
+    def latency(r: dict[str, Any], key: str) -> str:
+        return f"{r['requeue_latency_s'][key]:.1f} s"
+
+    rows: list[tuple[str, Any]] = [
+        ("tasks done / total", lambda r: f"{r['tasks_done']} / {r['tasks_total']}"),
+        ("tasks lost", lambda r: str(r["tasks_lost"])),
+        ("tasks duplicated", lambda r: str(r["tasks_duplicated"])),
+        ("tasks in DLQ", lambda r: str(r["tasks_in_dlq"])),
+        ("requeued tasks", lambda r: str(r["requeue_latency_s"]["count"])),
+        ("requeue latency p50", lambda r: latency(r, "p50")),
+        ("requeue latency p95", lambda r: latency(r, "p95")),
+        ("requeue latency p99", lambda r: latency(r, "p99")),
+        ("requeue latency max", lambda r: latency(r, "max")),
+        ("spot warnings", lambda r: str(r["interruptions"].get("spot_warning", 0))),
+        (
+            "hard kills",
+            lambda r: (
+                f"{r['interruptions'].get('hard_kill', 0)} ({r['hard_killed_in_flight']} tasks in flight)"
+            ),
+        ),
+        ("rebalance recommendations", lambda r: str(r["interruptions"].get("rebalance", 0))),
+        ("bootstrap failures", lambda r: str(r["interruptions"].get("bootstrap_failure", 0))),
+        ("terminated by watchdog", lambda r: str(r["terminated_by_watchdog"])),
+        ("replacements joined", lambda r: str(r["replacements"])),
+        ("signals dispatched", lambda r: str(r["control_plane"]["signals_handled"])),
+        ("wall time", lambda r: f"{r['wall_s']:.0f} s"),
+    ]
+    headers = ["", *[r["mode"] for r in reports]]
+    body = [[label, *[render(r) for r in reports]] for label, render in rows]
+    widths = [max(len(str(row[i])) for row in [headers, *body]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [cell.rjust(widths[i + 1]) for i, cell in enumerate(cells[1:])]
+        return "  ".join([first, *rest]).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(row) for row in body)])

@@ -1,0 +1,200 @@
+"""Create the fleet's AWS resources in the emulator, from the same contracts the stack uses."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from spotguard_core import contracts
+from spotguard_core.contracts import Env
+
+#: A placeholder AMI that moto knows.
+DRILL_AMI = "ami-12c6146b"
+DRILL_INSTANCE_TYPE = "m5.large"
+DRILL_ZONES = ("us-east-1a", "us-east-1b")
+#: EventBridge's reserved input-template variable for the complete event.
+WHOLE_EVENT_TEMPLATE = "<aws.events.event.json>"
+
+
+@dataclass(frozen=True, slots=True)
+class DrillResources:
+    fleet: str
+    work_queue_url: str
+    work_dlq_url: str
+    signal_queue_url: str
+    signal_queue_arn: str
+    lease_table: str
+    fleet_table: str
+    jobs_table: str
+    idempotency_table: str
+    notification_bus: str
+    asg_name: str
+    launch_template_id: str
+    rule_names: tuple[str, ...]
+
+
+def _queue(sqs: Any, name: str, attributes: dict[str, str]) -> tuple[str, str]:
+    url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    return str(url), str(arn)
+
+
+def _table(dynamodb: Any, name: str, keys: list[tuple[str, str]]) -> None:
+    dynamodb.create_table(
+        TableName=name,
+        BillingMode="PAY_PER_REQUEST",
+        AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key, _ in keys],
+        KeySchema=[{"AttributeName": key, "KeyType": kind} for key, kind in keys],
+    )
+
+
+def create_resources(
+    *,
+    fleet: str,
+    desired_capacity: int,
+    max_capacity: int,
+    visibility_timeout_seconds: int,
+    sqs: Any,
+    dynamodb: Any,
+    ec2: Any,
+    autoscaling: Any,
+    events: Any,
+) -> DrillResources:
+    """Queues, tables, launch template, ASG and EventBridge rules of one fleet."""
+    prefix = f"spotguard-{fleet}"
+    work_dlq_url, work_dlq_arn = _queue(sqs, f"{prefix}-work-dlq", {"MessageRetentionPeriod": "1209600"})
+    work_queue_url, _ = _queue(
+        sqs,
+        f"{prefix}-work",
+        {
+            "VisibilityTimeout": str(visibility_timeout_seconds),
+            "RedrivePolicy": json.dumps(
+                {
+                    "deadLetterTargetArn": work_dlq_arn,
+                    "maxReceiveCount": str(contracts.REDRIVE_BACKSTOP_RECEIVE_COUNT),
+                }
+            ),
+        },
+    )
+    _, signal_dlq_arn = _queue(sqs, f"{prefix}-signals-dlq", {})
+    # A short visibility timeout: a batch item the dispatcher reports as failed is retried
+    # within seconds of drill time.
+    signal_queue_url, signal_queue_arn = _queue(
+        sqs,
+        f"{prefix}-signals",
+        {
+            "VisibilityTimeout": "5",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": signal_dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )
+
+    lease_table = f"{prefix}-leases"
+    fleet_table = f"{prefix}-fleet"
+    jobs_table = f"{prefix}-jobs"
+    idempotency_table = f"{prefix}-idempotency"
+    _table(dynamodb, lease_table, [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")])
+    _table(dynamodb, fleet_table, [(contracts.FLEET_TABLE_PK, "HASH")])
+    _table(dynamodb, jobs_table, [(contracts.JOBS_TABLE_PK, "HASH"), (contracts.JOBS_TABLE_SK, "RANGE")])
+    _table(dynamodb, idempotency_table, [(contracts.IDEMPOTENCY_TABLE_PK, "HASH")])
+
+    group = contracts.asg_name(fleet)
+    fleet_tag = {"Key": contracts.FLEET_TAG_KEY, "Value": fleet}
+    template = ec2.create_launch_template(
+        LaunchTemplateName=f"{prefix}-lt",
+        LaunchTemplateData={
+            "ImageId": DRILL_AMI,
+            "InstanceType": DRILL_INSTANCE_TYPE,
+            "MetadataOptions": {"HttpTokens": "required", "HttpPutResponseHopLimit": 1},
+            "InstanceInitiatedShutdownBehavior": "terminate",
+            "TagSpecifications": [{"ResourceType": "instance", "Tags": [fleet_tag]}],
+        },
+        TagSpecifications=[{"ResourceType": "launch-template", "Tags": [fleet_tag]}],
+    )["LaunchTemplate"]
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=group,
+        LaunchTemplate={"LaunchTemplateId": template["LaunchTemplateId"], "Version": "$Latest"},
+        MinSize=0,
+        MaxSize=max_capacity,
+        DesiredCapacity=desired_capacity,
+        AvailabilityZones=list(DRILL_ZONES),
+        Tags=[
+            {
+                **fleet_tag,
+                "PropagateAtLaunch": True,
+                "ResourceId": group,
+                "ResourceType": "auto-scaling-group",
+            }
+        ],
+    )
+
+    notification_bus = f"{prefix}-bus"
+    events.create_event_bus(Name=notification_bus)
+
+    rule_names = []
+    patterns = contracts.event_patterns(allow_test_events=False, asg_name=group)
+    for name, pattern in patterns.items():
+        rule = f"{prefix}-{name}"
+        events.put_rule(Name=rule, EventPattern=json.dumps(pattern), State="ENABLED")
+        events.put_targets(
+            Rule=rule,
+            Targets=[
+                {
+                    "Id": "signal-queue",
+                    "Arn": signal_queue_arn,
+                    # moto's default target input drops the event's "account"; AWS delivers
+                    # the whole event. This template is the whole event, as AWS sends it.
+                    "InputTransformer": {"InputPathsMap": {}, "InputTemplate": WHOLE_EVENT_TEMPLATE},
+                }
+            ],
+        )
+        rule_names.append(rule)
+
+    return DrillResources(
+        fleet=fleet,
+        work_queue_url=work_queue_url,
+        work_dlq_url=work_dlq_url,
+        signal_queue_url=signal_queue_url,
+        signal_queue_arn=signal_queue_arn,
+        lease_table=lease_table,
+        fleet_table=fleet_table,
+        jobs_table=jobs_table,
+        idempotency_table=idempotency_table,
+        notification_bus=notification_bus,
+        asg_name=group,
+        launch_template_id=str(template["LaunchTemplateId"]),
+        rule_names=tuple(rule_names),
+    )
+
+
+def control_plane_environment(
+    resources: DrillResources,
+    *,
+    requeue_enabled: bool,
+    rebalance_policy: str,
+    heartbeat_stale_seconds: int,
+    bootstrap_deadline_seconds: int,
+    account_id: str,
+    region: str,
+) -> dict[str, str]:
+    """The Lambda functions' environment, as the stack sets it."""
+    return {
+        Env.FLEET_NAME.value: resources.fleet,
+        Env.LEASE_TABLE.value: resources.lease_table,
+        Env.FLEET_TABLE.value: resources.fleet_table,
+        Env.JOBS_TABLE.value: resources.jobs_table,
+        Env.IDEMPOTENCY_TABLE.value: resources.idempotency_table,
+        Env.WORK_QUEUE_URL.value: resources.work_queue_url,
+        Env.WORK_DLQ_URL.value: resources.work_dlq_url,
+        Env.SIGNAL_QUEUE_URL.value: resources.signal_queue_url,
+        Env.ASG_NAME.value: resources.asg_name,
+        Env.NOTIFICATION_BUS.value: resources.notification_bus,
+        Env.LAUNCH_TEMPLATE_ID.value: resources.launch_template_id,
+        Env.REBALANCE_POLICY.value: rebalance_policy,
+        Env.EARLY_REPLACEMENT.value: "true",
+        Env.HEARTBEAT_STALE_SECONDS.value: str(heartbeat_stale_seconds),
+        Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(bootstrap_deadline_seconds),
+        Env.REQUEUE_ENABLED.value: "true" if requeue_enabled else "false",
+        Env.ACCOUNT_ID.value: account_id,
+        Env.REGION.value: region,
+    }
