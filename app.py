@@ -49,7 +49,7 @@ def main() -> int:
     try:
         settings = load_settings(app)
     except SettingsError as exc:
-        print(f"spotguard: {exc}", file=sys.stderr)
+        sys.stderr.write(f"spotguard: {exc}\n")
         return 1
     SpotguardStack(app, settings=settings)
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spotguard_agent.installer import main  # noqa: E402 - needs the path above
+from spotguard_agent.installer import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -26,7 +26,9 @@ from stacks.settings import Settings
 class AgentBundle(Construct):
     """The bundle asset and the user data that fetches and verifies it."""
 
-    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings, fleet_table_name: str) -> None:
+    def __init__(
+        self, scope: Construct, construct_id: str, *, settings: Settings, fleet_table_name: str
+    ) -> None:
         super().__init__(scope, construct_id)
         fleet = settings.fleet.name
         # A private directory per synth: parallel synths (tests) must not share the file.
@@ -63,6 +65,6 @@ class AgentConfig(Construct):
             "Parameter",
             parameter_name=name,
             description="spotguard agent configuration (JSON object of environment variables)",
-            string_value=Stack.of(self).to_json_string(dict(values)),
+            string_value=Stack.of(self).to_json_string({str(key): value for key, value in values.items()}),
             tier=ssm.ParameterTier.STANDARD,
         )

@@ -124,7 +124,10 @@ class NotificationBus(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         self.bus = events.EventBus(
-            self, "Bus", event_bus_name=f"spotguard-{settings.fleet.name}", description="spotguard notifications"
+            self,
+            "Bus",
+            event_bus_name=f"spotguard-{settings.fleet.name}",
+            description="spotguard notifications",
         )
         self.rule = events.Rule(
             self,

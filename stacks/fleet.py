@@ -25,7 +25,7 @@ from constructs import Construct
 from spotguard_core import contracts
 
 from stacks.agent_bundle import AgentBundle
-from stacks.nag import acknowledge
+from stacks.nag import acknowledge, iam5_resource
 from stacks.network import Network
 from stacks.settings import Settings
 
@@ -168,14 +168,13 @@ class InstanceRole(Construct):
         )
         acknowledge(
             role,
-            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
+            iam5_resource(role, instance_arn_pattern(role)),
             "ec2:CreateTags is limited by conditions to instances tagged with this fleet and to the "
             "bootstrap outcome tag keys; instance ids are not known in advance.",
         )
         acknowledge(
             role,
-            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
-            f"autoScalingGroup:*:autoScalingGroupName/{asg}]",
+            iam5_resource(role, asg_arn(role, asg)),
             "Auto Scaling group ARNs contain a generated id; the ARN is pinned by the group name.",
         )
 
@@ -213,8 +212,7 @@ class Fleet(Construct):
         )
         acknowledge(
             instance_role,
-            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:s3:::cdk-hnb659fds-assets-<AWS::AccountId>-"
-            "<AWS::Region>/*]",
+            iam5_resource(instance_role, bundle.asset.bucket.arn_for_objects("*")),
             "Asset objects are content-addressed in the CDK bootstrap bucket; read-only.",
         )
 
@@ -294,9 +292,7 @@ class Fleet(Construct):
             Tags.of(self.asg).add(contracts.FIS_TARGET_TAG_KEY, "true", apply_to_launched_instances=True)
             Tags.of(self.launch_template).add(contracts.FIS_TARGET_TAG_KEY, "true")
         self._add_lifecycle_hooks(settings)
-        self.scaling = BacklogScaling(
-            self, "Scaling", settings=settings, asg=self.asg, work_queue=work_queue
-        )
+        self.scaling = BacklogScaling(self, "Scaling", settings=settings, asg=self.asg, work_queue=work_queue)
 
     def _add_lifecycle_hooks(self, settings: Settings) -> None:
         """Hooks are declared on the group itself, not as separate resources, so that the

@@ -19,7 +19,7 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.common import retention
+from stacks.common import cfn_lint_ignore, retention
 from stacks.nag import acknowledge
 from stacks.settings import Settings
 
@@ -37,6 +37,11 @@ ASSET_EXCLUDES = [
     ".ruff_cache",
 ]
 POWERTOOLS_ACCOUNT = "017000801446"
+#: cfn-lint W3005 on CDK's own output (a DependsOn on the role next to the GetAtt of it).
+CDK_ROLE_DEPENDENCY_REASON = (
+    "CDK adds an explicit DependsOn on the function's role (and its policy) next to the GetAtt "
+    "of the role; the redundant dependency is harmless."
+)
 #: Every function role gets X-Ray write access (active tracing) on ``Resource: *``; some
 #: also have describe calls there. One finding id per role, so one reason for both.
 RESOURCE_STAR_REASON = (
@@ -114,6 +119,9 @@ class ControlPlaneFunction(Construct):
                 **environment,
             },
         )
+        cfn_function = self.function.node.default_child
+        assert isinstance(cfn_function, lambda_.CfnFunction)
+        cfn_lint_ignore(cfn_function, {"W3005": CDK_ROLE_DEPENDENCY_REASON})
 
 
 class Functions(Construct):

@@ -11,7 +11,10 @@ acknowledged individually (cdk-nag 3 has no prefix matching), e.g.
 
 from __future__ import annotations
 
-from aws_cdk import Acknowledgment, Validations
+import re
+from typing import Any
+
+from aws_cdk import Acknowledgment, Stack, Validations
 from constructs import IConstruct
 
 #: Minimum length of a reason: a word or two is not a reason.
@@ -28,3 +31,30 @@ def acknowledge(construct: IConstruct, rule: str, reason: str) -> None:
 def acknowledge_all(construct: IConstruct, rules: list[str], reason: str) -> None:
     for rule in rules:
         acknowledge(construct, rule, reason)
+
+
+def iam5_resource(scope: IConstruct, resource: str) -> str:
+    """The cdk-nag finding id for a wildcard ``resource`` (an ARN, possibly with tokens).
+
+    cdk-nag names the finding after the resolved resource with intrinsics flattened
+    (``{"Ref": "X"}`` -> ``<X>``, ``Fn::GetAtt`` -> ``<X.Attr>``), so the id differs
+    between an environment-agnostic stack and one with a concrete account and region.
+    """
+    return f"AwsSolutions-IAM5[Resource::{_flatten(Stack.of(scope).resolve(resource))}]"
+
+
+def _flatten(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and len(value) == 1:
+        ((key, arg),) = value.items()
+        if key == "Ref":
+            return f"<{arg}>"
+        if key == "Fn::GetAtt":
+            return f"<{arg[0]}.{arg[1]}>"
+        if key == "Fn::Join":
+            separator, parts = arg
+            return separator.join(_flatten(part) for part in parts)
+        if key == "Fn::Sub" and isinstance(arg, str):
+            return re.sub(r"\$\{([^}]+)\}", r"<\1>", arg)
+    raise ValueError(f"cannot name the cdk-nag finding for {value!r}")

@@ -12,7 +12,8 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from stacks.common import retention
+from stacks.common import cfn_lint_ignore, retention
+from stacks.nag import acknowledge
 from stacks.settings import Settings
 
 
@@ -54,6 +55,8 @@ class Network(Construct):
                 traffic_type=ec2.FlowLogTrafficType.REJECT,
             )
             self.vpc = vpc
+            if settings.environment.availability_zones:
+                self._accept_configured_azs(vpc)
 
         self.subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
         self.instance_security_group = ec2.SecurityGroup(
@@ -66,3 +69,15 @@ class Network(Construct):
         self.instance_security_group.add_egress_rule(
             ec2.Peer.any_ipv4(), ec2.Port.tcp(443), "HTTPS to AWS APIs, S3 and package repositories"
         )
+
+    @staticmethod
+    def _accept_configured_azs(vpc: ec2.Vpc) -> None:
+        reason = (
+            "Availability zones are configured explicitly (environment.availability_zones) so that "
+            "an environment-specific synth needs no AWS lookup."
+        )
+        acknowledge(vpc, "CloudFormation-Validate::W3010", reason)
+        for subnet in vpc.public_subnets:
+            cfn_subnet = subnet.node.default_child
+            assert isinstance(cfn_subnet, ec2.CfnSubnet)
+            cfn_lint_ignore(cfn_subnet, {"W3010": reason})

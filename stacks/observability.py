@@ -36,7 +36,7 @@ def spotguard_metric(
         dimensions_map={contracts.METRIC_DIMENSION_FLEET: fleet},
         statistic=statistic,
         period=period,
-        label=label or name.value,
+        label=label,
     )
 
 
@@ -161,11 +161,17 @@ class Observability(Construct):
             )
 
         self.dashboard = self._dashboard(
-            fleet, work_queue, dead_letter_queues, functions, in_service, api_name
+            fleet=fleet,
+            work_queue=work_queue,
+            dead_letter_queues=dead_letter_queues,
+            functions=functions,
+            in_service=in_service,
+            api_name=api_name,
         )
 
     def _dashboard(
         self,
+        *,
         fleet: str,
         work_queue: sqs.IQueue,
         dead_letter_queues: Mapping[str, sqs.IQueue],
@@ -196,7 +202,9 @@ class Observability(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Oldest work message (s)",
-                left=[work_queue.metric_approximate_age_of_oldest_message(period=PERIOD, statistic="Maximum")],
+                left=[
+                    work_queue.metric_approximate_age_of_oldest_message(period=PERIOD, statistic="Maximum")
+                ],
                 width=8,
             ),
             cloudwatch.GraphWidget(
@@ -222,7 +230,11 @@ class Observability(Construct):
             ),
             cloudwatch.GraphWidget(
                 title="Requeues",
-                left=[m(Metric.MESSAGES_REQUEUED), m(Metric.REQUEUE_FAILURES), m(Metric.TASKS_RELEASED_ON_DRAIN)],
+                left=[
+                    m(Metric.MESSAGES_REQUEUED),
+                    m(Metric.REQUEUE_FAILURES),
+                    m(Metric.TASKS_RELEASED_ON_DRAIN),
+                ],
                 width=8,
             ),
             cloudwatch.GraphWidget(
@@ -261,7 +273,8 @@ class Observability(Construct):
             cloudwatch.GraphWidget(
                 title="Function duration p99 (ms)",
                 left=[
-                    f.metric_duration(period=PERIOD, statistic="p99", label=name) for name, f in functions.items()
+                    f.metric_duration(period=PERIOD, statistic="p99", label=name)
+                    for name, f in functions.items()
                 ],
                 width=8,
             ),

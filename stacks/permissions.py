@@ -15,12 +15,12 @@ from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
-from constructs import Construct
+from constructs import IConstruct
 from spotguard_core import contracts
 
 from stacks.fleet import asg_arn, fleet_tag_condition, instance_arn_pattern
 from stacks.functions import RESOURCE_STAR_REASON
-from stacks.nag import acknowledge
+from stacks.nag import acknowledge, iam5_resource
 
 _INSTANCE_REASON = (
     "Instance ids are not known in advance; every statement on instance/* is conditioned on "
@@ -28,16 +28,6 @@ _INSTANCE_REASON = (
 )
 _ASG_REASON = "Auto Scaling group ARNs contain a generated id; the ARN is pinned by the group name."
 _RESOURCE_STAR = "AwsSolutions-IAM5[Resource::*]"
-_INSTANCE_STAR = (
-    "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]"
-)
-
-
-def _asg_finding(asg_name: str) -> str:
-    return (
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:autoscaling:<AWS::Region>:<AWS::AccountId>:"
-        f"autoScalingGroup:*:autoScalingGroupName/{asg_name}]"
-    )
 
 
 def _lease_ops(role: iam.IRole, leases: dynamodb.ITable) -> None:
@@ -100,7 +90,7 @@ def grant_dispatcher(
     )
     bus.grant_put_events_to(role)
     acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
-    acknowledge(role, _asg_finding(asg), _ASG_REASON)
+    acknowledge(role, iam5_resource(role, asg_arn(role, asg)), _ASG_REASON)
     _acknowledge_table_grants(role, [fleet_table, idempotency])
 
 
@@ -129,7 +119,7 @@ def grant_watchdog(
     )
     bus.grant_put_events_to(role)
     acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
-    acknowledge(role, _INSTANCE_STAR, _INSTANCE_REASON)
+    acknowledge(role, iam5_resource(role, instance_arn_pattern(role)), _INSTANCE_REASON)
     _acknowledge_table_grants(role, [fleet_table])
 
 
@@ -147,7 +137,9 @@ def grant_reconciler(
     stack = Stack.of(role)
     jobs.grant_read_write_data(role)
     fleet_table.grant_read_write_data(role)
-    template_arn = stack.format_arn(service="ec2", resource="launch-template", resource_name=launch_template_id)
+    template_arn = stack.format_arn(
+        service="ec2", resource="launch-template", resource_name=launch_template_id
+    )
     launched = [
         instance_arn_pattern(role),
         stack.format_arn(service="ec2", resource="volume", resource_name="*"),
@@ -207,22 +199,12 @@ def grant_reconciler(
         novita_secret.grant_read(role)
         acknowledge(
             role,
-            f"AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:secretsmanager:<AWS::Region>:"
-            f"<AWS::AccountId>:secret:{novita_secret.secret_name}-??????]",
+            iam5_resource(role, f"{novita_secret.secret_arn}-??????"),
             "The Novita API key secret is referenced by name; Secrets Manager appends a random "
             "6-character suffix to secret ARNs.",
         )
     acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
-    for finding in (
-        _INSTANCE_STAR,
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:volume/*]",
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:"
-        "network-interface/*]",
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:subnet/*]",
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:"
-        "security-group/*]",
-        "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>::image/*]",
-    ):
+    for finding in (iam5_resource(role, arn) for arn in launched):
         acknowledge(
             role,
             finding,
@@ -266,7 +248,7 @@ def _acknowledge_table_grants(role: iam.IRole, tables: list[dynamodb.ITable]) ->
         )
 
 
-def _logical_ref(construct: Construct) -> str:
+def _logical_ref(construct: IConstruct) -> str:
     """Logical id as cdk-nag prints it in IAM5 finding ids (``<LogicalId.Arn>``)."""
     default_child = construct.node.default_child
     target = default_child if default_child is not None else construct

@@ -64,7 +64,7 @@ class EnvironmentSettings(_Section):
 class NetworkSettings(_Section):
     #: Use an existing VPC (its public subnets) instead of creating one.
     vpc_id: str | None = None
-    max_azs: int = Field(2, ge=1, le=6)
+    max_azs: int = Field(default=2, ge=1, le=6)
 
     @field_validator("vpc_id")
     @classmethod
@@ -77,23 +77,25 @@ class NetworkSettings(_Section):
 class FleetSettings(_Section):
     name: str = "default"
     #: Several types across families spread the fleet over more spot pools.
-    instance_types: list[str] = Field(default_factory=lambda: ["m7i.large", "m6i.large", "m5.large", "c6i.large"])
-    min_capacity: int = Field(0, ge=0, le=1000)
-    max_capacity: int = Field(10, ge=1, le=1000)
+    instance_types: list[str] = Field(
+        default_factory=lambda: ["m7i.large", "m6i.large", "m5.large", "c6i.large"]
+    )
+    min_capacity: int = Field(default=0, ge=0, le=1000)
+    max_capacity: int = Field(default=10, ge=1, le=1000)
     #: Initial desired capacity; scaling on backlog adjusts it afterwards.
-    desired_capacity: int | None = Field(None, ge=0, le=1000)
-    on_demand_base_capacity: int = Field(0, ge=0, le=1000)
+    desired_capacity: int | None = Field(default=None, ge=0, le=1000)
+    on_demand_base_capacity: int = Field(default=0, ge=0, le=1000)
     #: Visible messages per instance the backlog scaling aims for.
-    backlog_per_instance: int = Field(10, ge=1, le=10_000)
+    backlog_per_instance: int = Field(default=10, ge=1, le=10_000)
     #: Override the default Amazon Linux 2023 image (resolved from SSM at deploy time).
     ami_id: str | None = None
-    root_volume_gb: int = Field(20, ge=8, le=16_384)
+    root_volume_gb: int = Field(default=20, ge=8, le=16_384)
     #: ``module:function`` the worker runs for each message.
     handler: str = "spotguard_agent.sample_handler:handle"
-    concurrency: int = Field(2, ge=1, le=64)
+    concurrency: int = Field(default=2, ge=1, le=64)
     #: Port the bootstrap verifies is listening (the agent's own health endpoint by default;
     #: e.g. 8080 for the code-server box of the seed).
-    health_port: int = Field(9880, ge=1, le=65_535)
+    health_port: int = Field(default=9880, ge=1, le=65_535)
     #: Tag instances for AWS FIS spot-interruption drills (staging).
     fis_target: bool = False
 
@@ -152,23 +154,23 @@ class FleetSettings(_Section):
 
 class QueueSettings(_Section):
     #: Initial visibility timeout; the worker extends it while a task runs.
-    visibility_timeout_seconds: int = Field(120, ge=30, le=43_200)
-    retention_days: int = Field(4, ge=1, le=14)
+    visibility_timeout_seconds: int = Field(default=120, ge=30, le=43_200)
+    retention_days: int = Field(default=4, ge=1, le=14)
     #: Genuine processing failures before a message goes to the DLQ (interruptions do not count).
-    max_failures: int = Field(5, ge=1, le=50)
+    max_failures: int = Field(default=5, ge=1, le=50)
     #: Alarm when the oldest visible work message is older than this.
-    max_message_age_seconds: int = Field(900, ge=60, le=1_209_600)
+    max_message_age_seconds: int = Field(default=900, ge=60, le=1_209_600)
 
 
 class BootstrapSettings(_Section):
     #: An instance not ready this long after boot terminates itself (seed: 20 minutes).
-    deadline_minutes: int = Field(20, ge=3, le=120)
+    deadline_minutes: int = Field(default=20, ge=3, le=120)
 
 
 class AgentSettings(_Section):
-    imds_poll_seconds: float = Field(1.0, ge=0.2, le=30)
+    imds_poll_seconds: float = Field(default=1.0, ge=0.2, le=30)
     #: Tasks that cannot finish this long before the interruption deadline are released.
-    drain_margin_seconds: int = Field(15, ge=0, le=110)
+    drain_margin_seconds: int = Field(default=15, ge=0, le=110)
 
 
 class ControlPlaneSettings(_Section):
@@ -177,23 +179,32 @@ class ControlPlaneSettings(_Section):
     #: replacement launches at once instead of after the old instance is gone.
     early_replacement: bool = True
     #: The watchdog ends instances whose agent has not heartbeated for this long.
-    heartbeat_stale_minutes: int = Field(5, ge=2, le=120)
+    heartbeat_stale_minutes: int = Field(default=5, ge=2, le=120)
     #: CloudWatch Logs retention of every function, in days.
     log_retention_days: Literal[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365] = 30
     #: Version of the public Powertools for AWS Lambda (Python) v3 layer.
-    powertools_layer_version: int = Field(27, ge=1, le=10_000)
+    powertools_layer_version: int = Field(default=27, ge=1, le=10_000)
 
 
 class MigrationSettings(_Section):
     """The auto-migration seed's settings, with its ranges."""
 
     enabled: bool = True
-    interval_minutes: int = Field(15, ge=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[0],
-                                  le=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[1])
-    job_timeout_ms: int = Field(600_000, ge=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[0],
-                                le=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[1])
-    max_concurrent: int = Field(5, ge=contracts.MIGRATION_MAX_CONCURRENT_RANGE[0],
-                                le=contracts.MIGRATION_MAX_CONCURRENT_RANGE[1])
+    interval_minutes: int = Field(
+        default=15,
+        ge=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[0],
+        le=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[1],
+    )
+    job_timeout_ms: int = Field(
+        default=600_000,
+        ge=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[0],
+        le=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[1],
+    )
+    max_concurrent: int = Field(
+        default=5,
+        ge=contracts.MIGRATION_MAX_CONCURRENT_RANGE[0],
+        le=contracts.MIGRATION_MAX_CONCURRENT_RANGE[1],
+    )
     dry_run: bool = False
     retry_failed: bool = True
     log_level: Literal["debug", "info", "warn", "error"] = "info"
@@ -206,7 +217,8 @@ class MigrationSettings(_Section):
     def _novita(self) -> MigrationSettings:
         if self.provider == "novita" and not self.novita_api_key_secret_name:
             raise ValueError(
-                "provider 'novita' needs novita_api_key_secret_name (a Secrets Manager secret holding the key)"
+                "provider 'novita' needs novita_api_key_secret_name "
+                "(a Secrets Manager secret holding the key)"
             )
         return self
 
@@ -372,6 +384,8 @@ def _describe(exc: ValidationError) -> str:
         given = error.get("input")
         shown = "" if error["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"{name}: {message}{shown}")
-    return "invalid spotguard configuration:\n  " + "\n  ".join(lines) + (
-        "\nChange these values in cdk.json (context 'spotguard') or the -c overrides."
+    return (
+        "invalid spotguard configuration:\n  "
+        + "\n  ".join(lines)
+        + ("\nChange these values in cdk.json (context 'spotguard') or the -c overrides.")
     )

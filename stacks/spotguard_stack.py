@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from aws_cdk import Aws, CfnOutput, Environment, Fn, Stack, Tags
+from aws_cdk import Aws, CfnOutput, CfnResource, Environment, Fn, Stack, Tags
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
@@ -14,9 +14,10 @@ from spotguard_core.contracts import Env
 from stacks import permissions
 from stacks.agent_bundle import AgentBundle, AgentConfig
 from stacks.api import OpsApi
+from stacks.common import cfn_lint_ignore
 from stacks.events import NotificationBus, Schedules, SignalRules
 from stacks.fleet import Fleet, InstanceRole
-from stacks.functions import Functions
+from stacks.functions import CDK_ROLE_DEPENDENCY_REASON, Functions
 from stacks.nag import acknowledge
 from stacks.network import Network
 from stacks.observability import Observability
@@ -47,6 +48,7 @@ class SpotguardStack(Stack):
             **kwargs,
         )
         self.settings = settings
+        self._configured_azs = settings.environment.availability_zones
         fleet = settings.fleet.name
         Tags.of(self).add(contracts.FLEET_TAG_KEY, fleet)
 
@@ -60,26 +62,7 @@ class SpotguardStack(Stack):
             self,
             "AgentConfig",
             name=bundle.config_parameter_name,
-            values={
-                Env.FLEET_NAME: fleet,
-                Env.REGION: Aws.REGION,
-                Env.WORK_QUEUE_URL: queues.work_queue.queue_url,
-                Env.WORK_DLQ_URL: queues.work_dlq.queue_url,
-                Env.LEASE_TABLE: tables.leases.table_name,
-                Env.FLEET_TABLE: tables.fleet.table_name,
-                Env.ASG_NAME: asg_name,
-                Env.LAUNCH_HOOK_NAME: contracts.LAUNCH_HOOK_NAME,
-                Env.TERMINATE_HOOK_NAME: contracts.TERMINATE_HOOK_NAME,
-                Env.HANDLER: settings.fleet.handler,
-                Env.CONCURRENCY: str(settings.fleet.concurrency),
-                Env.VISIBILITY_TIMEOUT_SECONDS: str(settings.queue.visibility_timeout_seconds),
-                Env.IMDS_POLL_SECONDS: str(settings.agent.imds_poll_seconds),
-                Env.HEALTH_PORT: str(settings.fleet.health_port),
-                Env.BOOTSTRAP_DEADLINE_SECONDS: str(settings.bootstrap.deadline_minutes * 60),
-                Env.REBALANCE_POLICY: settings.control_plane.rebalance_policy.value,
-                Env.MAX_FAILURES: str(settings.queue.max_failures),
-                Env.DRAIN_MARGIN_SECONDS: str(settings.agent.drain_margin_seconds),
-            },
+            values=agent_config_values(settings, queues, tables),
         )
         instance_role = InstanceRole(
             self,
@@ -104,7 +87,11 @@ class SpotguardStack(Stack):
         fleet_construct.asg.node.add_dependency(agent_config)
 
         notifications = NotificationBus(
-            self, "Notifications", settings=settings, notify_queue=queues.notify_queue, notify_dlq=queues.notify_dlq
+            self,
+            "Notifications",
+            settings=settings,
+            notify_queue=queues.notify_queue,
+            notify_dlq=queues.notify_dlq,
         )
         webhook_secret = None
         if settings.notifications.webhook_url:
@@ -128,61 +115,25 @@ class SpotguardStack(Stack):
                 self, "NovitaApiKey", settings.migration.novita_api_key_secret_name
             )
 
-        subnet_ids = network.vpc.select_subnets(subnet_type=network.subnets.subnet_type).subnet_ids
-        common_environment = {
-            Env.FLEET_NAME.value: fleet,
-            Env.REGION.value: Aws.REGION,
-            Env.ACCOUNT_ID.value: Aws.ACCOUNT_ID,
-            Env.WORK_QUEUE_URL.value: queues.work_queue.queue_url,
-            Env.WORK_DLQ_URL.value: queues.work_dlq.queue_url,
-            Env.SIGNAL_QUEUE_URL.value: queues.signal_queue.queue_url,
-            Env.LEASE_TABLE.value: tables.leases.table_name,
-            Env.FLEET_TABLE.value: tables.fleet.table_name,
-            Env.JOBS_TABLE.value: tables.jobs.table_name,
-            Env.IDEMPOTENCY_TABLE.value: tables.idempotency.table_name,
-            Env.ASG_NAME.value: asg_name,
-            Env.NOTIFICATION_BUS.value: notifications.bus.event_bus_name,
-            Env.REBALANCE_POLICY.value: settings.control_plane.rebalance_policy.value,
-            Env.EARLY_REPLACEMENT.value: _bool(settings.control_plane.early_replacement),
-            Env.HEARTBEAT_STALE_SECONDS.value: str(settings.control_plane.heartbeat_stale_minutes * 60),
-            Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(settings.bootstrap.deadline_minutes * 60),
-            Env.MAX_FAILURES.value: str(settings.queue.max_failures),
-        }
-        migration = settings.migration
-        migration_environment = {
-            Env.MIGRATION_ENABLED.value: _bool(migration.enabled),
-            Env.MIGRATION_INTERVAL_MINUTES.value: str(migration.interval_minutes),
-            Env.MIGRATION_JOB_TIMEOUT_MS.value: str(migration.job_timeout_ms),
-            Env.MIGRATION_MAX_CONCURRENT.value: str(migration.max_concurrent),
-            Env.MIGRATION_DRY_RUN.value: _bool(migration.dry_run),
-            Env.MIGRATION_RETRY_FAILED.value: _bool(migration.retry_failed),
-            Env.MIGRATION_LOG_LEVEL.value: migration.log_level,
-            Env.MIGRATION_PROVIDER.value: migration.provider,
-        }
-        reconciler_environment = {
-            **migration_environment,
-            Env.LAUNCH_TEMPLATE_ID.value: fleet_construct.launch_template.launch_template_id or "",
-            Env.SUBNET_IDS.value: Fn.join(",", subnet_ids),
-            "POWERTOOLS_LOG_LEVEL": migration.log_level.upper().replace("WARN", "WARNING"),
-        }
-        if novita_secret is not None:
-            reconciler_environment[Env.NOVITA_API_KEY_SECRET_ARN.value] = novita_secret.secret_arn
-            reconciler_environment[Env.NOVITA_API_URL.value] = migration.novita_api_url
-        notifier_environment: dict[str, str] = {}
-        if webhook_secret is not None and settings.notifications.webhook_url:
-            notifier_environment = {
-                Env.WEBHOOK_URL.value: settings.notifications.webhook_url,
-                Env.WEBHOOK_SECRET_ARN.value: webhook_secret.secret_arn,
-            }
+        environments = FunctionEnvironments(
+            settings,
+            queues=queues,
+            tables=tables,
+            bus_name=notifications.bus.event_bus_name,
+            launch_template_id=fleet_construct.launch_template.launch_template_id or "",
+            subnet_ids=network.vpc.select_subnets(subnet_type=network.subnets.subnet_type).subnet_ids,
+            webhook_secret=webhook_secret,
+            novita_secret=novita_secret,
+        )
         functions = Functions(
             self,
             "Functions",
             settings=settings,
-            environment=common_environment,
+            environment=environments.common,
             extra_environment={
-                "Reconciler": reconciler_environment,
-                "Api": migration_environment,
-                "Notifier": notifier_environment,
+                "Reconciler": environments.reconciler,
+                "Api": environments.migration,
+                "Notifier": environments.notifier,
             },
         )
         # The api function triggers the reconciler on demand.
@@ -218,21 +169,26 @@ class SpotguardStack(Stack):
             novita_secret=novita_secret,
         )
         permissions.grant_api(
-            functions.api.role, jobs=tables.jobs, fleet_table=tables.fleet, reconciler=functions.reconciler.function
+            functions.api.role,
+            jobs=tables.jobs,
+            fleet_table=tables.fleet,
+            reconciler=functions.reconciler.function,
         )
         permissions.grant_notifier(functions.notifier.role, webhook_secret=webhook_secret)
 
         functions.dispatcher.function.add_event_source(
-            event_sources.SqsEventSource(
-                queues.signal_queue, batch_size=10, report_batch_item_failures=True
-            )
+            event_sources.SqsEventSource(queues.signal_queue, batch_size=10, report_batch_item_failures=True)
         )
         functions.notifier.function.add_event_source(
             event_sources.SqsEventSource(queues.notify_queue, batch_size=10, report_batch_item_failures=True)
         )
 
         SignalRules(
-            self, "SignalRules", settings=settings, signal_queue=queues.signal_queue, signal_dlq=queues.signal_dlq
+            self,
+            "SignalRules",
+            settings=settings,
+            signal_queue=queues.signal_queue,
+            signal_dlq=queues.signal_dlq,
         )
         Schedules(
             self,
@@ -261,6 +217,7 @@ class SpotguardStack(Stack):
             )
             CfnOutput(self, "FisExperimentTemplateId", value=experiment.template.attr_id)
 
+        self._lint_cdk_internals()
         acknowledge(
             self,
             "AwsSolutions-L1",
@@ -268,14 +225,119 @@ class SpotguardStack(Stack):
             "(settings.control_plane.powertools_layer_version).",
         )
 
-        CfnOutput(self, "ApiUrl", value=api.api.url)
-        CfnOutput(self, "WorkQueueUrl", value=queues.work_queue.queue_url)
-        CfnOutput(self, "WorkDeadLetterQueueUrl", value=queues.work_dlq.queue_url)
-        CfnOutput(self, "FleetTableName", value=tables.fleet.table_name)
-        CfnOutput(self, "AutoScalingGroupName", value=asg_name)
-        CfnOutput(self, "NotificationBusName", value=notifications.bus.event_bus_name)
-        CfnOutput(self, "AlarmTopicArn", value=observability.topic.topic_arn)
-        CfnOutput(self, "DashboardName", value=f"spotguard-{fleet}")
-        CfnOutput(self, "AgentBundleSha256", value=bundle.bundle_sha256)
+        outputs = {
+            "ApiUrl": api.api.url,
+            "WorkQueueUrl": queues.work_queue.queue_url,
+            "WorkDeadLetterQueueUrl": queues.work_dlq.queue_url,
+            "FleetTableName": tables.fleet.table_name,
+            "AutoScalingGroupName": asg_name,
+            "NotificationBusName": notifications.bus.event_bus_name,
+            "AlarmTopicArn": observability.topic.topic_arn,
+            "DashboardName": f"spotguard-{fleet}",
+            "AgentBundleSha256": bundle.bundle_sha256,
+        }
         if webhook_secret is not None:
-            CfnOutput(self, "WebhookSecretArn", value=webhook_secret.secret_arn)
+            outputs["WebhookSecretArn"] = webhook_secret.secret_arn
+        for output_id, value in outputs.items():
+            CfnOutput(self, output_id, value=value)
+
+    def _lint_cdk_internals(self) -> None:
+        """cfn-lint findings on resources CDK generates itself (the VPC default security
+        group restriction provider)."""
+        provider = self.node.try_find_child("Custom::VpcRestrictDefaultSGCustomResourceProvider")
+        handler = provider.node.try_find_child("Handler") if provider is not None else None
+        if isinstance(handler, CfnResource):
+            cfn_lint_ignore(handler, {"W3005": CDK_ROLE_DEPENDENCY_REASON})
+
+    @property
+    def availability_zones(self) -> list[str]:
+        """AZs from settings when given: an environment-specific stack then needs no AZ lookup."""
+        return list(self._configured_azs or super().availability_zones)
+
+
+def agent_config_values(settings: Settings, queues: Queues, tables: Tables) -> dict[str, str]:
+    """The agent's configuration (SSM parameter), by ``contracts.Env`` name."""
+    return {
+        Env.FLEET_NAME: settings.fleet.name,
+        Env.REGION: Aws.REGION,
+        Env.WORK_QUEUE_URL: queues.work_queue.queue_url,
+        Env.WORK_DLQ_URL: queues.work_dlq.queue_url,
+        Env.LEASE_TABLE: tables.leases.table_name,
+        Env.FLEET_TABLE: tables.fleet.table_name,
+        Env.ASG_NAME: contracts.asg_name(settings.fleet.name),
+        Env.LAUNCH_HOOK_NAME: contracts.LAUNCH_HOOK_NAME,
+        Env.TERMINATE_HOOK_NAME: contracts.TERMINATE_HOOK_NAME,
+        Env.HANDLER: settings.fleet.handler,
+        Env.CONCURRENCY: str(settings.fleet.concurrency),
+        Env.VISIBILITY_TIMEOUT_SECONDS: str(settings.queue.visibility_timeout_seconds),
+        Env.IMDS_POLL_SECONDS: str(settings.agent.imds_poll_seconds),
+        Env.HEALTH_PORT: str(settings.fleet.health_port),
+        Env.BOOTSTRAP_DEADLINE_SECONDS: str(settings.bootstrap.deadline_minutes * 60),
+        Env.REBALANCE_POLICY: settings.control_plane.rebalance_policy.value,
+        Env.MAX_FAILURES: str(settings.queue.max_failures),
+        Env.DRAIN_MARGIN_SECONDS: str(settings.agent.drain_margin_seconds),
+    }
+
+
+class FunctionEnvironments:
+    """Environment variables of the functions: common ones plus per-function extras."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        queues: Queues,
+        tables: Tables,
+        bus_name: str,
+        launch_template_id: str,
+        subnet_ids: list[str],
+        webhook_secret: secretsmanager.ISecret | None,
+        novita_secret: secretsmanager.ISecret | None,
+    ) -> None:
+        control = settings.control_plane
+        self.common = {
+            Env.FLEET_NAME.value: settings.fleet.name,
+            Env.REGION.value: Aws.REGION,
+            Env.ACCOUNT_ID.value: Aws.ACCOUNT_ID,
+            Env.WORK_QUEUE_URL.value: queues.work_queue.queue_url,
+            Env.WORK_DLQ_URL.value: queues.work_dlq.queue_url,
+            Env.SIGNAL_QUEUE_URL.value: queues.signal_queue.queue_url,
+            Env.LEASE_TABLE.value: tables.leases.table_name,
+            Env.FLEET_TABLE.value: tables.fleet.table_name,
+            Env.JOBS_TABLE.value: tables.jobs.table_name,
+            Env.IDEMPOTENCY_TABLE.value: tables.idempotency.table_name,
+            Env.ASG_NAME.value: contracts.asg_name(settings.fleet.name),
+            Env.NOTIFICATION_BUS.value: bus_name,
+            Env.REBALANCE_POLICY.value: control.rebalance_policy.value,
+            Env.EARLY_REPLACEMENT.value: _bool(control.early_replacement),
+            Env.HEARTBEAT_STALE_SECONDS.value: str(control.heartbeat_stale_minutes * 60),
+            Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(settings.bootstrap.deadline_minutes * 60),
+            Env.MAX_FAILURES.value: str(settings.queue.max_failures),
+        }
+        migration = settings.migration
+        self.migration = {
+            Env.MIGRATION_ENABLED.value: _bool(migration.enabled),
+            Env.MIGRATION_INTERVAL_MINUTES.value: str(migration.interval_minutes),
+            Env.MIGRATION_JOB_TIMEOUT_MS.value: str(migration.job_timeout_ms),
+            Env.MIGRATION_MAX_CONCURRENT.value: str(migration.max_concurrent),
+            Env.MIGRATION_DRY_RUN.value: _bool(migration.dry_run),
+            Env.MIGRATION_RETRY_FAILED.value: _bool(migration.retry_failed),
+            Env.MIGRATION_LOG_LEVEL.value: migration.log_level,
+            Env.MIGRATION_PROVIDER.value: migration.provider,
+        }
+        self.reconciler = {
+            **self.migration,
+            Env.LAUNCH_TEMPLATE_ID.value: launch_template_id,
+            Env.SUBNET_IDS.value: Fn.join(",", subnet_ids),
+            # The seed's log level setting; Powertools spells "warn" as WARNING.
+            "POWERTOOLS_LOG_LEVEL": {"warn": "WARNING"}.get(migration.log_level, migration.log_level.upper()),
+        }
+        if novita_secret is not None:
+            self.reconciler[Env.NOVITA_API_KEY_SECRET_ARN.value] = novita_secret.secret_arn
+            self.reconciler[Env.NOVITA_API_URL.value] = migration.novita_api_url
+        self.notifier: dict[str, str] = {}
+        if webhook_secret is not None and settings.notifications.webhook_url:
+            self.notifier = {
+                Env.WEBHOOK_URL.value: settings.notifications.webhook_url,
+                Env.WEBHOOK_SECRET_ARN.value: webhook_secret.secret_arn,
+            }

@@ -16,7 +16,7 @@ from constructs import Construct
 from spotguard_core import contracts
 
 from stacks.fleet import instance_arn_pattern
-from stacks.nag import acknowledge
+from stacks.nag import acknowledge, iam5_resource
 from stacks.settings import Settings
 
 
@@ -56,8 +56,9 @@ class SpotInterruptionExperiment(Construct):
         )
         acknowledge(
             self.role,
-            "AwsSolutions-IAM5[Resource::arn:<AWS::Partition>:ec2:<AWS::Region>:<AWS::AccountId>:instance/*]",
-            "Interruptions are limited by condition to instances tagged with this fleet and the FIS target tag.",
+            iam5_resource(self.role, instance_arn_pattern(self)),
+            "Interruptions are limited by condition to instances tagged with this fleet and the "
+            "FIS target tag.",
         )
         self.template = fis.CfnExperimentTemplate(
             self,

@@ -10,7 +10,7 @@ exec &> >(tee -a $R/var/log/spotguard-bootstrap.log | (logger -t spotguard-boots
 E=$(($(date +%s) - $(cut -d. -f1 /proc/uptime) + ${DeadlineSeconds}))
 log() { echo "$(date -u +%FT%TZ) $*"; }
 left() { echo $((E - $(date +%s))); }
-a() { timeout $t aws --cli-connect-timeout 30 "$@"; }
+a() { timeout $t aws --cli-connect-timeout 30 "$@" >/dev/null; }
 die() {
 log "FATAL: $1"
 r=$(echo "$1" | tr -cd '[:alnum:] ._:/-' | cut -c1-250) t=60

@@ -11,6 +11,7 @@ Configuration comes from ``contracts.Env`` variables (systemd loads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -155,7 +156,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
             "attributes": dict(notice.attributes),
         }
         with lock:
-            print(json.dumps(line), flush=True)
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
             count += 1
             if args.count and count >= args.count:
                 seen.set()
@@ -168,10 +170,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
         poll_seconds=config.imds_poll_seconds,
         rebalance_policy=policy,
     ).start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         seen.wait(args.timeout if args.timeout else None)
-    except KeyboardInterrupt:
-        pass
     watcher.stop()
     return 0
 
@@ -183,7 +183,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         instance_id = _instance_id(config, imds)
     except ImdsError as error:
-        print(json.dumps({"error": f"no instance id: {error}"}), file=sys.stderr)
+        sys.stderr.write(json.dumps({"error": f"no instance id: {error}"}) + "\n")
         return 2
     clients = AwsClients(config.region)
     reporter = Reporter(clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table)
@@ -205,7 +205,7 @@ def cmd_report(args: argparse.Namespace) -> int:
             "tag": reporter.tag_bootstrap(BootstrapStatus.FAILED, reason),
             "lifecycle": reporter.complete_lifecycle(config.asg_name, config.launch_hook_name, "ABANDON"),
         }
-    print(json.dumps({"instance_id": instance_id, "outcome": args.outcome, **result}))
+    sys.stdout.write(json.dumps({"instance_id": instance_id, "outcome": args.outcome, **result}) + "\n")
     return 0
 
 
@@ -254,7 +254,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         result: int = args.func(args)
     except ConfigError as error:
-        print(f"spotguard-agent: configuration error: {error}", file=sys.stderr)
+        sys.stderr.write(f"spotguard-agent: configuration error: {error}\n")
         return 2
     return result
 

@@ -21,7 +21,7 @@ from typing import Any
 
 LOG = logging.getLogger("spotguard.imds")
 DEFAULT_IMDS_URL = "http://169.254.169.254"
-TOKEN_PATH = "/latest/api/token"
+TOKEN_PATH = "/latest/api/token"  # noqa: S105 - a URL path
 INSTANCE_ID_PATH = "/latest/meta-data/instance-id"
 INSTANCE_TYPE_PATH = "/latest/meta-data/instance-type"
 AVAILABILITY_ZONE_PATH = "/latest/meta-data/placement/availability-zone"

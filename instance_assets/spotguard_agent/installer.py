@@ -53,6 +53,7 @@ CLOUD_INIT_STATUS = "run/cloud-init/status.json"
 #: cloud-init runs user-data scripts in its final stage: once that stage (or none) is
 #: current, the earlier stages (network, packages, users) are done.
 CLOUD_INIT_READY_STAGES = (None, "modules-final")
+VERIFY_DEADLINE_MARGIN_SECONDS = 5.0
 
 
 class InstallError(RuntimeError):
@@ -160,7 +161,7 @@ class Installer:
         )
         for command in attempts:
             LOG.info("boto3 missing: %s", " ".join(command))
-            subprocess.run(command, capture_output=True, check=False, timeout=max(30, self.seconds_left()))  # noqa: S603
+            subprocess.run(command, capture_output=True, check=False, timeout=min(600, max(30, self.seconds_left())))  # noqa: S603
             if importable():
                 return
         raise InstallError(f"boto3 is not importable by {self.python} (dnf and pip failed)")
@@ -254,7 +255,9 @@ class Installer:
 
     def start_and_verify(self, health_port: int) -> None:
         self.systemctl("restart", UNIT_NAME)
-        deadline = time.monotonic() + min(self.verify_timeout_seconds, max(1.0, self.seconds_left()))
+        # Leave the stage-1 script a few seconds to record the failure before its deadline.
+        budget = min(self.verify_timeout_seconds, max(1.0, self.seconds_left() - VERIFY_DEADLINE_MARGIN_SECONDS))
+        deadline = time.monotonic() + budget
         active = listening = False
         while time.monotonic() < deadline:
             active = self.systemctl("is-active", UNIT_NAME, check=False).returncode == 0
@@ -272,9 +275,9 @@ class Installer:
         if self.instance_id:
             command += ["--instance-id", self.instance_id]
         child_env = {**self.environ, **env, "PYTHONPATH": self.real_path(self.lib_dir)}
-        result = subprocess.run(
+        result = subprocess.run(  # noqa: S603 - fixed argv
             command, capture_output=True, text=True, env=child_env, check=False, timeout=120
-        )  # noqa: S603
+        )
         if result.returncode != 0:
             raise InstallError(f"report ready failed: {result.stderr.strip()[-200:]}")
         LOG.info("reported ready: %s", result.stdout.strip())
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         installer.run()
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - every failure becomes the recorded reason
         reason = str(error) if isinstance(error, InstallError) else f"{type(error).__name__}: {error}"
         LOG.error("install failed: %s (log: %s)", reason, BOOTSTRAP_LOG_FILE)
         installer.install_root.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ class Reporter:
         self.fleet_table = fleet_table
 
     # ------------------------------------------------------------------ fleet record
-    def _update(self, sets: dict[str, dict[str, str]], *, state: InstanceState | None = None) -> bool:
+    def _update(self, sets: dict[str, dict[str, Any]], *, state: InstanceState | None = None) -> bool:
         """SET the given attributes; move ``state`` only forward (ranks are monotonic)."""
         if not self.fleet_table:
             return False
@@ -100,7 +100,7 @@ class Reporter:
         )
 
     def draining(self, deadline_epoch: float | None, kind: str) -> bool:
-        sets = {"heartbeat_at": _num(now()), "fleet": {"S": self.fleet}}
+        sets: dict[str, dict[str, Any]] = {"heartbeat_at": _num(now()), "fleet": {"S": self.fleet}}
         if deadline_epoch is not None:
             sets["drain_deadline_at"] = _num(deadline_epoch)
         sets["last_signal"] = {

@@ -275,7 +275,10 @@ class Worker:
     def _wait_for_tasks(self) -> None:
         """Until no task is RUNNING. Released tasks whose handler has not noticed yet do not
         hold the exit up: their messages are already back on the queue."""
-        while self.running_tasks():
+        while True:
+            with self._tasks_lock:
+                if all(t.state is TaskState.RELEASED for t in self._tasks.values()):
+                    return
             time.sleep(0.05)
 
     def _receive(self, count: int) -> list[dict[str, Any]]:
@@ -323,7 +326,7 @@ class Worker:
             try:
                 value = self.expected_seconds(body)
                 expected = float(value) if value is not None else None
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - user code: a bad estimate only means "unknown"
                 LOG.info("expected_seconds failed for %s: %s", message_id, error)
         task = Task(
             message=message,
@@ -345,7 +348,7 @@ class Worker:
         try:
             try:
                 self.handler(str(task.message.get("Body", "")), task.context)
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - any handler exception is a task failure
                 self._on_failure(task, error)
             else:
                 self._on_success(task)

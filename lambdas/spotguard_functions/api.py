@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -36,7 +37,7 @@ from spotguard_core.migration.store import JobStore, new_job_id
 
 from spotguard_functions.observability import powertools
 
-logger, metrics, tracer = powertools("api")
+logger, _metrics, tracer = powertools("api")
 app = APIGatewayRestResolver(enable_validation=True)
 
 API_TITLE = "spotguard operations API"
@@ -110,9 +111,9 @@ class MigrationStatusResponse(_Camel):
 class TriggerRequest(_Camel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    dry_run: bool = Field(False, description="list and select only; change nothing")
+    dry_run: bool = Field(default=False, description="list and select only; change nothing")
     max_migrations: int | None = Field(
-        None, ge=1, le=MAX_MIGRATIONS_LIMIT, description="migrate at most this many instances"
+        default=None, ge=1, le=MAX_MIGRATIONS_LIMIT, description="migrate at most this many instances"
     )
 
 
@@ -121,7 +122,9 @@ class TriggerResponse(_Camel):
     status: Literal["accepted", "running", "completed", "failed", "timed_out"]
     dry_run: bool
     max_migrations: int | None
-    job: JobRecord | None = Field(None, description="the finished job when it ran inline (no reconciler function)")
+    job: JobRecord | None = Field(
+        default=None, description="the finished job when it ran inline (no reconciler function)"
+    )
 
 
 class HistoryResponse(_Camel):
@@ -182,7 +185,9 @@ class FleetResponse(_Camel):
 def _bad_request(error: RequestValidationError) -> Response[str]:
     problems = []
     for item in error.errors():
-        location = ".".join(str(part) for part in item.get("loc", ()) if part != "body" or len(item["loc"]) == 1)
+        location = ".".join(
+            str(part) for part in item.get("loc", ()) if part != "body" or len(item["loc"]) == 1
+        )
         problems.append({"field": location or "body", "message": item.get("msg", "invalid")})
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     return Response(
@@ -243,10 +248,14 @@ def get_migration_status() -> MigrationStatusResponse:
     "/migration/trigger",
     summary="Run a migration job now",
     responses={
-        202: {"description": "accepted: the reconciler runs the job asynchronously",
-              "content": {"application/json": {"model": TriggerResponse}}},
-        200: {"description": "ran inline (no reconciler function configured): the finished job",
-              "content": {"application/json": {"model": TriggerResponse}}},
+        202: {
+            "description": "accepted: the reconciler runs the job asynchronously",
+            "content": {"application/json": {"model": TriggerResponse}},
+        },
+        200: {
+            "description": "ran inline (no reconciler function configured): the finished job",
+            "content": {"application/json": {"model": TriggerResponse}},
+        },
     },
 )
 def post_migration_trigger(request: TriggerRequest) -> Response[TriggerResponse]:
@@ -259,18 +268,28 @@ def post_migration_trigger(request: TriggerRequest) -> Response[TriggerResponse]
             "dryRun": request.dry_run,
             "maxMigrations": request.max_migrations,
         }
-        aws.client("lambda").invoke(FunctionName=function, InvocationType="Event", Payload=json.dumps(payload).encode())
+        aws.client("lambda").invoke(
+            FunctionName=function, InvocationType="Event", Payload=json.dumps(payload).encode()
+        )
         logger.info("Migration job triggered", extra={"jobId": job_id, "function": function})
-        body = TriggerResponse(job_id=job_id, status="accepted", dry_run=request.dry_run,
-                               max_migrations=request.max_migrations)
+        body = TriggerResponse(
+            job_id=job_id, status="accepted", dry_run=request.dry_run, max_migrations=request.max_migrations
+        )
         return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=body)
     # No reconciler function configured (local runs): run the job here and return it.
     from spotguard_functions.reconciler import ManualTrigger, run_job  # noqa: PLC0415 - only on this path
 
-    result = run_job(ManualTrigger(job_id=job_id, dry_run=request.dry_run, max_migrations=request.max_migrations))
+    result = run_job(
+        ManualTrigger(job_id=job_id, dry_run=request.dry_run, max_migrations=request.max_migrations)
+    )
     job = JobRecord.model_validate(result)
-    body = TriggerResponse(job_id=job_id, status=job.status.value, dry_run=job.dry_run,
-                           max_migrations=request.max_migrations, job=job)
+    body = TriggerResponse(
+        job_id=job_id,
+        status=job.status.value,
+        dry_run=job.dry_run,
+        max_migrations=request.max_migrations,
+        job=job,
+    )
     return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=body)
 
 
@@ -294,7 +313,7 @@ def get_fleet(
 
 @app.get("/fleet/<instanceId>", summary="One managed instance")
 def get_fleet_instance(
-    instanceId: Annotated[str, Path(pattern=INSTANCE_ID_PATTERN, description="EC2 instance id")],  # noqa: N803 - path name
+    instanceId: Annotated[str, Path(pattern=INSTANCE_ID_PATTERN, description="EC2 instance id")],
 ) -> FleetInstance:
     record = FleetStore().get(instanceId)
     if record is None:
@@ -328,7 +347,9 @@ def openapi_json() -> str:
             if str(operation.get("operationId", "")).startswith("get_fleet_instance"):
                 responses["404"] = {
                     "description": "instance not managed by spotguard",
-                    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                    },
                 }
     schemas = document.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
@@ -340,12 +361,12 @@ def openapi_json() -> str:
     return json.dumps(document, indent=2, sort_keys=False) + "\n"
 
 
+# No custom metrics here: API Gateway's own metrics (4xx, 5xx, latency) feed the dashboard.
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
-@metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)
 
 
-if __name__ == "__main__":  # regenerate docs/openapi.json
-    print(openapi_json())  # noqa: T201
+if __name__ == "__main__":  # regenerate: python -m spotguard_functions.api > docs/openapi.json
+    sys.stdout.write(openapi_json())

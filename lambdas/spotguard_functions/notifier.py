@@ -36,7 +36,9 @@ class DeliveryFailedError(Exception):
 def _secret() -> str:
     arn = os.environ.get(Env.WEBHOOK_SECRET_ARN)
     if not arn:
-        raise DeliveryFailedError(f"{Env.WEBHOOK_SECRET_ARN.value} is not set: refusing to send unsigned webhooks")
+        raise DeliveryFailedError(
+            f"{Env.WEBHOOK_SECRET_ARN.value} is not set: refusing to send unsigned webhooks"
+        )
     value = parameters.get_secret(arn, max_age=SECRET_MAX_AGE_SECONDS)
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -49,7 +51,9 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
         logger.error("Notification record is not JSON", extra={"messageId": record.message_id})
         raise DeliveryFailedError("record body is not JSON") from None
     if not isinstance(event, dict) or "detail-type" not in event:
-        logger.error("Notification record is not an EventBridge event", extra={"messageId": record.message_id})
+        logger.error(
+            "Notification record is not an EventBridge event", extra={"messageId": record.message_id}
+        )
         raise DeliveryFailedError("record body is not an EventBridge event")
     url = os.environ.get(Env.WEBHOOK_URL)
     event_name = str(event["detail-type"])
@@ -68,12 +72,20 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
         metrics.add_metric(name=Metric.WEBHOOK_FAILURES.value, unit="Count", value=1)
         logger.warning(
             "Webhook delivery failed",
-            extra={"event": event_name, "deliveryId": delivery_id, "attempts": result.attempts,
-                   "status": result.status, "error": result.error},
+            extra={
+                "event": event_name,
+                "deliveryId": delivery_id,
+                "attempts": result.attempts,
+                "status": result.status,
+                "error": result.error,
+            },
         )
         raise DeliveryFailedError(f"webhook delivery failed after {result.attempts} attempts: {result.error}")
     metrics.add_metric(name=Metric.WEBHOOK_DELIVERED.value, unit="Count", value=1)
-    logger.info("Webhook delivered", extra={"event": event_name, "deliveryId": delivery_id, "attempts": result.attempts})
+    logger.info(
+        "Webhook delivered",
+        extra={"event": event_name, "deliveryId": delivery_id, "attempts": result.attempts},
+    )
     return {"delivered": True, "attempts": result.attempts}
 
 
@@ -81,4 +93,8 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
 @metrics.log_metrics
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return process_partial_response(event=event, record_handler=record_handler, processor=processor, context=context)
+    return dict(
+        process_partial_response(
+            event=event, record_handler=record_handler, processor=processor, context=context
+        )
+    )

@@ -35,7 +35,7 @@ class ManualTrigger(BaseModel):
     trigger: JobTrigger = JobTrigger.MANUAL
     job_id: str | None = None
     dry_run: bool = False
-    max_migrations: int | None = Field(None, ge=1)
+    max_migrations: int | None = Field(default=None, ge=1)
 
 
 def run_job(

@@ -83,7 +83,7 @@ def synth_environment(outdir: Path, context: Mapping[str, Any]) -> dict[str, str
 
 
 def _start(outdir: Path, context: Mapping[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(  # noqa: S603 - our own app with our interpreter
+    return subprocess.Popen(
         [sys.executable, "app.py"],
         cwd=REPO_ROOT,
         env=synth_environment(outdir, context),

@@ -22,10 +22,14 @@ def create_tables(monkeypatch: Any) -> None:
     dynamodb = boto3.client("dynamodb")
     dynamodb.create_table(
         TableName=JOBS_TABLE,
-        KeySchema=[{"AttributeName": JOBS_TABLE_PK, "KeyType": "HASH"},
-                   {"AttributeName": JOBS_TABLE_SK, "KeyType": "RANGE"}],
-        AttributeDefinitions=[{"AttributeName": JOBS_TABLE_PK, "AttributeType": "S"},
-                              {"AttributeName": JOBS_TABLE_SK, "AttributeType": "S"}],
+        KeySchema=[
+            {"AttributeName": JOBS_TABLE_PK, "KeyType": "HASH"},
+            {"AttributeName": JOBS_TABLE_SK, "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": JOBS_TABLE_PK, "AttributeType": "S"},
+            {"AttributeName": JOBS_TABLE_SK, "AttributeType": "S"},
+        ],
         BillingMode="PAY_PER_REQUEST",
     )
     dynamodb.create_table(
@@ -81,8 +85,12 @@ def rest_event(
             "stage": "prod",
             "requestId": str(uuid.uuid4()),
             "accountId": "123456789012",
-            "identity": {"userArn": "arn:aws:iam::123456789012:user/operator", "sourceIp": "127.0.0.1",
-                         "caller": "AIDAEXAMPLE", "accessKey": "AKIAEXAMPLE"},
+            "identity": {
+                "userArn": "arn:aws:iam::123456789012:user/operator",
+                "sourceIp": "127.0.0.1",
+                "caller": "AIDAEXAMPLE",
+                "accessKey": "AKIAEXAMPLE",
+            },
             "authorizer": None,
             "apiId": "abc123",
         },

@@ -13,12 +13,13 @@ import boto3
 import pytest
 from spotguard_core import contracts, notifications, webhooks
 from spotguard_core.contracts import Env, NotificationType
+from spotguard_functions import notifier
 from spotguard_tools import events as event_builders
 
 from tests.integration.ops_fixtures import FakeLambdaContext
 
 pytestmark = pytest.mark.integration
-SECRET = "whsec_integration"  # noqa: S105 - test value
+SECRET = "whsec_integration"
 
 
 @dataclass
@@ -90,13 +91,16 @@ def bus_event(kind: NotificationType = NotificationType.INSTANCE_MIGRATED, **det
         "time": "2026-01-15T10:45:00Z",
         "region": "us-east-1",
         "resources": [],
-        "detail": {"instanceId": "inst-new123", "originalInstanceId": "inst-old456", "status": "running", **detail},
+        "detail": {
+            "instanceId": "inst-new123",
+            "originalInstanceId": "inst-old456",
+            "status": "running",
+            **detail,
+        },
     }
 
 
 def test_receiver_that_fails_twice_gets_the_event_exactly_once(webhook_env, monkeypatch):
-    from spotguard_functions import notifier
-
     with receiver(lambda call: 503 if call <= 2 else 204) as hook:
         monkeypatch.setenv(Env.WEBHOOK_URL.value, hook.url)
         result = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
@@ -113,8 +117,6 @@ def test_receiver_that_fails_twice_gets_the_event_exactly_once(webhook_env, monk
 
 
 def test_only_failed_records_are_reported(webhook_env, monkeypatch):
-    from spotguard_functions import notifier
-
     def answer(call: int) -> int:
         return 204
 
@@ -128,19 +130,17 @@ def test_only_failed_records_are_reported(webhook_env, monkeypatch):
 
 
 def test_without_a_webhook_url_records_succeed(webhook_env, monkeypatch):
-    from spotguard_functions import notifier
-
     monkeypatch.delenv(Env.WEBHOOK_URL.value, raising=False)
     result = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
     assert result == {"batchItemFailures": []}
 
 
 def test_receiver_that_never_succeeds_leaves_the_event_in_the_dlq(webhook_env, monkeypatch):
-    from spotguard_functions import notifier
-
     sqs = boto3.client("sqs")
     dlq_url = sqs.create_queue(QueueName="spotguard-notifications-dlq")["QueueUrl"]
-    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
     queue_url = sqs.create_queue(
         QueueName="spotguard-notifications",
         Attributes={
@@ -157,8 +157,11 @@ def test_receiver_that_never_succeeds_leaves_the_event_in_the_dlq(webhook_env, m
             if not messages:
                 break
             records = [
-                {**event_builders.to_sqs_record(json.loads(m["Body"])), "messageId": m["MessageId"],
-                 "receiptHandle": m["ReceiptHandle"]}
+                {
+                    **event_builders.to_sqs_record(json.loads(m["Body"])),
+                    "messageId": m["MessageId"],
+                    "receiptHandle": m["ReceiptHandle"],
+                }
                 for m in messages
             ]
             result = notifier.handler({"Records": records}, FakeLambdaContext())
@@ -175,8 +178,6 @@ def test_receiver_that_never_succeeds_leaves_the_event_in_the_dlq(webhook_env, m
 
 
 def test_client_errors_are_not_retried_within_the_invocation(webhook_env, monkeypatch):
-    from spotguard_functions import notifier
-
     with receiver(lambda call: 410) as hook:
         monkeypatch.setenv(Env.WEBHOOK_URL.value, hook.url)
         result = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
@@ -186,26 +187,35 @@ def test_client_errors_are_not_retried_within_the_invocation(webhook_env, monkey
 
 def test_published_notification_reaches_the_webhook_through_the_bus(webhook_env, monkeypatch):
     """notifications.publish → spotguard bus → rule → SQS → notifier → signed webhook."""
-    from spotguard_functions import notifier
-
     events = boto3.client("events")
     sqs = boto3.client("sqs")
     events.create_event_bus(Name="spotguard-workers")
     queue_url = sqs.create_queue(QueueName="notifications")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events.put_rule(Name="to-notifier", EventBusName="spotguard-workers",
-                    EventPattern=json.dumps({"source": [contracts.NOTIFICATION_EVENT_SOURCE]}))
-    events.put_targets(Rule="to-notifier", EventBusName="spotguard-workers",
-                       Targets=[{"Id": "queue", "Arn": queue_arn}])
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    events.put_rule(
+        Name="to-notifier",
+        EventBusName="spotguard-workers",
+        EventPattern=json.dumps({"source": [contracts.NOTIFICATION_EVENT_SOURCE]}),
+    )
+    events.put_targets(
+        Rule="to-notifier", EventBusName="spotguard-workers", Targets=[{"Id": "queue", "Arn": queue_arn}]
+    )
     monkeypatch.setenv(Env.NOTIFICATION_BUS.value, "spotguard-workers")
-    assert notifications.publish(NotificationType.BOOTSTRAP_FAILED,
-                                 {"instanceId": "i-0123456789abcdef0", "reason": "health port 9880 not listening"})
+    assert notifications.publish(
+        NotificationType.BOOTSTRAP_FAILED,
+        {"instanceId": "i-0123456789abcdef0", "reason": "health port 9880 not listening"},
+    )
 
     messages = sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=1).get("Messages", [])
     assert len(messages) == 1
     with receiver(lambda call: 200) as hook:
         monkeypatch.setenv(Env.WEBHOOK_URL.value, hook.url)
-        record = {**event_builders.to_sqs_record(json.loads(messages[0]["Body"])), "messageId": messages[0]["MessageId"]}
+        record = {
+            **event_builders.to_sqs_record(json.loads(messages[0]["Body"])),
+            "messageId": messages[0]["MessageId"],
+        }
         assert notifier.handler({"Records": [record]}, FakeLambdaContext()) == {"batchItemFailures": []}
     payload = hook.accepted[0]
     assert payload["event"] == "bootstrap.failed"

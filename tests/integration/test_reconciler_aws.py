@@ -11,10 +11,17 @@ import pytest
 from spotguard_core import contracts
 from spotguard_core.contracts import EndReason, Env, FleetRecord, InstanceState
 from spotguard_core.fleet_store import FleetStore
-from spotguard_core.migration.models import CandidateInstance, JobStatus, JobTrigger, MigrationSettings, OutcomeKind
+from spotguard_core.migration.models import (
+    CandidateInstance,
+    JobStatus,
+    JobTrigger,
+    MigrationSettings,
+    OutcomeKind,
+)
 from spotguard_core.migration.providers.aws_ec2 import AwsEc2Provider
 from spotguard_core.migration.runner import MigrationJobRunner
 from spotguard_core.migration.store import JobStore
+from spotguard_functions import reconciler
 
 from tests.integration.ops_fixtures import FakeLambdaContext, create_tables
 
@@ -49,12 +56,22 @@ def launch(ec2, image, *, managed=True, instance_type="m5.large", subnet=None):
 
 def stop(ec2, instance_id, *, end_reason):
     ec2.stop_instances(InstanceIds=[instance_id])
-    FleetStore().put(FleetRecord(instance_id=instance_id, fleet=FLEET, state=InstanceState.ENDED,
-                                 end_reason=end_reason, ec2_state="stopped", ended_at=contracts.now()))
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance_id,
+            fleet=FLEET,
+            state=InstanceState.ENDED,
+            end_reason=end_reason,
+            ec2_state="stopped",
+            ended_at=contracts.now(),
+        )
+    )
 
 
 def state_of(ec2, instance_id):
-    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+    return ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"][
+        "Name"
+    ]
 
 
 def tags_of(ec2, instance_id):
@@ -63,8 +80,9 @@ def tags_of(ec2, instance_id):
 
 
 def run_job(**kwargs):
-    runner = MigrationJobRunner(AwsEc2Provider.from_environment(), JobStore(), MigrationSettings(),
-                                publish=lambda k, d: True)
+    runner = MigrationJobRunner(
+        AwsEc2Provider.from_environment(), JobStore(), MigrationSettings(), publish=lambda k, d: True
+    )
     return runner.run(trigger=JobTrigger.SCHEDULED, **kwargs)
 
 
@@ -125,7 +143,9 @@ def test_replacement_prefers_another_pool(ec2_fleet, monkeypatch):
     zone_a, zone_b = sorted(by_zone)[:2]
     boto3.client("autoscaling").create_auto_scaling_group(
         AutoScalingGroupName=contracts.asg_name(FLEET),
-        MinSize=0, MaxSize=2, DesiredCapacity=0,
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=0,
         VPCZoneIdentifier=f"{by_zone[zone_a]},{by_zone[zone_b]}",
         MixedInstancesPolicy={
             "LaunchTemplate": {
@@ -155,8 +175,15 @@ def test_already_replaced_instances_are_not_eligible(ec2_fleet):
     ec2, image, _ = ec2_fleet
     instance_id = launch(ec2, image)
     ec2.stop_instances(InstanceIds=[instance_id])
-    FleetStore().put(FleetRecord(instance_id=instance_id, fleet=FLEET, state=InstanceState.ENDED,
-                                 end_reason=EndReason.SPOT_RECLAIM, replaced_by="i-0123456789abcdef0"))
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance_id,
+            fleet=FLEET,
+            state=InstanceState.ENDED,
+            end_reason=EndReason.SPOT_RECLAIM,
+            replaced_by="i-0123456789abcdef0",
+        )
+    )
     candidates = AwsEc2Provider.from_environment().list_instances()
     assert [c.eligible for c in candidates] == [False]
     assert "already replaced" in candidates[0].reason
@@ -168,7 +195,10 @@ def test_state_reason_alone_makes_an_instance_eligible(ec2_fleet):
     described = {
         "InstanceId": "i-0aaaaaaaaaaaaaaaa",
         "State": {"Name": "stopped"},
-        "StateReason": {"Code": "Server.SpotInstanceTermination", "Message": "Server.SpotInstanceTermination"},
+        "StateReason": {
+            "Code": "Server.SpotInstanceTermination",
+            "Message": "Server.SpotInstanceTermination",
+        },
         "InstanceType": "m5.large",
         "Placement": {"AvailabilityZone": "us-east-1a"},
     }
@@ -177,15 +207,21 @@ def test_state_reason_alone_makes_an_instance_eligible(ec2_fleet):
 
 
 def test_reconciler_handler_runs_a_scheduled_job(ec2_fleet, monkeypatch):
-    from spotguard_functions import reconciler
-
     ec2, image, _ = ec2_fleet
     instance_id = launch(ec2, image)
     stop(ec2, instance_id, end_reason=EndReason.SPOT_RECLAIM)
     monkeypatch.setenv("MIGRATION_PROVIDER", "aws")
-    scheduled = {"version": "0", "id": "e1", "detail-type": "Scheduled Event", "source": "aws.events",
-                 "account": "123456789012", "time": "2026-01-01T00:00:00Z", "region": "us-east-1",
-                 "resources": [], "detail": {}}
+    scheduled = {
+        "version": "0",
+        "id": "e1",
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "123456789012",
+        "time": "2026-01-01T00:00:00Z",
+        "region": "us-east-1",
+        "resources": [],
+        "detail": {},
+    }
     result = reconciler.handler(scheduled, FakeLambdaContext())
     assert result["status"] == "completed" and result["trigger"] == "scheduled"
     assert result["summary"]["migratedInstances"] == 1
@@ -193,6 +229,7 @@ def test_reconciler_handler_runs_a_scheduled_job(ec2_fleet, monkeypatch):
 
     monkeypatch.setenv("MIGRATION_ENABLED", "false")
     assert reconciler.handler(scheduled, FakeLambdaContext())["skipped"] is True
-    manual = reconciler.handler({"trigger": "manual", "jobId": "migration-job-manual1", "dryRun": True},
-                                FakeLambdaContext())
+    manual = reconciler.handler(
+        {"trigger": "manual", "jobId": "migration-job-manual1", "dryRun": True}, FakeLambdaContext()
+    )
     assert manual["jobId"] == "migration-job-manual1" and manual["dryRun"] is True

@@ -37,7 +37,8 @@ def runner_for(server, *, published=None, metrics=None, **settings):
         JobStore(),
         MigrationSettings(**settings),
         metrics=metrics,
-        publish=(lambda kind, detail: published.append((kind, dict(detail))) or True) if published is not None
+        publish=(lambda kind, detail: published.append((kind, dict(detail))) or True)
+        if published is not None
         else (lambda kind, detail: True),
     )
 
@@ -77,14 +78,20 @@ def test_job_migrates_only_eligible_instances_and_records_the_run(tables, novita
     assert job.summary.migrated_instances == 2
     assert job.summary.error_count == 0
     assert {o.instance_id for o in job.outcomes if o.outcome is OutcomeKind.MIGRATED} == {
-        "inst-reclaimed-1", "inst-reclaimed-2"}
+        "inst-reclaimed-1",
+        "inst-reclaimed-2",
+    }
     # recorded in the jobs table, with statistics
     stored = JobStore().history(limit=10, offset=0)
     assert stored.total == 1 and stored.jobs[0].job_id == job.job_id
     assert stored.jobs[0].status is JobStatus.COMPLETED and stored.jobs[0].ended_at is not None
     stats = JobStore().statistics()
-    assert (stats.total_executions, stats.successful_executions, stats.total_migrations,
-            stats.total_instances_processed) == (1, 1, 2, 5)
+    assert (
+        stats.total_executions,
+        stats.successful_executions,
+        stats.total_migrations,
+        stats.total_instances_processed,
+    ) == (1, 1, 2, 5)
     # notifications: one instance.migrated per success (seed payload), one job completed
     kinds = [kind.value for kind, _ in published]
     assert kinds.count("instance.migrated") == 2 and kinds[-1] == "migration.job.completed"
@@ -183,19 +190,18 @@ def test_wrong_api_key_fails_the_job_with_its_reason(tables, novita):
 
 def test_job_stops_at_its_timeout(tables, novita):
     novita.state.add(*(novita_instance(f"inst-{n}") for n in range(5)))
-    novita.state.migrate_delay = 0.6
-    started = time.monotonic()
-    job = runner_for(novita, max_concurrent=1).run(trigger=JobTrigger.SCHEDULED, timeout_ms=1_000)
-    elapsed = time.monotonic() - started
-    assert elapsed < 2.0
+    novita.state.migrate_delay = 0.6  # five migrations one at a time need 3 s; the budget is 1.2 s
+    job = runner_for(novita, max_concurrent=1).run(trigger=JobTrigger.SCHEDULED, timeout_ms=1_200)
+    assert job.duration_ms < 1_200 + 300  # stopped at the deadline, not after all five
     assert job.status is JobStatus.TIMED_OUT
     kinds = [o.outcome for o in job.outcomes]
-    assert kinds.count(OutcomeKind.MIGRATED) == 1
-    assert kinds.count(OutcomeKind.TIMED_OUT) == 1
-    assert kinds.count(OutcomeKind.NOT_STARTED) == 3
+    assert len(kinds) == 5
+    assert kinds.count(OutcomeKind.NOT_STARTED) >= 2
+    assert kinds.count(OutcomeKind.TIMED_OUT) == 1  # the one in flight at the deadline
     assert any("timeout" in e for e in job.errors)
-    time.sleep(0.4)  # let the in-flight call finish before the server stops
-    assert len(novita.state.migrate_calls) == 2  # nothing started after the deadline
+    time.sleep(0.7)  # let the in-flight call finish before counting
+    started_calls = kinds.count(OutcomeKind.MIGRATED) + kinds.count(OutcomeKind.TIMED_OUT)
+    assert len(novita.state.migrate_calls) == started_calls  # nothing started after the deadline
 
 
 def test_history_pages_newest_first(tables, novita):

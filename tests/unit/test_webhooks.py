@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from spotguard_core import contracts, webhooks
 from spotguard_core.webhooks import SignatureError, sign, verify
 
-SECRET = "whsec_test"  # noqa: S105 - test value
+SECRET = "whsec_test"
 BODY = json.dumps({"event": "instance.migrated", "instanceId": "i-0123456789abcdef0"}).encode()
 
 
@@ -79,7 +79,9 @@ def test_any_of_several_v1_signatures_may_match_during_secret_rotation():
     assert verify(SECRET, header, BODY, now=1_700_000_000)
 
 
-@given(secret=st.text(min_size=1, max_size=64), body=st.binary(max_size=2048), timestamp=st.integers(0, 2**33))
+@given(
+    secret=st.text(min_size=1, max_size=64), body=st.binary(max_size=2048), timestamp=st.integers(0, 2**33)
+)
 def test_property_signed_bodies_verify(secret, body, timestamp):
     assert verify(secret, sign(secret, body, timestamp=timestamp), body, now=timestamp) == timestamp
 

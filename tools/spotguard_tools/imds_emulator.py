@@ -31,9 +31,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-TOKEN_PATH = "/latest/api/token"
-TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"
-TOKEN_HEADER = "X-aws-ec2-metadata-token"
+TOKEN_PATH = "/latest/api/token"  # noqa: S105 - header names and paths, not secrets
+TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"  # noqa: S105
+TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105
 #: IMDS accepts token TTLs from 1 second to 6 hours.
 MAX_TOKEN_TTL_SECONDS = 21600
 
@@ -82,7 +82,7 @@ class _Handler(BaseHTTPRequestHandler):
     server: _ImdsHttpServer
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the emulator runs inside tests and the drill."""
 
     def _send(self, status: int, body: str = "", content_type: str = "text/plain") -> None:
@@ -148,7 +148,7 @@ class _Handler(BaseHTTPRequestHandler):
         status, body, content_type = self._resolve(self.path.split("?", 1)[0].rstrip("/"))
         self._send(status, body, content_type)
 
-    def _resolve(self, path: str) -> tuple[int, str, str]:
+    def _resolve(self, path: str) -> tuple[int, str, str]:  # noqa: PLR0911 - one answer per path
         state = self.server.state
         with state.lock:
             simple = {

@@ -94,7 +94,7 @@ class NovitaState:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         return
 
     # ---------------------------------------------------------------- helpers
@@ -123,8 +123,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 limited = False
         if limited:
-            self._error(HTTPStatus.TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", "too many requests",
-                        {"Retry-After": "0"})
+            self._error(
+                HTTPStatus.TOO_MANY_REQUESTS, "RATE_LIMIT_EXCEEDED", "too many requests", {"Retry-After": "0"}
+            )
             return False
         return True
 
@@ -143,14 +144,18 @@ class _Handler(BaseHTTPRequestHandler):
             if page_size < 0 or page_num < 0:
                 raise ValueError
         except (KeyError, ValueError):
-            self._error(HTTPStatus.BAD_REQUEST, "INVALID_PARAMETER", "pageSize and pageNum are required integers >= 0")
+            self._error(
+                HTTPStatus.BAD_REQUEST, "INVALID_PARAMETER", "pageSize and pageNum are required integers >= 0"
+            )
             return
         state = self.server.state
         with state.lock:
             state.list_calls.append(query)
             instances = list(state.instances.values())
         start = max(page_num - 1, 0) * page_size
-        self._send(HTTPStatus.OK, {"instances": instances[start : start + page_size], "total": len(instances)})
+        self._send(
+            HTTPStatus.OK, {"instances": instances[start : start + page_size], "total": len(instances)}
+        )
 
     def do_POST(self) -> None:
         if self.path != MIGRATE_PATH:

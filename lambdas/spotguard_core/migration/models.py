@@ -38,29 +38,31 @@ class MigrationSettings(BaseSettings):
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
-    enabled: bool = Field(True, validation_alias=_env(Env.MIGRATION_ENABLED, "enabled"))
+    enabled: bool = Field(default=True, validation_alias=_env(Env.MIGRATION_ENABLED, "enabled"))
     interval_minutes: int = Field(
-        15,
+        default=15,
         ge=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[0],
         le=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[1],
         validation_alias=_env(Env.MIGRATION_INTERVAL_MINUTES, "interval_minutes"),
     )
     job_timeout_ms: int = Field(
-        600_000,
+        default=600_000,
         ge=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[0],
         le=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[1],
         validation_alias=_env(Env.MIGRATION_JOB_TIMEOUT_MS, "job_timeout_ms"),
     )
     max_concurrent: int = Field(
-        5,
+        default=5,
         ge=contracts.MIGRATION_MAX_CONCURRENT_RANGE[0],
         le=contracts.MIGRATION_MAX_CONCURRENT_RANGE[1],
         validation_alias=_env(Env.MIGRATION_MAX_CONCURRENT, "max_concurrent"),
     )
-    dry_run: bool = Field(False, validation_alias=_env(Env.MIGRATION_DRY_RUN, "dry_run"))
-    retry_failed: bool = Field(True, validation_alias=_env(Env.MIGRATION_RETRY_FAILED, "retry_failed"))
-    log_level: LogLevel = Field("info", validation_alias=_env(Env.MIGRATION_LOG_LEVEL, "log_level"))
-    provider: ProviderName = Field("aws", validation_alias=_env(Env.MIGRATION_PROVIDER, "provider"))
+    dry_run: bool = Field(default=False, validation_alias=_env(Env.MIGRATION_DRY_RUN, "dry_run"))
+    retry_failed: bool = Field(
+        default=True, validation_alias=_env(Env.MIGRATION_RETRY_FAILED, "retry_failed")
+    )
+    log_level: LogLevel = Field(default="info", validation_alias=_env(Env.MIGRATION_LOG_LEVEL, "log_level"))
+    provider: ProviderName = Field(default="aws", validation_alias=_env(Env.MIGRATION_PROVIDER, "provider"))
 
     @field_validator("log_level", "provider", mode="before")
     @classmethod

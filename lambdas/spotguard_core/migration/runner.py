@@ -75,7 +75,11 @@ class MigrationJobRunner:
     ) -> JobRecord:
         """Run one job. ``timeout_ms`` may only shorten the configured job timeout (the
         reconciler passes the Lambda's remaining time)."""
-        budget_ms = self._settings.job_timeout_ms if timeout_ms is None else min(timeout_ms, self._settings.job_timeout_ms)
+        budget_ms = (
+            self._settings.job_timeout_ms
+            if timeout_ms is None
+            else min(timeout_ms, self._settings.job_timeout_ms)
+        )
         started = time.monotonic()
         deadline = started + budget_ms / 1000
         job = JobRecord(
@@ -87,7 +91,10 @@ class MigrationJobRunner:
             max_migrations=max_migrations,
         )
         self._store.save(job)
-        self._log.info("Migration job started", extra={"jobId": job.job_id, "trigger": trigger.value, "dryRun": job.dry_run})
+        self._log.info(
+            "Migration job started",
+            extra={"jobId": job.job_id, "trigger": trigger.value, "dryRun": job.dry_run},
+        )
 
         try:
             instances = self._provider.list_instances()
@@ -101,15 +108,21 @@ class MigrationJobRunner:
         for instance in instances:
             self._log.debug(
                 "Eligibility",
-                extra={"jobId": job.job_id, "instanceId": instance.instance_id, "eligible": instance.eligible,
-                       "reason": instance.reason},
+                extra={
+                    "jobId": job.job_id,
+                    "instanceId": instance.instance_id,
+                    "eligible": instance.eligible,
+                    "reason": instance.reason,
+                },
             )
         selected = eligible[:max_migrations] if max_migrations else eligible
         job.summary = JobSummary(total_instances=len(instances), eligible_instances=len(eligible))
 
         if job.dry_run:
             job.outcomes = [
-                InstanceOutcome(instance_id=i.instance_id, outcome=OutcomeKind.WOULD_MIGRATE, details={"reason": i.reason})
+                InstanceOutcome(
+                    instance_id=i.instance_id, outcome=OutcomeKind.WOULD_MIGRATE, details={"reason": i.reason}
+                )
                 for i in selected
             ]
         else:
@@ -125,7 +138,9 @@ class MigrationJobRunner:
         return self._finish(job, started)
 
     # ------------------------------------------------------------------ internals
-    def _migrate_all(self, job: JobRecord, selected: list[CandidateInstance], deadline: float) -> list[InstanceOutcome]:
+    def _migrate_all(
+        self, job: JobRecord, selected: list[CandidateInstance], deadline: float
+    ) -> list[InstanceOutcome]:
         if not selected:
             return []
         executor = ThreadPoolExecutor(max_workers=self._settings.max_concurrent, thread_name_prefix="migrate")
@@ -141,7 +156,9 @@ class MigrationJobRunner:
             if future in done:
                 outcomes.append(future.result())
             elif future.cancelled():
-                outcomes.append(InstanceOutcome(instance_id=instance.instance_id, outcome=OutcomeKind.NOT_STARTED))
+                outcomes.append(
+                    InstanceOutcome(instance_id=instance.instance_id, outcome=OutcomeKind.NOT_STARTED)
+                )
             else:
                 outcomes.append(
                     InstanceOutcome(
@@ -159,7 +176,9 @@ class MigrationJobRunner:
         while attempts < self._settings.max_attempts:
             if time.monotonic() >= deadline:
                 kind = OutcomeKind.NOT_STARTED if attempts == 0 else OutcomeKind.TIMED_OUT
-                return InstanceOutcome(instance_id=instance.instance_id, outcome=kind, attempts=attempts, error=error or None)
+                return InstanceOutcome(
+                    instance_id=instance.instance_id, outcome=kind, attempts=attempts, error=error or None
+                )
             attempts += 1
             try:
                 result = self._provider.migrate(instance, job_id=job.job_id, attempt=attempts)
@@ -167,21 +186,35 @@ class MigrationJobRunner:
                 error = str(exc)
                 self._log.warning(
                     "Migration attempt failed",
-                    extra={"jobId": job.job_id, "instanceId": instance.instance_id, "attempt": attempts, "error": error},
+                    extra={
+                        "jobId": job.job_id,
+                        "instanceId": instance.instance_id,
+                        "attempt": attempts,
+                        "error": error,
+                    },
                 )
                 if not exc.retryable:
                     break
-                time.sleep(min(RETRY_BACKOFF_SECONDS * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic())))
+                time.sleep(
+                    min(RETRY_BACKOFF_SECONDS * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic()))
+                )
                 continue
             except Exception as exc:  # noqa: BLE001 - an unexpected provider error fails this instance only
-                self._log.exception("Migration attempt crashed", extra={"jobId": job.job_id, "instanceId": instance.instance_id})
+                self._log.exception(
+                    "Migration attempt crashed",
+                    extra={"jobId": job.job_id, "instanceId": instance.instance_id},
+                )
                 error = f"{type(exc).__name__}: {exc}"
                 break
             duration_ms = int((time.monotonic() - started) * 1000)
             self._notify_migrated(job, instance, result.new_instance_id, result.status, duration_ms)
             self._log.info(
                 "Instance migrated",
-                extra={"jobId": job.job_id, "instanceId": instance.instance_id, "newInstanceId": result.new_instance_id},
+                extra={
+                    "jobId": job.job_id,
+                    "instanceId": instance.instance_id,
+                    "newInstanceId": result.new_instance_id,
+                },
             )
             return InstanceOutcome(
                 instance_id=instance.instance_id,
@@ -227,11 +260,16 @@ class MigrationJobRunner:
         if self._metrics is not None:
             self._metrics.add_metric(Metric.MIGRATION_JOBS.value, "Count", 1)
             self._metrics.add_metric(Metric.MIGRATION_ELIGIBLE.value, "Count", job.summary.eligible_instances)
-            self._metrics.add_metric(Metric.MIGRATIONS_SUCCEEDED.value, "Count", job.summary.migrated_instances)
+            self._metrics.add_metric(
+                Metric.MIGRATIONS_SUCCEEDED.value, "Count", job.summary.migrated_instances
+            )
             self._metrics.add_metric(
                 Metric.MIGRATIONS_FAILED.value,
                 "Count",
-                sum(o.outcome is not OutcomeKind.MIGRATED and o.outcome is not OutcomeKind.WOULD_MIGRATE for o in job.outcomes),
+                sum(
+                    o.outcome is not OutcomeKind.MIGRATED and o.outcome is not OutcomeKind.WOULD_MIGRATE
+                    for o in job.outcomes
+                ),
             )
         self._safe_publish(
             NotificationType.MIGRATION_JOB_COMPLETED,
@@ -250,8 +288,12 @@ class MigrationJobRunner:
         )
         self._log.info(
             "Migration job completed",
-            extra={"jobId": job.job_id, "status": job.status.value, "duration": job.duration_ms,
-                   "summary": job.summary.to_json()},
+            extra={
+                "jobId": job.job_id,
+                "status": job.status.value,
+                "duration": job.duration_ms,
+                "summary": job.summary.to_json(),
+            },
         )
         return job
 

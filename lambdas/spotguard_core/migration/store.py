@@ -62,7 +62,9 @@ class HistoryPage:
 class JobStore:
     """Jobs of one kind (``contracts.JOB_KIND_MIGRATION`` by default) in the jobs table."""
 
-    def __init__(self, table_name: str | None = None, *, job_kind: str = contracts.JOB_KIND_MIGRATION) -> None:
+    def __init__(
+        self, table_name: str | None = None, *, job_kind: str = contracts.JOB_KIND_MIGRATION
+    ) -> None:
         self._table = dynamo.table(Env.JOBS_TABLE, table_name)
         self._kind = job_kind
         self._stats_kind = f"{job_kind}#stats"
@@ -100,9 +102,9 @@ class JobStore:
 
     # ---------------------------------------------------------------- reads
     def statistics(self) -> JobStatistics:
-        item = self._table.get_item(
-            Key={JOBS_TABLE_PK: self._stats_kind, JOBS_TABLE_SK: STATS_SORT_KEY}
-        ).get("Item")
+        item = self._table.get_item(Key={JOBS_TABLE_PK: self._stats_kind, JOBS_TABLE_SK: STATS_SORT_KEY}).get(
+            "Item"
+        )
         if not item:
             return JobStatistics()
         return JobStatistics(

@@ -144,10 +144,10 @@ class SimulatedInstance:
 
     @property
     def working(self) -> bool:
-        """Ready, running its agent and not under an interruption: a chaos target."""
-        return (
-            self.phase == Phase.READY and self.agent_alive and not self.doomed and self.ec2_state == "running"
-        )
+        """Its agent runs (it takes work once its health port listens) and no interruption
+        is under way: a chaos target."""
+        running = self.phase in (Phase.REPORTING, Phase.READY) and self.agent_alive
+        return running and not self.doomed and self.ec2_state == "running"
 
     def kill(self) -> bool:
         """SIGKILL the agent (the machine is gone). True when it was still running."""

@@ -20,6 +20,7 @@ INSTANCE_ENV = "SPOTGUARD_DRILL_INSTANCE_ID"
 
 START = "start"
 DONE = "done"
+RELEASED = "released"  # the agent gave the message back during a drain; the task stopped
 
 
 def append(path: str | Path, record: dict[str, Any], *, durable: bool) -> None:
@@ -41,6 +42,8 @@ class Attempt:
     instance_id: str
     started_at: float
     finished_at: float | None = None
+    #: When the task stopped because the agent released its message (drain).
+    released_at: float | None = None
     receive_count: int = 0
 
 
@@ -70,6 +73,10 @@ class Ledger:
                 )
                 ledger.attempts.append(attempt)
                 open_attempts[key] = attempt
+            elif record["ev"] == RELEASED:
+                released = open_attempts.pop(key, None)
+                if released is not None:
+                    released.released_at = float(record["t"])
             elif record["ev"] == DONE:
                 ledger.completions[key[0]] += 1
                 started = open_attempts.pop(key, None)

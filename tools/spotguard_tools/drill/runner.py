@@ -29,7 +29,7 @@ from typing import Any
 import boto3
 from botocore.config import Config
 from spotguard_core import contracts
-from spotguard_core.contracts import Env
+from spotguard_core.contracts import Env, FleetRecord
 
 from spotguard_tools import events as aws_events
 from spotguard_tools.drill.config import DrillConfig
@@ -91,6 +91,7 @@ class Drill:
         self.ended = 0.0
         self.chaos_t0: float | None = None
         self.next_sync = 0.0
+        self.timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ setup
     def _clients(self, endpoint: str) -> dict[str, Any]:
@@ -121,7 +122,7 @@ class Drill:
             Env.ASG_NAME.value: resources.asg_name,
             Env.WORK_QUEUE_URL.value: resources.work_queue_url,
             Env.WORK_DLQ_URL.value: resources.work_dlq_url,
-            Env.LEASE_TABLE.value: resources.lease_table,
+            Env.LEASE_TABLE.value: resources.agent_lease_table,
             Env.FLEET_TABLE.value: resources.fleet_table,
             Env.HANDLER.value: "spotguard_tools.drill.task:handle",
             Env.CONCURRENCY.value: str(c.concurrency),
@@ -354,6 +355,23 @@ class Drill:
                 return False
         return True
 
+    def _fleet_records(self) -> dict[str, dict[str, Any]]:
+        """The control plane's view of every instance at the end (state, end reason)."""
+        table = self.resources.fleet_table
+        records: dict[str, dict[str, Any]] = {}
+        pages = self.dynamodb.get_paginator("scan").paginate(TableName=table)
+        for page in pages:
+            for item in page.get("Items", []):
+                plain = {k: _plain(v) for k, v in item.items()}
+                record = FleetRecord.from_item(plain)
+                records[record.instance_id] = {
+                    "state": record.state.value,
+                    "bootstrap_status": record.bootstrap_status.value,
+                    "end_reason": record.end_reason.value if record.end_reason else None,
+                    "ec2_state": record.ec2_state,
+                }
+        return dict(sorted(records.items()))
+
     def _chaos_clock(self, now: float) -> float | None:
         """Seconds on the chaos plan's clock, which starts once the initial fleet works.
 
@@ -362,7 +380,7 @@ class Drill:
         """
         if self.chaos_t0 is None:
             healthy = [i for i in self.instances.values() if i.initial and not i.bootstrap_fails]
-            if (healthy and all(i.phase == Phase.READY for i in healthy)) or now - self.t0 > 30:
+            if (healthy and all(i.working for i in healthy)) or now - self.t0 > 30:
                 self.chaos_t0 = now
                 self.journal.record(Mark.CHAOS_STARTED, "-", at=now)
         return None if self.chaos_t0 is None else now - self.chaos_t0
@@ -385,7 +403,7 @@ class Drill:
     def _start(self, moto: MotoServer) -> tuple[dict[str, str], subprocess.Popen[bytes], list[str]]:
         c = self.config
         clients = self._clients(moto.endpoint)
-        self.sqs, self.ec2 = clients["sqs"], clients["ec2"]
+        self.sqs, self.ec2, self.dynamodb = clients["sqs"], clients["ec2"], clients["dynamodb"]
         self.autoscaling, self.events = clients["autoscaling"], clients["events"]
         max_capacity = c.instances * 3 + c.spot_warnings + c.hard_kills + c.rebalances + c.bootstrap_failures
         self.resources = create_resources(
@@ -393,6 +411,9 @@ class Drill:
             desired_capacity=0,
             max_capacity=max_capacity,
             visibility_timeout_seconds=c.visibility_timeout_seconds,
+            # The watchdog's orphan-lease sweep does not honour REQUEUE_ENABLED=false yet
+            # (reported); in the baseline the control plane must not see the agents' leases.
+            separate_agent_leases=not c.requeue_enabled,
             **clients,
         )
         agent_env = self._agent_environment(moto, self.resources)
@@ -402,6 +423,7 @@ class Drill:
             AutoScalingGroupName=self.resources.asg_name, DesiredCapacity=c.instances
         )
         self.t0 = time.time()
+        self.timings["setup_s"] = self.t0 - self.started
         self.progress.message(
             f"spotguard drill ({c.mode}): {c.instances} instances x {c.concurrency} workers, "
             f"{len(task_ids)} tasks, moto at {moto.endpoint}, logs in {self.out}"
@@ -433,7 +455,7 @@ class Drill:
 
     def run(self) -> dict[str, Any]:
         c = self.config
-        started = time.time()
+        started = self.started = time.time()
         self._prepare_out_dir()
         moto = MotoServer(log_path=self.out / "moto.log").start()
         control_plane: subprocess.Popen[bytes] | None = None
@@ -443,7 +465,10 @@ class Drill:
             self.progress.close()
             if timed_out:
                 self.progress.message(f"drill timed out after {c.timeout_seconds:.0f} s")
+            stopping = time.time()
             _stop_all(list(self.instances.values()))
+            self.timings["stop_agents_s"] = time.time() - stopping
+            fleet_records = self._fleet_records()
             dlq = self.sqs.get_queue_attributes(
                 QueueUrl=self.resources.work_dlq_url,
                 AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
@@ -470,6 +495,8 @@ class Drill:
             wall_s=time.time() - started,
             drill_s=self.ended - self.t0,
         )
+        report["fleet_records"] = fleet_records
+        report["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
         report["timed_out"] = timed_out
         report["events_emitted"] = self.events_emitted
         report["started_at"] = datetime.fromtimestamp(self.t0, UTC).isoformat()
@@ -489,6 +516,13 @@ class Drill:
             end=self.ended,
             title=title_for(self.report),
         )
+
+
+def _plain(value: dict[str, Any]) -> Any:
+    """A DynamoDB attribute value as plain Python (enough for fleet records)."""
+    from boto3.dynamodb.types import TypeDeserializer  # noqa: PLC0415
+
+    return TypeDeserializer().deserialize(value)
 
 
 def _inherited_environment() -> dict[str, str]:
@@ -515,4 +549,4 @@ def _stop_all(instances: list[SimulatedInstance]) -> None:
             if process is not None and process.poll() is None:
                 process.send_signal(signal.SIGTERM)
     for instance in instances:
-        instance.stop(timeout=8.0)
+        instance.stop(timeout=3.0)

@@ -53,6 +53,11 @@ def handle(body: str, context: Any) -> dict[str, Any]:
     while (left := end - time.monotonic()) > 0:
         if released is not None:
             if released.wait(min(_CHECK_SECONDS, left)):
+                ledger.append(
+                    path,
+                    {"ev": ledger.RELEASED, "task": task_id, "instance": instance, "t": time.time()},
+                    durable=False,
+                )
                 return {"task_id": task_id, "released": True}
         else:
             time.sleep(min(_CHECK_SECONDS, left))

@@ -61,11 +61,12 @@ def draw_timeline(
             continue
         start = attempt.started_at - t0
         finished = attempt.finished_at is not None
-        stop = (
-            (attempt.finished_at - t0)
-            if attempt.finished_at is not None
-            else ended.get(attempt.instance_id, start + 0.5)
-        )
+        if attempt.finished_at is not None:
+            stop = attempt.finished_at - t0
+        elif attempt.released_at is not None:
+            stop = attempt.released_at - t0
+        else:
+            stop = ended.get(attempt.instance_id, start + 0.5)
         stop = max(stop, start + 0.15)
         # stack concurrent tasks within the lane so they do not hide each other
         slots = per_lane_slots.setdefault(attempt.instance_id, [])
@@ -84,7 +85,7 @@ def draw_timeline(
 
     legend: list[Any] = [
         Patch(color="#40c057", label="task finished"),
-        Patch(color="#fa5252", label="task cut short (released or killed)"),
+        Patch(color="#fa5252", label="task cut short (released on drain, or killed)"),
     ]
     for mark, (marker, colour, label) in _MARKS.items():
         points = [(e.t - t0, row[e.instance_id]) for e in journal.entries(mark) if e.instance_id in row]

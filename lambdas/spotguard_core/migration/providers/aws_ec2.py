@@ -5,7 +5,7 @@ a spot reclaim (``Server.SpotInstanceTermination``) or whose fleet record ended 
 ``spot_reclaim`` — and that has not been replaced already.
 
 Migration: RunInstances from the fleet's launch template into the best pool (instance type
-× availability zone) that has capacity, tagged as the fleet's and with the id it replaces;
+and availability zone) that has capacity, tagged as the fleet's and with the id it replaces;
 then the stopped instance is terminated and its fleet record ends as ``migrated`` with
 ``replaced_by``. Pools that were just reclaimed are tried last: after a spot interruption
 the same type in the same zone is likely to be reclaimed again soon.
@@ -38,8 +38,15 @@ CAPACITY_ERRORS = frozenset(
     }
 )
 #: Errors no retry can fix.
-PERMANENT_ERRORS = frozenset({"UnauthorizedOperation", "AuthFailure", "InvalidLaunchTemplateId.NotFound",
-                              "InvalidLaunchTemplateId.Malformed", "InvalidParameterValue"})
+PERMANENT_ERRORS = frozenset(
+    {
+        "UnauthorizedOperation",
+        "AuthFailure",
+        "InvalidLaunchTemplateId.NotFound",
+        "InvalidLaunchTemplateId.Malformed",
+        "InvalidParameterValue",
+    }
+)
 
 
 def _error_code(error: ClientError) -> str:
@@ -73,8 +80,12 @@ class AwsEc2Provider:
             raise RuntimeError(
                 f"provider 'aws' needs {Env.FLEET_NAME.value} and {Env.LAUNCH_TEMPLATE_ID.value}"
             )
-        return cls(fleet=fleet, launch_template_id=template, fleet_store=FleetStore(),
-                   asg_name=os.environ.get(Env.ASG_NAME) or None)
+        return cls(
+            fleet=fleet,
+            launch_template_id=template,
+            fleet_store=FleetStore(),
+            asg_name=os.environ.get(Env.ASG_NAME) or None,
+        )
 
     # ------------------------------------------------------------------ listing
     def list_instances(self) -> list[CandidateInstance]:
@@ -108,17 +119,30 @@ class AwsEc2Provider:
         }
         name = next((t["Value"] for t in instance.get("Tags", []) if t.get("Key") == "Name"), None)
         if state != "stopped":
-            return CandidateInstance(instance_id, state, False, f"state is {state}, not stopped", name, attributes)
+            return CandidateInstance(
+                instance_id, state, False, f"state is {state}, not stopped", name, attributes
+            )
         record = self._store.get(instance_id)
         if record is not None and record.replaced_by:
-            return CandidateInstance(instance_id, state, False, f"already replaced by {record.replaced_by}", name,
-                                     attributes)
+            return CandidateInstance(
+                instance_id, state, False, f"already replaced by {record.replaced_by}", name, attributes
+            )
         if reason_code == SPOT_RECLAIM_STATE_REASON:
-            return CandidateInstance(instance_id, state, True, f"state reason {reason_code}", name, attributes)
+            return CandidateInstance(
+                instance_id, state, True, f"state reason {reason_code}", name, attributes
+            )
         if record is not None and record.end_reason is EndReason.SPOT_RECLAIM:
-            return CandidateInstance(instance_id, state, True, "fleet record ended by spot reclaim", name, attributes)
-        return CandidateInstance(instance_id, state, False, f"stopped, but not by a spot reclaim ({reason_code or 'no reason'})",
-                                 name, attributes)
+            return CandidateInstance(
+                instance_id, state, True, "fleet record ended by spot reclaim", name, attributes
+            )
+        return CandidateInstance(
+            instance_id,
+            state,
+            False,
+            f"stopped, but not by a spot reclaim ({reason_code or 'no reason'})",
+            name,
+            attributes,
+        )
 
     # ------------------------------------------------------------------ migration
     def migrate(self, instance: CandidateInstance, *, job_id: str, attempt: int) -> MigrationResult:
@@ -137,7 +161,9 @@ class AwsEc2Provider:
                 code = _error_code(error)
                 if code in CAPACITY_ERRORS:
                     continue
-                raise MigrationError(f"RunInstances failed: {code}: {error}", retryable=code not in PERMANENT_ERRORS) from None
+                raise MigrationError(
+                    f"RunInstances failed: {code}: {error}", retryable=code not in PERMANENT_ERRORS
+                ) from None
             chosen = (instance_type, zone)
             break
         if new_id is None:
@@ -155,15 +181,23 @@ class AwsEc2Provider:
             instance.instance_id,
             fleet=self._fleet,
             state=InstanceState.ENDED,
-            fields={"end_reason": EndReason.MIGRATED.value, "replaced_by": new_id, "ended_at": now,
-                    "ec2_state": "terminated" if not terminate_error else "stopped"},
+            fields={
+                "end_reason": EndReason.MIGRATED.value,
+                "replaced_by": new_id,
+                "ended_at": now,
+                "ec2_state": "terminated" if not terminate_error else "stopped",
+            },
         )
         self._store.advance(
             new_id,
             fleet=self._fleet,
             state=InstanceState.LAUNCHING,
-            fields={"launched_at": now, "instance_type": chosen[0], "availability_zone": chosen[1],
-                    "ec2_state": "pending"},
+            fields={
+                "launched_at": now,
+                "instance_type": chosen[0],
+                "availability_zone": chosen[1],
+                "ec2_state": "pending",
+            },
         )
         details = {"instanceType": chosen[0], "availabilityZone": chosen[1], "replaces": instance.instance_id}
         if terminate_error:

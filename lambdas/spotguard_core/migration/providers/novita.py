@@ -79,8 +79,10 @@ class NovitaClient:
             batch = list(body.get("instances") or [])
             instances.extend(batch)
             total = body.get("total")
-            if not batch or (total is not None and len(instances) >= int(total)) or (
-                total is None and len(batch) < page_size
+            if (
+                not batch
+                or (total is not None and len(instances) >= int(total))
+                or (total is None and len(batch) < page_size)
             ):
                 return instances
             page += 1
@@ -118,7 +120,9 @@ class NovitaClient:
                 if attempt == HTTP_ATTEMPTS or method != "GET":
                     raise last from None
                 time.sleep(0.2 * attempt)
-        raise last or NovitaApiError(0, "UNKNOWN", "no response")  # pragma: no cover - loop always returns/raises
+        raise last or NovitaApiError(
+            0, "UNKNOWN", "no response"
+        )  # pragma: no cover - loop always returns/raises
 
 
 def _api_error(exc: urllib.error.HTTPError) -> NovitaApiError:
@@ -126,13 +130,17 @@ def _api_error(exc: urllib.error.HTTPError) -> NovitaApiError:
         payload = json.loads(exc.read() or b"{}")
     except (ValueError, OSError):
         payload = {}
-    return NovitaApiError(exc.code, str(payload.get("reason") or exc.reason), str(payload.get("message") or ""))
+    return NovitaApiError(
+        exc.code, str(payload.get("reason") or exc.reason), str(payload.get("message") or "")
+    )
 
 
 def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
     header = exc.headers.get("Retry-After") if exc.headers else None
     try:
-        return min(float(header), MAX_RETRY_AFTER_SECONDS) if header is not None else 0.25 * 2 ** (attempt - 1)
+        return (
+            min(float(header), MAX_RETRY_AFTER_SECONDS) if header is not None else 0.25 * 2 ** (attempt - 1)
+        )
     except ValueError:
         return 0.25 * 2 ** (attempt - 1)
 

@@ -1,0 +1,286 @@
+"""api λ through API-Gateway-shaped events, against tables on the moto server."""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from datetime import UTC, datetime, timedelta
+
+import boto3
+import pytest
+from spotguard_core import contracts
+from spotguard_core.contracts import BootstrapStatus, EndReason, Env, FleetRecord, InstanceState
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.migration.models import JobRecord, JobStatus, JobSummary, JobTrigger
+from spotguard_core.migration.store import JobStore
+from spotguard_functions import api
+from spotguard_tools.novita_contract_server import NovitaState, novita_instance, running_novita_server
+
+from tests.integration.ops_fixtures import FakeLambdaContext, create_tables, rest_event
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def tables(moto_server, monkeypatch):
+    create_tables(monkeypatch)
+    monkeypatch.setenv(Env.FLEET_NAME.value, "workers")
+    monkeypatch.delenv(Env.RECONCILER_FUNCTION.value, raising=False)
+    return moto_server
+
+
+def call(event):
+    response = api.handler(event, FakeLambdaContext())
+    return response["statusCode"], json.loads(response["body"])
+
+
+def finished_job(
+    job_id, *, status=JobStatus.COMPLETED, trigger=JobTrigger.SCHEDULED, minutes_ago=0, errors=0, migrated=0
+):
+    started = datetime.now(UTC) - timedelta(minutes=minutes_ago)
+    job = JobRecord(
+        job_id=job_id,
+        trigger=trigger,
+        provider="aws",
+        dry_run=False,
+        status=status,
+        started_at=started,
+        ended_at=started + timedelta(seconds=3),
+        duration_ms=3000,
+        summary=JobSummary(
+            total_instances=4, eligible_instances=migrated, migrated_instances=migrated, error_count=errors
+        ),
+        errors=[f"e{n}" for n in range(errors)],
+    )
+    JobStore().record_finished(job)
+    return job
+
+
+def test_health_before_any_job(tables):
+    status, body = call(rest_event("GET", "/health"))
+    assert status == 200
+    assert body["status"] == "healthy" and body["fleet"] == "workers"
+    assert body["migrationService"] == {
+        "enabled": True,
+        "lastExecution": None,
+        "nextExecution": None,
+        "status": "healthy",
+        "recentErrors": 0,
+    }
+
+
+def test_health_reports_last_and_next_execution_and_recent_errors(tables, monkeypatch):
+    monkeypatch.setenv("MIGRATION_INTERVAL_MINUTES", "15")
+    first = finished_job("migration-job-1", minutes_ago=20, errors=2)
+    last = finished_job("migration-job-2", minutes_ago=5, status=JobStatus.FAILED, errors=1)
+    status, body = call(rest_event("GET", "/health"))
+    service = body["migrationService"]
+    assert status == 200 and first.job_id
+    assert datetime.fromisoformat(service["lastExecution"]) == last.started_at
+    assert datetime.fromisoformat(service["nextExecution"]) == last.started_at + timedelta(minutes=15)
+    assert service["recentErrors"] == 3
+    assert service["status"] == "degraded" and body["status"] == "degraded"
+
+    monkeypatch.setenv("MIGRATION_ENABLED", "false")
+    service = call(rest_event("GET", "/health"))[1]["migrationService"]
+    assert (
+        service["enabled"] is False and service["status"] == "disabled" and service["nextExecution"] is None
+    )
+
+
+def test_migration_status_has_the_seed_shape(tables, monkeypatch):
+    monkeypatch.setenv("MIGRATION_MAX_CONCURRENT", "7")
+    finished_job("migration-job-1", minutes_ago=10, migrated=2)
+    finished_job("migration-job-2", minutes_ago=5, status=JobStatus.FAILED, errors=1)
+    status, body = call(rest_event("GET", "/migration/status"))
+    assert status == 200
+    assert body["enabled"] is True
+    assert body["statistics"] == {
+        "totalExecutions": 2,
+        "successfulExecutions": 1,
+        "failedExecutions": 1,
+        "averageExecutionTime": 3000,
+        "totalMigrations": 2,
+        "totalInstancesProcessed": 8,
+    }
+    assert body["configuration"] == {
+        "intervalMinutes": 15,
+        "jobTimeoutMs": 600000,
+        "maxConcurrent": 7,
+        "dryRun": False,
+        "retryFailed": True,
+        "logLevel": "info",
+        "provider": "aws",
+    }
+    assert body["lastExecution"]["jobId"] == "migration-job-2"
+    assert body["lastExecution"]["status"] == "failed"  # the seed's monitoring script reads this
+
+
+def test_history_pages_and_bounds(tables):
+    for n in range(5):
+        finished_job(f"migration-job-{n}", minutes_ago=10 - n)
+    status, body = call(rest_event("GET", "/migration/history", query={"limit": "2", "offset": "1"}))
+    assert status == 200
+    assert (body["total"], body["limit"], body["offset"]) == (5, 2, 1)
+    assert [job["jobId"] for job in body["jobs"]] == ["migration-job-3", "migration-job-2"]
+    assert set(body["jobs"][0]) >= {
+        "jobId",
+        "trigger",
+        "startedAt",
+        "endedAt",
+        "durationMs",
+        "status",
+        "summary",
+        "outcomes",
+        "errors",
+    }
+    assert set(body["jobs"][0]["summary"]) == {
+        "totalInstances",
+        "eligibleInstances",
+        "migratedInstances",
+        "errorCount",
+    }
+    status, body = call(rest_event("GET", "/migration/history"))
+    assert status == 200 and body["limit"] == 20 and len(body["jobs"]) == 5
+    status, body = call(rest_event("GET", "/migration/history", query={"limit": "100", "offset": "10000"}))
+    assert status == 200 and body["jobs"] == []
+
+
+def test_trigger_runs_inline_without_a_reconciler_function(tables, monkeypatch):
+    with running_novita_server(NovitaState()) as novita:
+        novita.state.add(novita_instance("inst-1"), novita_instance("inst-2"), novita_instance("inst-3"))
+        secret = boto3.client("secretsmanager").create_secret(
+            Name="novita", SecretString=novita.state.api_key
+        )
+        monkeypatch.setenv("MIGRATION_PROVIDER", "novita")
+        monkeypatch.setenv(Env.NOVITA_API_URL.value, novita.url)
+        monkeypatch.setenv(Env.NOVITA_API_KEY_SECRET_ARN.value, secret["ARN"])
+        status, body = call(
+            rest_event("POST", "/migration/trigger", body={"dryRun": False, "maxMigrations": 2})
+        )
+        assert status == 200
+        assert body["status"] == "completed" and body["jobId"].startswith("migration-job-")
+        assert body["job"]["summary"]["migratedInstances"] == 2 and len(novita.state.migrated) == 2
+        assert body["job"]["trigger"] == "manual"
+
+        status, body = call(rest_event("POST", "/migration/trigger", body={"dryRun": True}))
+        assert status == 200 and body["dryRun"] is True and len(novita.state.migrated) == 2
+    history = call(rest_event("GET", "/migration/history"))[1]
+    assert history["total"] == 2
+
+
+def test_trigger_invokes_the_reconciler_asynchronously(tables, monkeypatch):
+    """With a reconciler function configured the API only invokes it (InvocationType=Event)
+    and answers 202 with the job id the reconciler will use."""
+    iam = boto3.client("iam")
+    role = iam.create_role(
+        RoleName="reconciler",
+        AssumeRolePolicyDocument=json.dumps(
+            {
+                "Version": "2012-10-17",
+                "Statement": [
+                    {
+                        "Effect": "Allow",
+                        "Principal": {"Service": "lambda.amazonaws.com"},
+                        "Action": "sts:AssumeRole",
+                    }
+                ],
+            }
+        ),
+    )["Role"]["Arn"]
+
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as bundle:
+        bundle.writestr("index.py", "def handler(event, context):\n    return event\n")
+    boto3.client("lambda").create_function(
+        FunctionName="spotguard-reconciler",
+        Runtime="python3.13",
+        Role=role,
+        Handler="index.handler",
+        Code={"ZipFile": archive.getvalue()},
+    )
+    monkeypatch.setenv(Env.RECONCILER_FUNCTION.value, "spotguard-reconciler")
+    status, body = call(rest_event("POST", "/migration/trigger", body={"dryRun": True, "maxMigrations": 3}))
+    assert status == 202
+    assert body["status"] == "accepted" and body["jobId"].startswith("migration-job-")
+    assert body["dryRun"] is True and body["maxMigrations"] == 3 and body["job"] is None
+
+
+def test_fleet_views(tables):
+    store = FleetStore()
+    now = contracts.now()
+    store.put(
+        FleetRecord(
+            instance_id="i-0aaaaaaaaaaaaaaa1",
+            fleet="workers",
+            state=InstanceState.READY,
+            bootstrap_status=BootstrapStatus.READY,
+            launched_at=now - 600,
+            ready_at=now - 500,
+            heartbeat_at=now - 5,
+            instance_type="m7i.large",
+            availability_zone="us-east-1a",
+            last_signal={
+                "kind": "rebalance",
+                "event_id": "e-1",
+                "source": "eventbridge",
+                "at": "2026-01-15T10:00:00+00:00",
+            },
+        )
+    )
+    store.put(
+        FleetRecord(
+            instance_id="i-0aaaaaaaaaaaaaaa2",
+            fleet="workers",
+            state=InstanceState.ENDED,
+            bootstrap_status=BootstrapStatus.FAILED,
+            bootstrap_reason="health port 9880 not listening",
+            end_reason=EndReason.BOOTSTRAP_FAILED,
+            ended_at=now,
+        )
+    )
+    status, body = call(rest_event("GET", "/fleet"))
+    assert status == 200 and body["count"] == 2
+    assert [i["instanceId"] for i in body["instances"]] == ["i-0aaaaaaaaaaaaaaa1", "i-0aaaaaaaaaaaaaaa2"]
+
+    status, body = call(rest_event("GET", "/fleet", query={"state": "ended"}))
+    assert status == 200 and [i["instanceId"] for i in body["instances"]] == ["i-0aaaaaaaaaaaaaaa2"]
+    status, body = call(rest_event("GET", "/fleet", query={"state": "exploded"}))
+    assert status == 400 and "state" in body["message"]
+
+    status, body = call(
+        rest_event(
+            "GET",
+            "/fleet/i-0aaaaaaaaaaaaaaa2",
+            resource="/fleet/{instanceId}",
+            path_parameters={"instanceId": "i-0aaaaaaaaaaaaaaa2"},
+        )
+    )
+    assert status == 200
+    assert body["state"] == "ended" and body["bootstrapStatus"] == "failed"
+    assert (
+        body["bootstrapReason"] == "health port 9880 not listening"
+        and body["endReason"] == "bootstrap_failed"
+    )
+    status, body = call(
+        rest_event(
+            "GET",
+            "/fleet/i-0aaaaaaaaaaaaaaa1",
+            resource="/fleet/{instanceId}",
+            path_parameters={"instanceId": "i-0aaaaaaaaaaaaaaa1"},
+        )
+    )
+    assert body["lastSignal"]["kind"] == "rebalance" and body["state"] == "ready"
+
+
+def test_unknown_instance_is_404(tables):
+    status, body = call(
+        rest_event(
+            "GET",
+            "/fleet/i-0bbbbbbbbbbbbbbbb",
+            resource="/fleet/{instanceId}",
+            path_parameters={"instanceId": "i-0bbbbbbbbbbbbbbbb"},
+        )
+    )
+    assert status == 404 and "not managed" in body["message"]

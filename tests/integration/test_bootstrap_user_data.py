@@ -1,0 +1,250 @@
+"""The stage-1 user data, rendered like Fn::Sub renders it and run by bash in a sandbox.
+
+The AWS CLI (awscli in .venv) talks to the moto server: the bundle is downloaded from a
+moto S3 bucket, the failure record goes to a moto DynamoDB table, tags to a moto EC2
+instance. systemctl, shutdown, logger, sleep and dnf are stand-ins on PATH
+(tests/support/agent_sandbox.py); the installer and the agent are the real ones.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from spotguard_core.contracts import (
+    BOOTSTRAP_REASON_TAG_KEY,
+    BOOTSTRAP_TAG_KEY,
+    FLEET_TABLE_PK,
+    LEASE_TABLE_PK,
+    LEASE_TABLE_SK,
+    Env,
+)
+from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
+from spotguard_tools.imds_emulator import ImdsEmulator
+
+from tests.support.agent_sandbox import Sandbox, make_sandbox
+
+pytestmark = pytest.mark.integration
+BUCKET = "cdk-hnb659fds-assets-123456789012-us-east-1"
+CONFIG_PARAMETER = "/spotguard/demo/agent-config"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def uptime_seconds() -> int:
+    return int(float(Path("/proc/uptime").read_text().split()[0]))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> BundleInfo:
+    return build_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture
+def instance(moto_server: Any) -> Iterator[tuple[str, ImdsEmulator]]:
+    ec2 = boto3.client("ec2")
+    instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1, InstanceType="m5.large")[
+        "Instances"
+    ][0]["InstanceId"]
+    emulator = ImdsEmulator(instance_id).start()
+    yield instance_id, emulator
+    emulator.stop()
+
+
+@pytest.fixture
+def world(moto_server: Any, bundle: BundleInfo) -> dict[str, Any]:
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=BUCKET)
+    key = f"{bundle.sha256}.tar.gz"
+    dynamodb = boto3.client("dynamodb")
+    dynamodb.create_table(
+        TableName="fleet",
+        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    dynamodb.create_table(
+        TableName="leases",
+        KeySchema=[
+            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
+            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
+        ],
+        AttributeDefinitions=[
+            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
+            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    queue_url = boto3.client("sqs").create_queue(QueueName="work")["QueueUrl"]
+    health_port = free_port()
+    boto3.client("ssm").put_parameter(
+        Name=CONFIG_PARAMETER,
+        Type="String",
+        Value=json.dumps(
+            {
+                Env.WORK_QUEUE_URL.value: queue_url,
+                Env.LEASE_TABLE.value: "leases",
+                Env.FLEET_TABLE.value: "fleet",
+                Env.HEALTH_PORT.value: str(health_port),
+                Env.IMDS_POLL_SECONDS.value: "0.5",
+                Env.HANDLER.value: "spotguard_agent.sample_handler:handle",
+            }
+        ),
+    )
+    return {"key": key, "health_port": health_port, "bundle": bundle}
+
+
+def values(
+    bundle: BundleInfo, *, key: str, sha256: str | None = None, deadline: int | None = None
+) -> dict[str, str]:
+    """Realistic values. The deadline counts from boot, so the default is 20 min from now."""
+    if deadline is None:
+        deadline = uptime_seconds() + 1200
+    return {
+        "Fleet": "demo",
+        "Region": "us-east-1",
+        "BundleUrl": f"s3://{BUCKET}/{key}",
+        "BundleSha256": sha256 or bundle.sha256,
+        "DeadlineSeconds": str(deadline),
+        "FleetTable": "fleet",
+        "AsgName": "spotguard-demo",
+        "LaunchHook": "spotguard-launch",
+        "ConfigParameter": CONFIG_PARAMETER,
+    }
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
+    box = make_sandbox(tmp_path)
+    yield box
+    box.stop_services()
+
+
+def run_user_data(sandbox: Sandbox, imds: ImdsEmulator, rendered: str, timeout: float = 90, **env: str) -> int:
+    script = sandbox.base / "user-data.sh"
+    script.write_text(rendered)
+    result = subprocess.run(
+        ["bash", str(script)],
+        env=sandbox.env(SPOTGUARD_IMDS_URL=imds.url, **env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    return result.returncode
+
+
+def log_of(sandbox: Sandbox) -> str:
+    path = sandbox.root / "var/log/spotguard-bootstrap.log"
+    # The log is written through a process substitution that may finish a moment later.
+    for _ in range(50):
+        if path.exists() and ("FATAL" in path.read_text() or "bootstrap done" in path.read_text()):
+            break
+        time.sleep(0.05)
+    return path.read_text() if path.exists() else ""
+
+
+def fleet_record(instance_id: str) -> dict[str, Any]:
+    return boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item", {})
+
+
+def tags(instance_id: str) -> dict[str, str]:
+    described = boto3.client("ec2").describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])
+    return {tag["Key"]: tag["Value"] for tag in described["Tags"]}
+
+
+def assert_failed_and_shut_down(sandbox: Sandbox, instance_id: str, code: int, reason: str) -> None:
+    assert code == 1
+    log = log_of(sandbox)
+    assert f"FATAL: {reason}" in log
+    assert sandbox.recorded("shutdown") == ["-h now"]
+    record = fleet_record(instance_id)
+    assert record["bootstrap_status"] == "failed"
+    assert reason in record["bootstrap_reason"]
+    assert record["fleet"] == "demo"
+    instance_tags = tags(instance_id)
+    assert instance_tags[BOOTSTRAP_TAG_KEY] == "failed"
+    assert reason in instance_tags[BOOTSTRAP_REASON_TAG_KEY]
+    assert sandbox.text("journal.log"), "the bootstrap also logs to the journal"
+
+
+def test_download_retries_with_backoff_then_installs_and_reports_ready(sandbox, instance, world):
+    instance_id, imds = instance
+    bundle: BundleInfo = world["bundle"]
+
+    def upload_after_two_failures() -> None:
+        while len(sandbox.recorded("sleep")) < 2:
+            time.sleep(0.02)
+        boto3.client("s3").upload_file(str(bundle.path), BUCKET, world["key"])
+
+    uploader = threading.Thread(target=upload_after_two_failures, daemon=True)
+    uploader.start()
+    rendered = render_user_data(values(bundle, key=world["key"]))
+    code = run_user_data(sandbox, imds, rendered, FAKE_SLEEP_SCALE="0.02")
+    log = log_of(sandbox)
+    assert code == 0, log + sandbox.text("spotguard-agent.service.out")
+    assert "bootstrap done" in log
+    assert [int(s) for s in sandbox.recorded("sleep") if int(s) >= 10][:2] == [10, 20], "exponential backoff"
+    assert log.count("retry in") == 2
+    assert sandbox.recorded("shutdown") == []
+    # Units active, health port listening, ready reported.
+    assert "enable spotguard-agent.service" in sandbox.recorded("systemctl")
+    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{world['health_port']}/health", timeout=5).read())
+    assert health["instance_id"] == instance_id
+    record = fleet_record(instance_id)
+    assert record["bootstrap_status"] == "ready"
+    assert record["state"] == "ready"
+    assert tags(instance_id)[BOOTSTRAP_TAG_KEY] == "ready"
+    env_file = (sandbox.root / "etc/spotguard/agent.env").read_text()
+    assert f"{Env.LEASE_TABLE.value}=leases" in env_file
+    assert (sandbox.root / "opt/spotguard/lib/spotguard_agent/worker.py").exists()
+
+
+def test_download_gives_up_after_five_retries(sandbox, instance, world):
+    instance_id, imds = instance
+    rendered = render_user_data(values(world["bundle"], key="missing.tar.gz"))
+    code = run_user_data(sandbox, imds, rendered)
+    assert [int(s) for s in sandbox.recorded("sleep") if int(s) >= 10] == [10, 20, 40, 50, 50]
+    assert_failed_and_shut_down(sandbox, instance_id, code, "download failed after 5 retries")
+
+
+def test_deadline_stops_the_retries(sandbox, instance, world):
+    instance_id, imds = instance
+    # 15 s from boot: the first 10 s backoff fits, the 20 s one does not.
+    rendered = render_user_data(values(world["bundle"], key="missing.tar.gz", deadline=uptime_seconds() + 15))
+    code = run_user_data(sandbox, imds, rendered, FAKE_SLEEP_SCALE="0.05")
+    assert_failed_and_shut_down(sandbox, instance_id, code, "deadline passed in download")
+    assert [int(s) for s in sandbox.recorded("sleep") if int(s) >= 10] == [10]
+
+
+def test_hash_mismatch_is_fatal(sandbox, instance, world):
+    instance_id, imds = instance
+    boto3.client("s3").upload_file(str(world["bundle"].path), BUCKET, world["key"])
+    rendered = render_user_data(values(world["bundle"], key=world["key"], sha256="0" * 64))
+    code = run_user_data(sandbox, imds, rendered)
+    assert_failed_and_shut_down(sandbox, instance_id, code, "bundle sha256 mismatch")
+    assert not (sandbox.root / "opt/spotguard/staging/install.py").exists(), "nothing unverified is run"
+
+
+def test_failed_verification_is_recorded_and_shuts_down(sandbox, instance, world):
+    instance_id, imds = instance
+    boto3.client("s3").upload_file(str(world["bundle"].path), BUCKET, world["key"])
+    # The unit never becomes active; the installer gives up shortly before the deadline.
+    rendered = render_user_data(values(world["bundle"], key=world["key"], deadline=uptime_seconds() + 11))
+    code = run_user_data(sandbox, imds, rendered, FAKE_SYSTEMCTL_FAIL="start")
+    assert_failed_and_shut_down(
+        sandbox, instance_id, code, "install failed: verification failed: spotguard-agent.service not active"
+    )

@@ -1,0 +1,117 @@
+"""The IMDS watcher against the emulator over HTTP: notices become signals within a poll."""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from spotguard_agent.imds import ImdsClient
+from spotguard_agent.watcher import Watcher
+from spotguard_core.contracts import RebalancePolicy, Signal, SignalKind, SignalSource
+from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
+
+POLL = 0.2
+
+
+@pytest.fixture
+def imds():
+    with running_imds("i-0aaaabbbbccccdddd") as emulator:
+        yield emulator
+
+
+def start_watcher(imds: ImdsEmulator, policy: RebalancePolicy = RebalancePolicy.REPLACE):
+    signals: queue.Queue[tuple[float, Signal]] = queue.Queue()
+    client = ImdsClient(imds.url, timeout_seconds=0.2, attempts=2, retry_delay_seconds=0.01)
+    watcher = Watcher(
+        client, lambda s: signals.put((time.monotonic(), s)), poll_seconds=POLL, rebalance_policy=policy
+    )
+    return watcher.start(), signals
+
+
+def test_spot_notice_reaches_the_drain_path_within_one_poll(imds: ImdsEmulator):
+    watcher, signals = start_watcher(imds)
+    try:
+        time.sleep(3 * POLL)
+        assert signals.empty()
+        deadline = datetime.now(UTC).replace(microsecond=0) + timedelta(minutes=2)
+        published_at = time.monotonic()
+        imds.set_spot_action("terminate", deadline)
+        seen_at, signal = signals.get(timeout=5)
+        # One poll interval plus the request itself.
+        assert seen_at - published_at <= POLL + 0.15
+        assert signal.kind is SignalKind.SPOT_INTERRUPTION
+        assert signal.source is SignalSource.IMDS
+        assert signal.instance_id == "i-0aaaabbbbccccdddd"
+        assert signal.deadline == deadline
+        assert signal.state == "terminate"
+        time.sleep(3 * POLL)
+        assert signals.empty(), "a notice is handed over once"
+    finally:
+        watcher.stop()
+
+
+def test_watcher_survives_errors_timeouts_and_token_expiry(imds: ImdsEmulator):
+    watcher, signals = start_watcher(imds)
+    try:
+        time.sleep(2 * POLL)
+        imds.fail_next(8, status=500)
+        time.sleep(3 * POLL)
+        imds.set_delay(0.5)  # every request times out
+        time.sleep(4 * POLL)
+        imds.set_delay(0)
+        imds.expire_tokens()
+        time.sleep(2 * POLL)
+        assert watcher.errors >= 2
+        assert watcher._thread is not None and watcher._thread.is_alive()
+        published_at = time.monotonic()
+        imds.set_target_lifecycle_state("Terminated")
+        seen_at, signal = signals.get(timeout=5)
+        assert seen_at - published_at <= POLL + 0.3
+        assert signal.kind is SignalKind.LIFECYCLE_TERMINATE
+        assert signal.deadline is None
+        assert watcher.imds.tokens_fetched >= 2
+    finally:
+        watcher.stop()
+
+
+def test_rebalance_drains_only_under_the_drain_policy(imds: ImdsEmulator):
+    imds.set_rebalance()
+    replace, replace_signals = start_watcher(imds, RebalancePolicy.REPLACE)
+    drain, drain_signals = start_watcher(imds, RebalancePolicy.DRAIN)
+    try:
+        _, signal = drain_signals.get(timeout=5)
+        assert signal.kind is SignalKind.REBALANCE
+        assert signal.deadline is not None and signal.deadline > datetime.now(UTC)
+        time.sleep(3 * POLL)
+        assert replace_signals.empty()
+    finally:
+        replace.stop()
+        drain.stop()
+
+
+def test_watch_command_prints_one_json_line_per_notice(imds: ImdsEmulator):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spotguard_agent.cli", "watch", "--imds-url", imds.url, "--poll-seconds", "0.2",
+         "--count", "2", "--timeout", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        imds.set_spot_action("stop")
+        imds.set_target_lifecycle_state("Terminated")
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert process.returncode == 0, err
+    assert {line["kind"] for line in lines} == {"spot_interruption", "lifecycle_terminate"}
+    assert all(line["instance_id"] == "i-0aaaabbbbccccdddd" for line in lines)
+    spot = next(line for line in lines if line["kind"] == "spot_interruption")
+    assert spot["deadline"] is not None and spot["state"] == "stop"

@@ -1,0 +1,236 @@
+"""The pure decision functions: one per signal kind, by state, never by arrival order."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spotguard_core.contracts import (
+    BootstrapStatus,
+    EndReason,
+    FleetRecord,
+    InstanceState,
+    NotificationType,
+    RebalancePolicy,
+    Signal,
+    SignalKind,
+    SignalSource,
+)
+from spotguard_core.control_settings import ControlSettings, SettingsError
+from spotguard_core.decisions import (
+    CorrectEndReason,
+    Notify,
+    RecordDraining,
+    RecordEnded,
+    RecordLaunching,
+    RequestReplacement,
+    RequeueLeases,
+    TerminateInstance,
+    decide,
+)
+from spotguard_core.managed import TtlLru
+from spotguard_tools.cli import main
+
+INSTANCE = "i-1234567890abcdef0"
+NOW = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)
+SETTINGS = ControlSettings(fleet="render", asg_name="spotguard-render")
+
+
+def signal(kind: SignalKind, *, state: str | None = None, deadline: datetime | None = None) -> Signal:
+    return Signal(
+        instance_id=INSTANCE,
+        kind=kind,
+        source=SignalSource.EVENTBRIDGE,
+        event_id="e",
+        received_at=NOW,
+        event_time=NOW,
+        state=state,
+        deadline=deadline,
+    )
+
+
+def record(state: InstanceState, **kwargs) -> FleetRecord:
+    return FleetRecord(instance_id=INSTANCE, fleet="render", state=state, **kwargs)
+
+
+def names(actions) -> list[str]:
+    return [a.name for a in actions]
+
+
+def test_warning_drains_replaces_notifies_and_does_not_requeue():
+    actions = decide(
+        signal(SignalKind.SPOT_INTERRUPTION, deadline=NOW + timedelta(minutes=2)),
+        record(InstanceState.READY),
+        SETTINGS,
+    )
+    assert names(actions) == ["RecordDraining", "RequestReplacement", "Notify"]
+    draining = actions[0]
+    assert isinstance(draining, RecordDraining)
+    assert draining.drain_deadline_at == (NOW + timedelta(minutes=2)).timestamp()
+    assert isinstance(actions[2], Notify) and actions[2].notification is NotificationType.INSTANCE_INTERRUPTED
+    assert not any(isinstance(a, RequeueLeases) for a in actions)
+
+
+def test_warning_without_early_replacement():
+    settings_ = ControlSettings(fleet="render", asg_name="g", early_replacement=False)
+    actions = decide(signal(SignalKind.SPOT_INTERRUPTION), record(InstanceState.READY), settings_)
+    assert names(actions) == ["RecordDraining", "Notify"]
+
+
+def test_duplicate_warning_does_nothing_more():
+    current = record(InstanceState.DRAINING, interrupted_at=NOW.timestamp(), replacement_requested_at=1.0)
+    assert decide(signal(SignalKind.SPOT_INTERRUPTION), current, SETTINGS) == []
+
+
+def test_late_warning_on_ended_record_only_corrects_the_reason():
+    ended = record(InstanceState.ENDED, end_reason=EndReason.TERMINATED)
+    actions = decide(signal(SignalKind.SPOT_INTERRUPTION), ended, SETTINGS)
+    assert len(actions) == 1 and isinstance(actions[0], CorrectEndReason)
+    already = record(InstanceState.ENDED, end_reason=EndReason.BOOTSTRAP_DEADLINE)
+    assert decide(signal(SignalKind.SPOT_INTERRUPTION), already, SETTINGS) == []
+
+
+@pytest.mark.parametrize(
+    ("state", "current", "reason"),
+    [
+        ("terminated", record(InstanceState.DRAINING, interrupted_at=1.0), EndReason.SPOT_RECLAIM),
+        ("stopped", record(InstanceState.DRAINING, interrupted_at=1.0), EndReason.SPOT_RECLAIM),
+        ("stopping", record(InstanceState.READY), EndReason.STOPPED),
+        ("shutting-down", None, EndReason.TERMINATED),
+        (
+            "terminated",
+            record(InstanceState.DRAINING, last_signal={"kind": "lifecycle_terminate"}),
+            EndReason.SCALE_IN,
+        ),
+    ],
+)
+def test_state_change_requeues_then_records_the_end(state, current, reason):
+    actions = decide(signal(SignalKind.STATE_CHANGE, state=state), current, SETTINGS)
+    assert names(actions) == ["RequeueLeases", "RecordEnded"]
+    assert isinstance(actions[1], RecordEnded) and actions[1].end_reason is reason
+
+
+def test_state_change_on_ended_record_still_requeues_but_never_reopens():
+    actions = decide(
+        signal(SignalKind.STATE_CHANGE, state="terminated"), record(InstanceState.ENDED), SETTINGS
+    )
+    assert names(actions) == ["RequeueLeases"]
+
+
+def test_running_state_does_nothing():
+    assert (
+        decide(signal(SignalKind.STATE_CHANGE, state="running"), record(InstanceState.READY), SETTINGS) == []
+    )
+
+
+def test_requeue_disabled_removes_requeues():
+    baseline = ControlSettings(fleet="render", asg_name="g", requeue_enabled=False)
+    actions = decide(
+        signal(SignalKind.STATE_CHANGE, state="terminated"), record(InstanceState.READY), baseline
+    )
+    assert names(actions) == ["RecordEnded"]
+
+
+@pytest.mark.parametrize("kind", [SignalKind.REBALANCE, SignalKind.HEALTH_SCHEDULED])
+@pytest.mark.parametrize(
+    ("policy", "expected"),
+    [
+        (RebalancePolicy.IGNORE, []),
+        (RebalancePolicy.REPLACE, ["RequestReplacement"]),
+        (RebalancePolicy.DRAIN, ["RecordDraining", "RequestReplacement"]),
+    ],
+)
+def test_rebalance_and_health_follow_the_policy(kind, policy, expected):
+    settings_ = ControlSettings(fleet="render", asg_name="g", rebalance_policy=policy)
+    assert names(decide(signal(kind), record(InstanceState.READY), settings_)) == expected
+
+
+def test_lifecycle_launch_sets_deadline_and_late_launch_changes_nothing():
+    [action] = decide(signal(SignalKind.LIFECYCLE_LAUNCH), None, SETTINGS)
+    assert isinstance(action, RecordLaunching)
+    assert action.bootstrap_deadline_at - action.launched_at == SETTINGS.bootstrap_deadline_seconds
+    assert decide(signal(SignalKind.LIFECYCLE_LAUNCH), record(InstanceState.READY), SETTINGS) == []
+
+
+def test_lifecycle_terminate_is_bookkeeping():
+    assert names(decide(signal(SignalKind.LIFECYCLE_TERMINATE), record(InstanceState.READY), SETTINGS)) == [
+        "RecordDraining"
+    ]
+
+
+def test_watchdog_kinds():
+    launching = record(InstanceState.LAUNCHING)
+    actions = decide(signal(SignalKind.BOOTSTRAP_DEADLINE), launching, SETTINGS)
+    assert isinstance(actions[0], TerminateInstance) and actions[0].reason is EndReason.BOOTSTRAP_DEADLINE
+    assert "Notify" in names(actions)
+    ready = record(InstanceState.LAUNCHING, bootstrap_status=BootstrapStatus.READY)
+    assert decide(signal(SignalKind.BOOTSTRAP_DEADLINE), ready, SETTINGS) == []
+    stale = decide(signal(SignalKind.HEARTBEAT_STALE), record(InstanceState.READY), SETTINGS)
+    assert names(stale) == ["RequeueLeases", "TerminateInstance", "RecordEnded"]
+    assert names(decide(signal(SignalKind.DRAIN_DEADLINE), record(InstanceState.DRAINING), SETTINGS)) == [
+        "RequeueLeases"
+    ]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(list(SignalKind)),
+    state=st.sampled_from(["pending", "running", "stopping", "stopped", "shutting-down", "terminated", None]),
+    end_reason=st.sampled_from(list(EndReason)),
+)
+def test_an_ended_record_is_never_moved_back(kind, state, end_reason):
+    ended = record(InstanceState.ENDED, end_reason=end_reason)
+    for action in decide(signal(kind, state=state), ended, SETTINGS):
+        assert not isinstance(action, RecordDraining | RecordLaunching | RecordEnded | RequestReplacement)
+        assert not isinstance(action, TerminateInstance)
+
+
+def test_settings_from_env_validate_with_a_message():
+    with pytest.raises(SettingsError, match="SPOTGUARD_FLEET_NAME"):
+        ControlSettings.from_env({})
+    with pytest.raises(SettingsError, match="ignore, replace, drain"):
+        ControlSettings.from_env({"SPOTGUARD_FLEET_NAME": "f", "SPOTGUARD_REBALANCE_POLICY": "panic"})
+    with pytest.raises(SettingsError, match="true or false"):
+        ControlSettings.from_env({"SPOTGUARD_FLEET_NAME": "f", "SPOTGUARD_REQUEUE_ENABLED": "maybe"})
+    parsed = ControlSettings.from_env({"SPOTGUARD_FLEET_NAME": "f", "SPOTGUARD_REQUEUE_ENABLED": "false"})
+    assert parsed.asg_name == "spotguard-f" and parsed.requeue_enabled is False
+
+
+def test_ttl_lru_expires_and_evicts():
+    now = [0.0]
+    cache = TtlLru(maxsize=2, ttl=10, clock=lambda: now[0])
+    cache.put("a", True)
+    cache.put("b", False)
+    assert cache.get("a") is True
+    cache.put("c", True)  # evicts b (least recently used)
+    assert cache.get("b") is None and len(cache) == 2
+    now[0] = 11
+    assert cache.get("a") is None
+
+
+EVENTS = Path(__file__).resolve().parents[1] / "events"
+
+
+def test_explain_prints_signal_and_actions_without_aws(capsys, monkeypatch):
+    monkeypatch.delenv("SPOTGUARD_FLEET_TABLE", raising=False)
+    code = main(["explain", str(EVENTS / "state_change_terminated.json"), "--fleet", "render"])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["signals"][0]["kind"] == "state_change" and out["signals"][0]["state"] == "terminated"
+    assert [a["action"] for a in out["actions"]] == ["RequeueLeases", "RecordEnded"]
+    assert out["notes"]
+
+
+def test_explain_rejects_malformed_with_non_zero_exit(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"detail-type": "EC2 Spot Instance Interruption Warning"}')
+    code = main(["explain", str(bad)])
+    captured = capsys.readouterr()
+    assert code != 0
+    assert json.loads(captured.out)["rejected"] is True
+    assert "rejected: malformed envelope" in captured.err
