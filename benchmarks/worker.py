@@ -24,15 +24,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import boto3  # noqa: E402
-from spotguard_agent.config import AgentConfig  # noqa: E402
-from spotguard_agent.imds import ImdsClient  # noqa: E402
-from spotguard_agent.watcher import Watcher  # noqa: E402
-from spotguard_agent.worker import Worker  # noqa: E402
-from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, Metric  # noqa: E402
-from spotguard_tools.imds_emulator import running_imds  # noqa: E402
+import boto3
+from spotguard_agent.config import AgentConfig
+from spotguard_agent.imds import ImdsClient
+from spotguard_agent.watcher import Watcher
+from spotguard_agent.worker import Worker
+from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, Metric
+from spotguard_tools.imds_emulator import running_imds
 
-from tests.support.moto_server import running_moto_server  # noqa: E402
+from tests.support.moto_server import running_moto_server
 
 
 def percentile(values: list[float], q: float) -> float:

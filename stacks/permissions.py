@@ -1,5 +1,8 @@
 """Least-privilege policies of the control-plane roles (one role per function).
 
+``Resource: *`` statements (X-Ray, describe calls) are acknowledged once per role in
+``functions.ControlPlaneFunction`` (one finding id per role, one reason).
+
 Destructive EC2/ASG actions carry the fleet tag condition
 (``aws:ResourceTag/spotguard:fleet = <fleet>``): even a bug that picks a foreign instance
 id cannot terminate or detach it. No statement grants ``*`` or ``service:*`` actions;
@@ -19,7 +22,6 @@ from constructs import IConstruct
 from spotguard_core import contracts
 
 from stacks.fleet import asg_arn, fleet_tag_condition, instance_arn_pattern
-from stacks.functions import RESOURCE_STAR_REASON
 from stacks.nag import acknowledge, iam5_resource
 
 _INSTANCE_REASON = (
@@ -27,7 +29,6 @@ _INSTANCE_REASON = (
     "aws:ResourceTag/spotguard:fleet (or ec2:CreateAction=RunInstances for launch tags)."
 )
 _ASG_REASON = "Auto Scaling group ARNs contain a generated id; the ARN is pinned by the group name."
-_RESOURCE_STAR = "AwsSolutions-IAM5[Resource::*]"
 
 
 def _lease_ops(role: iam.IRole, leases: dynamodb.ITable) -> None:
@@ -89,7 +90,6 @@ def grant_dispatcher(
         )
     )
     bus.grant_put_events_to(role)
-    acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
     acknowledge(role, iam5_resource(role, asg_arn(role, asg)), _ASG_REASON)
     _acknowledge_table_grants(role, [fleet_table, idempotency])
 
@@ -118,7 +118,6 @@ def grant_watchdog(
         iam.PolicyStatement(sid="SeeInstanceStates", actions=["ec2:DescribeInstances"], resources=["*"])
     )
     bus.grant_put_events_to(role)
-    acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
     acknowledge(role, iam5_resource(role, instance_arn_pattern(role)), _INSTANCE_REASON)
     _acknowledge_table_grants(role, [fleet_table])
 
@@ -203,7 +202,6 @@ def grant_reconciler(
             "The Novita API key secret is referenced by name; Secrets Manager appends a random "
             "6-character suffix to secret ARNs.",
         )
-    acknowledge(role, _RESOURCE_STAR, RESOURCE_STAR_REASON)
     for finding in (iam5_resource(role, arn) for arn in launched):
         acknowledge(
             role,

@@ -43,6 +43,8 @@ from spotguard_core.contracts import (
     agent_config_parameter,
 )
 
+from spotguard_agent.config import ConfigError, load_config
+
 LOG = logging.getLogger("spotguard.installer")
 UNIT_NAME = "spotguard-agent.service"
 UNIT_DIR = "etc/systemd/system"
@@ -122,6 +124,7 @@ class Installer:
             self.wait_for_cloud_init()
             self.ensure_boto3()
             env = self.write_env_file()
+            self.check_config(env)
             self.place_files()
             self.install_unit()
             self.start_and_verify(int(env.get(Env.HEALTH_PORT.value, "8080")))
@@ -161,7 +164,9 @@ class Installer:
         )
         for command in attempts:
             LOG.info("boto3 missing: %s", " ".join(command))
-            subprocess.run(command, capture_output=True, check=False, timeout=min(600, max(30, self.seconds_left())))  # noqa: S603
+            subprocess.run(  # noqa: S603 - fixed argv
+                command, capture_output=True, check=False, timeout=min(600, max(30, self.seconds_left()))
+            )
             if importable():
                 return
         raise InstallError(f"boto3 is not importable by {self.python} (dnf and pip failed)")
@@ -215,6 +220,13 @@ class Installer:
         LOG.info("wrote %s (%d settings)", self.env_file, len(env))
         return env
 
+    def check_config(self, env: Mapping[str, str]) -> None:
+        """Fail the bootstrap with a clear reason instead of a unit that restarts forever."""
+        try:
+            load_config(env).validate_worker()
+        except ConfigError as error:
+            raise InstallError(f"agent configuration invalid: {error}") from error
+
     def place_files(self) -> None:
         staging = self.install_root / "lib.new"
         shutil.rmtree(staging, ignore_errors=True)
@@ -256,7 +268,9 @@ class Installer:
     def start_and_verify(self, health_port: int) -> None:
         self.systemctl("restart", UNIT_NAME)
         # Leave the stage-1 script a few seconds to record the failure before its deadline.
-        budget = min(self.verify_timeout_seconds, max(1.0, self.seconds_left() - VERIFY_DEADLINE_MARGIN_SECONDS))
+        budget = min(
+            self.verify_timeout_seconds, max(1.0, self.seconds_left() - VERIFY_DEADLINE_MARGIN_SECONDS)
+        )
         deadline = time.monotonic() + budget
         active = listening = False
         while time.monotonic() < deadline:

@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 from spotguard_core.contracts import (
     BOOTSTRAP_REASON_TAG_KEY,
     BOOTSTRAP_TAG_KEY,
@@ -23,7 +24,8 @@ from spotguard_core.contracts import (
 from spotguard_agent.awsclients import AwsClients
 
 LOG = logging.getLogger("spotguard.report")
-AWS_ERRORS = (BotoCoreError, ClientError)
+#: botocore raises ResponseParserError (not a BotoCoreError) for a garbled 5xx body.
+AWS_ERRORS = (BotoCoreError, ClientError, ResponseParserError)
 #: EC2 tag values are limited to 256 characters.
 MAX_TAG_VALUE = 256
 
@@ -69,7 +71,7 @@ class Reporter:
                 LOG.info("fleet record already past %s; updating without the state", state.value)
                 return self._update(sets)
             LOG.warning("fleet record update failed: %s", error)
-        except BotoCoreError as error:
+        except (BotoCoreError, ResponseParserError) as error:
             LOG.warning("fleet record update failed: %s", error)
         return False
 

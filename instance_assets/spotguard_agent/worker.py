@@ -31,6 +31,7 @@ from typing import Any
 
 from boto3.dynamodb.types import TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.parsers import ResponseParserError
 from spotguard_core.contracts import (
     METRIC_DIMENSION_FLEET,
     METRIC_NAMESPACE,
@@ -50,7 +51,8 @@ from spotguard_agent.config import AgentConfig
 from spotguard_agent.report import Reporter
 
 LOG = logging.getLogger("spotguard.worker")
-AWS_ERRORS = (BotoCoreError, ClientError)
+#: botocore raises ResponseParserError (not a BotoCoreError) for a garbled 5xx body.
+AWS_ERRORS = (BotoCoreError, ClientError, ResponseParserError)
 MAX_BACKOFF_SECONDS = 900
 _SERIALIZER = TypeSerializer()
 
@@ -401,6 +403,15 @@ class Worker:
 
     # ------------------------------------------------------------------ heartbeat loop
     def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                self._heartbeat_until_idle()
+                return
+            except Exception:  # the heartbeat must outlive any single failure
+                LOG.exception("heartbeat loop error (continuing)")
+                time.sleep(0.5)
+
+    def _heartbeat_until_idle(self) -> None:
         extend_every = max(0.5, self.config.visibility_timeout_seconds / 3)
         next_fleet = 0.0
         next_lifecycle = 0.0

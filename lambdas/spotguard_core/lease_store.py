@@ -8,7 +8,7 @@ per-message interruption requeue counters under ``message#<msg>`` / ``requeues``
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from boto3.dynamodb.conditions import Attr, Key
@@ -27,9 +27,8 @@ from spotguard_core.contracts import (
 )
 
 LEASE_SK_PREFIX = "lease#"
-#: DynamoDB limits: 25 writes per BatchWriteItem, 100 actions per TransactWriteItems.
+#: DynamoDB limit: 25 writes per BatchWriteItem.
 BATCH_WRITE_LIMIT = 25
-TRANSACTION_LIMIT = 100
 
 
 class LeaseStore:
@@ -93,29 +92,21 @@ class LeaseStore:
             time.sleep(min(2.0, 0.05 * 2**attempt))
         raise RuntimeError(f"lease deletes left unprocessed after retries: {pending}")
 
-    def increment_requeue_counters(self, message_ids: Sequence[str], *, now: float | None = None) -> None:
-        """Add one interruption requeue to each message's counter (100 per transaction).
+    def increment_requeue_counter(self, message_id: str, *, now: float | None = None) -> None:
+        """Add one interruption requeue to the message's counter (``ADD``: creates it at 1).
 
-        The resource layer's client serialises plain values for every operation, so the
-        transaction items use plain Python values too.
+        One UpdateItem per message: a transaction would save calls on DynamoDB but makes a
+        whole group fail together (and moto deep-copies tables per transaction, which made
+        the 1,000-lease benchmark take minutes). Callers run these concurrently.
         """
         expires_at = int((now or time.time()) + REQUEUE_COUNTER_TTL_SECONDS)
-        names = {"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE}
-        for start in range(0, len(message_ids), TRANSACTION_LIMIT):
-            chunk = list(dict.fromkeys(message_ids[start : start + TRANSACTION_LIMIT]))
-            items = [
-                {
-                    "Update": {
-                        "TableName": self.table.name,
-                        "Key": requeue_counter_key(m),
-                        "UpdateExpression": "ADD #count :one SET #ttl = :ttl",
-                        "ExpressionAttributeNames": names,
-                        "ExpressionAttributeValues": {":one": 1, ":ttl": expires_at},
-                    }
-                }
-                for m in chunk
-            ]
-            self._client.transact_write_items(TransactItems=items)
+        self._client.update_item(
+            TableName=self.table.name,
+            Key=requeue_counter_key(message_id),
+            UpdateExpression="ADD #count :one SET #ttl = :ttl",
+            ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={":one": 1, ":ttl": expires_at},
+        )
 
     def requeue_count(self, message_id: str) -> int:
         """How often interruptions requeued ``message_id`` (what the worker subtracts)."""

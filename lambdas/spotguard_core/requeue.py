@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,8 @@ from spotguard_core.ports import MetricsSink
 LOGGER = logging.getLogger(__name__)
 SQS_BATCH_LIMIT = 10
 MAX_ATTEMPTS = 6
+#: Chunks of ten requeued at once (boto3 clients are thread-safe).
+DEFAULT_CONCURRENCY = 8
 BASE_BACKOFF_SECONDS = 0.05
 #: Entry error codes meaning the message is not in flight for this receipt handle any more:
 #: deleted by the worker, received again elsewhere, or its handle expired. Nothing to do.
@@ -89,7 +92,9 @@ class Requeuer:
         metrics: MetricsSink,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
+        concurrency: int = DEFAULT_CONCURRENCY,
     ) -> None:
+        self.concurrency = max(1, concurrency)
         self.lease_store = lease_store
         self.sqs = sqs
         self.metrics = metrics
@@ -108,16 +113,19 @@ class Requeuer:
         result = RequeueResult(instance_id=instance_id, leases=len(leases))
         if not leases:
             return result
-        self.lease_store.increment_requeue_counters([lease.message_id for lease in leases])
-        done: list[Lease] = []
-        failed: list[Lease] = []
+        chunks: list[tuple[str, list[Lease]]] = []
         by_queue: dict[str, list[Lease]] = {}
         for lease in leases:
             by_queue.setdefault(lease.queue_url, []).append(lease)
         for queue_url, queue_leases in by_queue.items():
             for start in range(0, len(queue_leases), SQS_BATCH_LIMIT):
-                chunk = queue_leases[start : start + SQS_BATCH_LIMIT]
-                visible, gone, still_failed = self._change_visibility(queue_url, chunk)
+                chunks.append((queue_url, queue_leases[start : start + SQS_BATCH_LIMIT]))
+        done: list[Lease] = []
+        failed: list[Lease] = []
+        # Chunks of ten run concurrently: each counts its messages' requeues, then makes
+        # them visible; the first messages are back on the queue after two round trips.
+        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
+            for visible, gone, still_failed in pool.map(lambda chunk: self._requeue_chunk(*chunk), chunks):
                 result.requeued += len(visible)
                 result.already_gone += len(gone)
                 done.extend(visible + gone)
@@ -137,6 +145,14 @@ class Requeuer:
                 f"{len(failed)} of {len(leases)} messages of {instance_id} are still invisible after retries"
             )
         return result
+
+    def _requeue_chunk(
+        self, queue_url: str, chunk: Sequence[Lease]
+    ) -> tuple[list[Lease], list[Lease], list[Lease]]:
+        # Poison rule: count the interruption *before* the message can be received again.
+        for lease in chunk:
+            self.lease_store.increment_requeue_counter(lease.message_id)
+        return self._change_visibility(queue_url, chunk)
 
     def _change_visibility(
         self, queue_url: str, chunk: Sequence[Lease]

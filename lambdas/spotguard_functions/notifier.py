@@ -27,6 +27,16 @@ processor = BatchProcessor(event_type=EventType.SQS, raise_on_entire_batch_failu
 
 #: Secrets Manager is read at most every 5 minutes per warm container (rotation-friendly).
 SECRET_MAX_AGE_SECONDS = 300
+#: Longest one delivery can take (every attempt timing out, plus back-off), and a margin.
+#: A record that no longer fits in the invocation is failed at once (SQS redelivers it)
+#: instead of letting the function time out, which would redeliver the whole batch.
+DELIVERY_BUDGET_MS = (
+    int(
+        (webhooks.DELIVERY_ATTEMPTS * webhooks.DELIVERY_TIMEOUT_SECONDS + webhooks.DELIVERY_ATTEMPTS * 1)
+        * 1000
+    )
+    + 2_000
+)
 
 
 class DeliveryFailedError(Exception):
@@ -61,6 +71,12 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
         logger.debug("No webhook configured", extra={"event": event_name})
         return {"delivered": False, "reason": "no webhook configured"}
     delivery_id = str(event.get("id") or record.message_id)
+    context = processor.lambda_context
+    if context is not None and context.get_remaining_time_in_millis() < DELIVERY_BUDGET_MS:
+        logger.warning(
+            "Not enough time left for a delivery: left for redelivery", extra={"deliveryId": delivery_id}
+        )
+        raise DeliveryFailedError("not enough time left in this invocation")
     result = webhooks.deliver(
         url,
         _secret(),

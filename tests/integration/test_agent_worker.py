@@ -174,7 +174,7 @@ def spot_signal(seconds_from_now: float) -> Signal:
 def test_lease_written_before_work_and_removed_after_delete(aws: Aws, run_worker):
     message_id = aws.send(task_id="t1", seconds=1.5)
     worker, _, _ = run_worker(config_for(aws))
-    lease_item = wait_for(lambda: aws.leases())[0]
+    lease_item = wait_for(aws.leases)[0]
     lease = Lease.from_item(lease_item)
     assert lease.message_id == message_id
     assert lease.instance_id == INSTANCE
@@ -191,7 +191,7 @@ def test_lease_written_before_work_and_removed_after_delete(aws: Aws, run_worker
 def test_visibility_is_extended_while_a_long_task_runs(aws: Aws, run_worker):
     aws.send(task_id="long", seconds=4)
     worker, _, _ = run_worker(config_for(aws, visibility_timeout_seconds=2, concurrency=1))
-    first = wait_for(lambda: aws.leases())[0]
+    first = wait_for(aws.leases)[0]
     # Without the heartbeat the message would be visible again after 2 s.
     deadline = time.monotonic() + 3.5
     while time.monotonic() < deadline:
@@ -225,7 +225,7 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
 def test_drain_without_requeue_lets_running_tasks_go_on(aws: Aws, run_worker):
     aws.send(task_id="t", seconds=2.0)
     worker, thread, result = run_worker(config_for(aws, requeue_enabled=False, concurrency=1))
-    wait_for(lambda: aws.leases())
+    wait_for(aws.leases)
     worker.drain(spot_signal(1.0))
     assert aws.receive() == [], "baseline mode releases nothing early"
     aws.send(task_id="new", seconds=0)
@@ -321,7 +321,7 @@ def test_agent_process_releases_work_on_a_spot_notice_and_exits_zero(aws: Aws, m
             wait_for(lambda: aws.leases("i-0spot00000000001"), timeout=20)
             noticed = time.monotonic()
             imds.set_spot_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
-            released = wait_for(lambda: aws.receive(), timeout=5)
+            released = wait_for(aws.receive, timeout=5)
             latency = time.monotonic() - noticed
             code = process.wait(timeout=15)
         finally:
@@ -353,3 +353,58 @@ def test_sigterm_drains_like_a_notice(aws: Aws, moto_server):
     assert code == 0
     assert [m["MessageId"] for m in aws.receive()] == [message_id]
     assert aws.leases("i-0term00000000001") == []
+
+
+def test_scale_in_lets_running_tasks_finish_then_answers_the_hook(aws: Aws, run_worker, caplog):
+    aws.send(task_id="t", seconds=1.5)
+    worker, thread, result = run_worker(
+        config_for(aws, asg_name="spotguard-test", terminate_hook_name="spotguard-terminate")
+    )
+    wait_for(aws.leases)
+    received = datetime.now(UTC)
+    worker.drain(
+        Signal(
+            instance_id=INSTANCE,
+            kind=SignalKind.LIFECYCLE_TERMINATE,
+            source=SignalSource.IMDS,
+            event_id="scale-in",
+            received_at=received,
+            state="Terminated",
+        )
+    )
+    thread.join(timeout=10)
+    assert result == [0]
+    assert worker.counters[Metric.TASKS_COMPLETED] == 1, "no deadline: the running task finished"
+    assert worker.counters[Metric.TASKS_RELEASED_ON_DRAIN] == 0
+    # moto answers 500 to CompleteLifecycleAction: the worker logs it and still exits 0.
+    assert "CompleteLifecycleAction spotguard-terminate CONTINUE" in caplog.text
+
+
+def test_report_command_records_the_outcome(aws: Aws, moto_server):
+    ec2 = boto3.client("ec2")
+    instance_id = ec2.run_instances(ImageId="ami-12345678", MinCount=1, MaxCount=1)["Instances"][0][
+        "InstanceId"
+    ]
+    with running_imds(instance_id) as imds:
+        env = agent_env(aws, moto_server, imds.url, AWS_MAX_ATTEMPTS="1")
+        failed = subprocess.run(
+            [sys.executable, "-m", "spotguard_agent.cli", "report", "failed", "--reason", "disk full"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert failed.returncode == 0, failed.stderr
+    outcome = json.loads(failed.stdout)
+    assert outcome == {
+        "instance_id": instance_id,
+        "outcome": "failed",
+        "fleet_record": True,
+        "tag": True,
+        "lifecycle": False,  # moto answers 500 to lifecycle actions
+    }
+    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id})["Item"]
+    assert (record["bootstrap_status"], record["bootstrap_reason"]) == ("failed", "disk full")
+    described = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
+    assert {t["Key"]: t["Value"] for t in described}["spotguard:bootstrap"] == "failed"

@@ -133,7 +133,9 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
     box.stop_services()
 
 
-def run_user_data(sandbox: Sandbox, imds: ImdsEmulator, rendered: str, timeout: float = 90, **env: str) -> int:
+def run_user_data(
+    sandbox: Sandbox, imds: ImdsEmulator, rendered: str, timeout: float = 90, **env: str
+) -> int:
     script = sandbox.base / "user-data.sh"
     script.write_text(rendered)
     result = subprocess.run(
@@ -158,7 +160,9 @@ def log_of(sandbox: Sandbox) -> str:
 
 
 def fleet_record(instance_id: str) -> dict[str, Any]:
-    return boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item", {})
+    return (
+        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item", {})
+    )
 
 
 def tags(instance_id: str) -> dict[str, str]:
@@ -202,7 +206,9 @@ def test_download_retries_with_backoff_then_installs_and_reports_ready(sandbox, 
     assert sandbox.recorded("shutdown") == []
     # Units active, health port listening, ready reported.
     assert "enable spotguard-agent.service" in sandbox.recorded("systemctl")
-    health = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{world['health_port']}/health", timeout=5).read())
+    health = json.loads(
+        urllib.request.urlopen(f"http://127.0.0.1:{world['health_port']}/health", timeout=5).read()
+    )
     assert health["instance_id"] == instance_id
     record = fleet_record(instance_id)
     assert record["bootstrap_status"] == "ready"

@@ -98,8 +98,18 @@ def install(sandbox: Sandbox, staging: Path, imds: ImdsEmulator) -> subprocess.C
         }
     )
     return subprocess.run(
-        [sys.executable, str(staging / "install.py"), "--root", str(sandbox.root), "--bundle", str(staging),
-         "--instance-id", imds.instance_id, "--deadline-epoch", str(time.time() + 120)],
+        [
+            sys.executable,
+            str(staging / "install.py"),
+            "--root",
+            str(sandbox.root),
+            "--bundle",
+            str(staging),
+            "--instance-id",
+            imds.instance_id,
+            "--deadline-epoch",
+            str(time.time() + 120),
+        ],
         env=env,
         capture_output=True,
         text=True,
@@ -152,7 +162,9 @@ def test_installing_twice_gives_the_same_result_and_no_duplicate_units(sandbox, 
         f"http://127.0.0.1:{agent_config[Env.HEALTH_PORT.value]}/health", timeout=5
     ).read()
     assert json.loads(health)["instance_id"] == imds.instance_id
-    record = boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: imds.instance_id})["Item"]
+    record = (
+        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: imds.instance_id})["Item"]
+    )
     assert record["bootstrap_status"] == "ready"
 
 
@@ -178,3 +190,15 @@ def test_waits_for_cloud_init_earlier_stages(tmp_path: Path):
     started = time.monotonic()
     installer.wait_for_cloud_init(poll_seconds=0.05)
     assert 0.4 <= time.monotonic() - started < 5
+
+
+def test_invalid_agent_config_fails_before_any_unit_is_started(sandbox, staging, imds, moto_server):
+    boto3.client("ssm").put_parameter(
+        Name=PARAMETER, Type="String", Value=json.dumps({Env.LEASE_TABLE.value: "leases"})
+    )
+    result = install(sandbox, staging, imds)
+    assert result.returncode == 1
+    reason = (sandbox.root / "opt/spotguard/install-failure").read_text()
+    assert "agent configuration invalid" in reason
+    assert Env.WORK_QUEUE_URL.value in reason, "the reason says what to change"
+    assert sandbox.recorded("systemctl") == []

@@ -222,3 +222,12 @@ def test_published_notification_reaches_the_webhook_through_the_bus(webhook_env,
     assert payload["instanceId"] == "i-0123456789abcdef0"
     assert payload["reason"] == "health port 9880 not listening"
     assert payload["timestamp"]
+
+
+def test_record_that_no_longer_fits_in_the_invocation_is_left_for_redelivery(webhook_env, monkeypatch):
+    with receiver(lambda call: 204) as hook:
+        monkeypatch.setenv(Env.WEBHOOK_URL.value, hook.url)
+        event = event_builders.to_sqs_event(bus_event())
+        result = notifier.handler(event, FakeLambdaContext(remaining_ms=notifier.DELIVERY_BUDGET_MS - 1))
+    assert result == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+    assert hook.calls == 0

@@ -3,6 +3,7 @@ the jobs table on moto."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -212,3 +213,37 @@ def test_history_pages_newest_first(tables, novita):
     assert [len(p.jobs) for p in pages] == [2, 2, 1, 0]
     assert all(p.total == 5 for p in pages)
     assert [j.job_id for p in pages for j in p.jobs] == list(reversed(ids))
+
+
+def test_overlapping_jobs_never_migrate_an_instance_twice(tables, novita):
+    """A scheduled and a manual job at the same time: the claim lets only one migrate each."""
+    novita.state.add(*(novita_instance(f"inst-{n}") for n in range(4)))
+    novita.state.migrate_delay = 0.3
+    jobs = []
+    barrier = threading.Barrier(2)
+
+    def run(trigger):
+        runner = runner_for(novita, max_concurrent=4)
+        barrier.wait()
+        jobs.append(runner.run(trigger=trigger))
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in (JobTrigger.SCHEDULED, JobTrigger.MANUAL)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=20)
+    assert sorted(novita.state.migrate_calls) == [f"inst-{n}" for n in range(4)]  # each exactly once
+    migrated = sum(job.summary.migrated_instances for job in jobs)
+    assert migrated == 4
+    skipped = [o for job in jobs for o in job.outcomes if o.outcome is OutcomeKind.SKIPPED]
+    assert all(job.summary.error_count == 0 for job in jobs)
+    assert len(skipped) + migrated == sum(len(job.outcomes) for job in jobs)
+
+
+def test_a_failed_instance_is_released_for_the_next_job(tables, novita):
+    novita.state.add(novita_instance("inst-1"))
+    novita.state.migrate_failures["inst-1"] = 1
+    first = runner_for(novita, retry_failed=False).run(trigger=JobTrigger.SCHEDULED)
+    assert first.outcomes[0].outcome is OutcomeKind.FAILED
+    second = runner_for(novita, retry_failed=False).run(trigger=JobTrigger.SCHEDULED)
+    assert second.outcomes[0].outcome is OutcomeKind.MIGRATED

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-SYSTEMCTL = r'''#!{python}
+SYSTEMCTL = r"""#!{python}
 import os, pathlib, shlex, signal, subprocess, sys
 state = pathlib.Path(os.environ["FAKE_SYSTEMD_STATE"])
 root = pathlib.Path(os.environ.get("SPOTGUARD_ROOT") or "/")
@@ -104,7 +104,7 @@ for name in names:
         active = pid_of(name) is not None
         print("active" if active else "inactive")
         sys.exit(0 if active else 3)
-'''
+"""
 
 RECORDER = """#!/bin/sh
 echo "$*" >> "$FAKE_SYSTEMD_STATE/{name}.log"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -74,8 +76,6 @@ def test_bundle_contains_agent_installer_units_and_the_stdlib_core(tmp_path: Pat
 
 def test_bundled_agent_imports_from_the_bundle_alone(tmp_path: Path):
     """The extracted bundle is all the agent needs besides the stdlib and boto3."""
-    import sys
-
     info = build_bundle(tmp_path / "dist")
     with tarfile.open(info.path) as archive:
         archive.extractall(tmp_path / "x", filter="data")
@@ -130,9 +130,6 @@ def test_user_data_uses_no_brace_variables():
 
 
 def test_bundle_cli_prints_info(tmp_path: Path):
-    import json
-    import sys
-
     result = subprocess.run(
         [sys.executable, "-m", "spotguard_tools.bundle", "build", str(tmp_path)],
         capture_output=True,

@@ -96,8 +96,20 @@ def test_rebalance_drains_only_under_the_drain_policy(imds: ImdsEmulator):
 
 def test_watch_command_prints_one_json_line_per_notice(imds: ImdsEmulator):
     process = subprocess.Popen(
-        [sys.executable, "-m", "spotguard_agent.cli", "watch", "--imds-url", imds.url, "--poll-seconds", "0.2",
-         "--count", "2", "--timeout", "20"],
+        [
+            sys.executable,
+            "-m",
+            "spotguard_agent.cli",
+            "watch",
+            "--imds-url",
+            imds.url,
+            "--poll-seconds",
+            "0.2",
+            "--count",
+            "2",
+            "--timeout",
+            "20",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -77,8 +81,6 @@ def test_token_is_reused_and_refetched_after_401(imds: ImdsEmulator):
 def test_token_refreshed_before_its_ttl_ends(imds: ImdsEmulator):
     client = ImdsClient(imds.url, token_ttl_seconds=2)
     client.instance_id()
-    import time
-
     time.sleep(1.7)  # past 80 % of the TTL: the client must not send the old token
     client.instance_id()
     assert client.tokens_fetched == 2
@@ -108,3 +110,28 @@ def test_unreachable_imds_raises_imds_error():
     client = ImdsClient(url, timeout_seconds=0.2, attempts=2, retry_delay_seconds=0.01)
     with pytest.raises(ImdsError):
         client.instance_id()
+
+
+def test_standalone_emulator_is_driven_over_its_control_api():
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spotguard_tools.imds_emulator", "--instance-id", "i-0standalone00001"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        started = json.loads(process.stdout.readline())
+        client = ImdsClient(started["url"])
+        assert client.instance_id() == "i-0standalone00001"
+        assert client.spot_instance_action() is None
+        control = urllib.request.Request(
+            f"{started['url']}/_emulator/spot-action",
+            data=b'{"action": "stop", "in_seconds": 60}',
+            method="POST",
+        )
+        published = json.loads(urllib.request.urlopen(control, timeout=2).read())
+        assert client.spot_instance_action() == published
+        assert published["action"] == "stop"
+    finally:
+        process.terminate()
+        process.wait(timeout=5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -110,3 +111,27 @@ def test_webhook_payload_has_the_seed_shape():
     # the detail's own event/timestamp win over the envelope's
     event["detail"]["timestamp"] = "2026-01-15T10:44:59.123Z"
     assert webhooks.webhook_payload(event)["timestamp"] == "2026-01-15T10:44:59.123Z"
+
+
+def _documented_verify():
+    """The receiver function as printed in docs/operations.md ("Verifying a webhook")."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = text[text.index("### Verifying a webhook") :]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
+    ]
+    namespace: dict = {}
+    exec(compile(code, "operations.md", "exec"), namespace)
+    return namespace["verify"], namespace["SignatureError"]
+
+
+def test_documented_receiver_function_agrees_with_the_library():
+    documented_verify, documented_error = _documented_verify()
+    header = sign(SECRET, BODY, timestamp=1_700_000_000)
+    assert documented_verify(SECRET, header, BODY, now=1_700_000_100) == 1_700_000_000
+    with pytest.raises(documented_error):
+        documented_verify(SECRET, header, BODY + b" ", now=1_700_000_000)
+    with pytest.raises(documented_error):
+        documented_verify(SECRET, header, BODY, now=1_700_000_000 + contracts.WEBHOOK_TOLERANCE_SECONDS + 1)
+    with pytest.raises(documented_error):
+        documented_verify(SECRET, None, BODY)

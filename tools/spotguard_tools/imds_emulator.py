@@ -11,9 +11,10 @@ Fault injection for the agent's tests: ``fail_next(n, status)`` answers the next
 requests with ``status``; ``set_delay(seconds)`` delays every answer (timeouts);
 ``expire_tokens()`` invalidates every token handed out so far (the 401 path).
 
-Standalone::
+Standalone (prints ``{"instance_id", "url"}``; drive it with ``POST /_emulator/<command>``)::
 
     python -m spotguard_tools.imds_emulator --instance-id i-0123456789abcdef0 --port 8081
+    curl -X POST -d '{"in_seconds": 120}' http://127.0.0.1:8081/_emulator/spot-action
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ TOKEN_TTL_HEADER = "X-aws-ec2-metadata-token-ttl-seconds"  # noqa: S105
 TOKEN_HEADER = "X-aws-ec2-metadata-token"  # noqa: S105
 #: IMDS accepts token TTLs from 1 second to 6 hours.
 MAX_TOKEN_TTL_SECONDS = 21600
+#: Control API of the standalone emulator (not an IMDS path).
+CONTROL_PREFIX = "/_emulator/"
 
 
 def _iso(moment: datetime) -> str:
@@ -135,6 +138,42 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.state.tokens[token] = time.monotonic() + ttl
         self._send(HTTPStatus.OK, token)
 
+    def do_POST(self) -> None:
+        """Control API for the standalone emulator: ``POST /_emulator/<command>`` with a JSON
+        body (``spot-action {"action", "in_seconds"}``, ``rebalance``,
+        ``target-lifecycle-state {"state"}``, ``fail-next {"n", "status"}``,
+        ``delay {"seconds"}``, ``expire-tokens``, ``clear``). Not part of IMDS."""
+        length = int(self.headers.get("Content-Length") or 0)
+        try:
+            body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+        except ValueError:
+            self._send(HTTPStatus.BAD_REQUEST, "invalid JSON")
+            return
+        emulator = self.server.emulator
+        command = self.path.removeprefix(CONTROL_PREFIX)
+        if emulator is None or not self.path.startswith(CONTROL_PREFIX):
+            self._send(HTTPStatus.NOT_FOUND, "Not Found")
+            return
+        at = datetime.now(UTC) + timedelta(seconds=float(body.get("in_seconds", 120)))
+        actions = {
+            "spot-action": lambda: emulator.set_spot_action(str(body.get("action", "terminate")), at),
+            "rebalance": emulator.set_rebalance,
+            "target-lifecycle-state": lambda: emulator.set_target_lifecycle_state(str(body["state"])),
+            "fail-next": lambda: emulator.fail_next(int(body.get("n", 1)), int(body.get("status", 500))),
+            "delay": lambda: emulator.set_delay(float(body.get("seconds", 0))),
+            "expire-tokens": emulator.expire_tokens,
+            "clear": emulator.clear,
+        }
+        if command not in actions:
+            self._send(HTTPStatus.NOT_FOUND, f"unknown command {command}")
+            return
+        try:
+            result = actions[command]()
+        except (KeyError, ValueError) as error:
+            self._send(HTTPStatus.BAD_REQUEST, f"bad request: {error}")
+            return
+        self._send(HTTPStatus.OK, json.dumps(result or {}), "application/json")
+
     def do_GET(self) -> None:
         if self._faults():
             return
@@ -187,6 +226,7 @@ class _ImdsHttpServer(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], state: ImdsState) -> None:
         super().__init__(address, _Handler)
         self.state = state
+        self.emulator: ImdsEmulator | None = None
 
 
 class ImdsEmulator:
@@ -209,6 +249,7 @@ class ImdsEmulator:
             region=region,
         )
         self._server = _ImdsHttpServer((host, port), self.state)
+        self._server.emulator = self
         self._thread: threading.Thread | None = None
 
     # ------------------------------------------------------------------ lifecycle

@@ -102,6 +102,7 @@ class OutcomeKind(StrEnum):
     MIGRATED = "migrated"
     WOULD_MIGRATE = "would_migrate"  # dry run
     FAILED = "failed"
+    SKIPPED = "skipped"  # another job is migrating this instance right now
     NOT_STARTED = "not_started"  # the job timed out before this instance's turn
     TIMED_OUT = "timed_out"  # still in flight when the job timed out
 

@@ -170,6 +170,23 @@ class MigrationJobRunner:
         return outcomes
 
     def _migrate_one(self, job: JobRecord, instance: CandidateInstance, deadline: float) -> InstanceOutcome:
+        if time.monotonic() >= deadline:
+            return InstanceOutcome(instance_id=instance.instance_id, outcome=OutcomeKind.NOT_STARTED)
+        # The claim outlives this job's budget, so an overlapping job cannot start on it.
+        if not self._store.claim(
+            instance.instance_id, job.job_id, ttl_seconds=self._settings.job_timeout_ms // 1000 + 60
+        ):
+            return InstanceOutcome(
+                instance_id=instance.instance_id,
+                outcome=OutcomeKind.SKIPPED,
+                details={"reason": "another migration job is migrating this instance"},
+            )
+        outcome = self._attempt(job, instance, deadline)
+        if outcome.outcome is not OutcomeKind.MIGRATED:
+            self._store.release(instance.instance_id, job.job_id)
+        return outcome
+
+    def _attempt(self, job: JobRecord, instance: CandidateInstance, deadline: float) -> InstanceOutcome:
         started = time.monotonic()
         attempts = 0
         error = ""
@@ -266,10 +283,7 @@ class MigrationJobRunner:
             self._metrics.add_metric(
                 Metric.MIGRATIONS_FAILED.value,
                 "Count",
-                sum(
-                    o.outcome is not OutcomeKind.MIGRATED and o.outcome is not OutcomeKind.WOULD_MIGRATE
-                    for o in job.outcomes
-                ),
+                sum(o.outcome in (OutcomeKind.FAILED, OutcomeKind.TIMED_OUT) for o in job.outcomes),
             )
         self._safe_publish(
             NotificationType.MIGRATION_JOB_COMPLETED,

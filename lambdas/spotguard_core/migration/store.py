@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from boto3.dynamodb.conditions import Attr, Key
+from botocore.exceptions import ClientError
 
 from spotguard_core import contracts, dynamo
 from spotguard_core.contracts import JOBS_TABLE_PK, JOBS_TABLE_SK, TTL_ATTRIBUTE, Env
@@ -68,6 +69,7 @@ class JobStore:
         self._table = dynamo.table(Env.JOBS_TABLE, table_name)
         self._kind = job_kind
         self._stats_kind = f"{job_kind}#stats"
+        self._claim_kind = f"{job_kind}#claim"
 
     # ---------------------------------------------------------------- writes
     def save(self, job: JobRecord) -> None:
@@ -99,6 +101,43 @@ class JobStore:
                 ":instances": job.summary.total_instances,
             },
         )
+
+    def claim(self, instance_id: str, job_id: str, *, ttl_seconds: int) -> bool:
+        """Take the right to migrate ``instance_id`` for ``ttl_seconds``.
+
+        A scheduled and a manual job may overlap; without a claim both could replace the
+        same reclaimed instance. The claim is a conditional put that only succeeds when no
+        other job holds an unexpired claim (the same job may claim again: retries)."""
+        now = int(contracts.now())
+        try:
+            self._table.put_item(
+                Item={
+                    JOBS_TABLE_PK: self._claim_kind,
+                    JOBS_TABLE_SK: instance_id,
+                    "jobId": job_id,
+                    TTL_ATTRIBUTE: now + ttl_seconds,
+                },
+                ConditionExpression="attribute_not_exists(#pk) OR #expires < :now OR jobId = :job",
+                ExpressionAttributeNames={"#pk": JOBS_TABLE_PK, "#expires": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={":now": now, ":job": job_id},
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+                return False
+            raise
+        return True
+
+    def release(self, instance_id: str, job_id: str) -> None:
+        """Give a claim back (after a failure, so the next job may try again)."""
+        try:
+            self._table.delete_item(
+                Key={JOBS_TABLE_PK: self._claim_kind, JOBS_TABLE_SK: instance_id},
+                ConditionExpression="jobId = :job",
+                ExpressionAttributeValues={":job": job_id},
+            )
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+                raise
 
     # ---------------------------------------------------------------- reads
     def statistics(self) -> JobStatistics:

@@ -145,4 +145,7 @@ def _comparison(spotguard: dict[str, Any], baseline: dict[str, Any]) -> str:
     theirs = baseline["requeue_latency_s"]["p50"]
     if ours <= 0:
         return ""
-    return f"requeue latency p50: baseline {theirs:.1f} s vs spotguard {ours:.1f} s ({theirs / ours:.0f}x faster)"
+    return (
+        f"requeue latency p50: baseline {theirs:.1f} s, spotguard {ours:.1f} s "
+        f"(spotguard brings interrupted work back {theirs / ours:.0f}x faster)"
+    )

@@ -38,7 +38,9 @@ class DrillConfig:
     warning_seconds: float = 12.0
     visibility_timeout_seconds: int = 30
     bootstrap_seconds: float = 1.0
-    bootstrap_deadline_seconds: int = 20
+    #: Generous against a busy machine (agents start slowly under load), short enough that
+    #: the watchdog ends the hung instance well inside the drill.
+    bootstrap_deadline_seconds: int = 30
     heartbeat_stale_seconds: int = 20
     watchdog_interval_seconds: float = 3.0
     imds_poll_seconds: float = 0.5

@@ -23,6 +23,7 @@ import sys
 import time
 import traceback
 import uuid
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -44,7 +45,7 @@ def _context(function: str) -> LocalLambdaContext:
     )
 
 
-def sqs_event(messages: list[dict[str, Any]], queue_arn: str) -> dict[str, Any]:
+def sqs_event(messages: Sequence[Mapping[str, Any]], queue_arn: str) -> dict[str, Any]:
     """What the Lambda SQS event source mapping delivers for a received batch."""
     return {
         "Records": [

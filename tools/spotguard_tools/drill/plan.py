@@ -43,7 +43,7 @@ def build_plan(config: DrillConfig) -> list[ChaosAction]:
     Bootstrap failures are not timed: they are assigned to the first instances that launch
     (their agents are never started), so they are returned with ``at=0``.
     """
-    rng = random.Random(config.seed)
+    rng = random.Random(config.seed)  # noqa: S311 - a reproducible plan, not a secret
     kinds = (
         [ChaosKind.SPOT_WARNING] * config.spot_warnings
         + [ChaosKind.HARD_KILL] * config.hard_kills
@@ -64,7 +64,7 @@ def build_plan(config: DrillConfig) -> list[ChaosAction]:
 
 def task_durations(config: DrillConfig) -> list[float]:
     """The seeded duration of every task, by task index."""
-    rng = random.Random(config.seed * 7919 + 1)
+    rng = random.Random(config.seed * 7919 + 1)  # noqa: S311 - reproducible, not a secret
     durations = []
     for _ in range(config.tasks):
         if rng.random() < config.long_task_fraction:

@@ -102,7 +102,7 @@ class Drill:
         )
         config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=30)
         return {
-            name: session.client(name, endpoint_url=endpoint, config=config)  # type: ignore[call-overload]
+            name: session.client(name, endpoint_url=endpoint, config=config)
             for name in ("sqs", "dynamodb", "ec2", "autoscaling", "events")
         }
 
@@ -518,7 +518,7 @@ class Drill:
         )
 
 
-def _plain(value: dict[str, Any]) -> Any:
+def _plain(value: Any) -> Any:
     """A DynamoDB attribute value as plain Python (enough for fleet records)."""
     from boto3.dynamodb.types import TypeDeserializer  # noqa: PLC0415
 

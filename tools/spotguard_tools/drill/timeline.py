@@ -22,6 +22,37 @@ _MARKS: dict[Mark, tuple[str, str, str]] = {
 }
 
 
+_FINISHED = "#40c057"
+_RELEASED = "#ff922b"
+_KILLED = "#fa5252"
+
+
+def _draw_tasks(axes: Any, ledger: Ledger, row: dict[str, int], ended: dict[str, float], t0: float) -> None:
+    """One bar per task attempt, stacked within its instance's lane so none hides another."""
+    per_lane_slots: dict[str, list[float]] = {}
+    for attempt in sorted(ledger.attempts, key=lambda a: a.started_at):
+        if attempt.instance_id not in row:
+            continue
+        start = attempt.started_at - t0
+        if attempt.finished_at is not None:
+            stop, colour = attempt.finished_at - t0, _FINISHED
+        elif attempt.released_at is not None:
+            stop, colour = attempt.released_at - t0, _RELEASED
+        else:
+            stop, colour = ended.get(attempt.instance_id, start + 0.5), _KILLED
+        stop = max(stop, start + 0.15)
+        slots = per_lane_slots.setdefault(attempt.instance_id, [])
+        slot = next((i for i, busy_until in enumerate(slots) if busy_until <= start), len(slots))
+        if slot == len(slots):
+            slots.append(stop)
+        else:
+            slots[slot] = stop
+        offset = -0.32 + (slot % 4) * 0.16
+        axes.broken_barh(
+            [(start, stop - start)], (row[attempt.instance_id] + offset, 0.14), color=colour, zorder=2
+        )
+
+
 def draw_timeline(
     path: Path,
     *,
@@ -54,38 +85,12 @@ def draw_timeline(
         stop = ended.get(entry.instance_id, end - t0)
         axes.broken_barh([(entry.t - t0, stop - (entry.t - t0))], (y - 0.06, 0.12), color="#ced4da", zorder=1)
 
-    # tasks: green finished, red never finished on that instance (killed or released)
-    per_lane_slots: dict[str, list[float]] = {}
-    for attempt in sorted(ledger.attempts, key=lambda a: a.started_at):
-        if attempt.instance_id not in row:
-            continue
-        start = attempt.started_at - t0
-        finished = attempt.finished_at is not None
-        if attempt.finished_at is not None:
-            stop = attempt.finished_at - t0
-        elif attempt.released_at is not None:
-            stop = attempt.released_at - t0
-        else:
-            stop = ended.get(attempt.instance_id, start + 0.5)
-        stop = max(stop, start + 0.15)
-        # stack concurrent tasks within the lane so they do not hide each other
-        slots = per_lane_slots.setdefault(attempt.instance_id, [])
-        slot = next((i for i, busy_until in enumerate(slots) if busy_until <= start), len(slots))
-        if slot == len(slots):
-            slots.append(stop)
-        else:
-            slots[slot] = stop
-        offset = -0.32 + (slot % 4) * 0.16
-        axes.broken_barh(
-            [(start, stop - start)],
-            (row[attempt.instance_id] + offset, 0.14),
-            color="#40c057" if finished else "#fa5252",
-            zorder=2,
-        )
+    _draw_tasks(axes, ledger, row, ended, t0)
 
     legend: list[Any] = [
-        Patch(color="#40c057", label="task finished"),
-        Patch(color="#fa5252", label="task cut short (released on drain, or killed)"),
+        Patch(color=_FINISHED, label="task finished"),
+        Patch(color=_RELEASED, label="task released on drain (runs again elsewhere)"),
+        Patch(color=_KILLED, label="task killed with its instance"),
     ]
     for mark, (marker, colour, label) in _MARKS.items():
         points = [(e.t - t0, row[e.instance_id]) for e in journal.entries(mark) if e.instance_id in row]

@@ -4,6 +4,9 @@ Eligible: an instance with the fleet tag, in state ``stopped``, whose EC2 state 
 a spot reclaim (``Server.SpotInstanceTermination``) or whose fleet record ended with
 ``spot_reclaim`` — and that has not been replaced already.
 
+Pools are the fleet's subnets (``SPOTGUARD_SUBNET_IDS``, else the ASG's) times the
+instance types of the ASG's mixed instances policy (else the reclaimed instance's type).
+
 Migration: RunInstances from the fleet's launch template into the best pool (instance type
 and availability zone) that has capacity, tagged as the fleet's and with the id it replaces;
 then the stopped instance is terminated and its fleet record ends as ``migrated`` with
@@ -14,6 +17,7 @@ the same type in the same zone is likely to be reclaimed again soon.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from typing import Any
 
@@ -23,6 +27,8 @@ from spotguard_core import aws, contracts
 from spotguard_core.contracts import EndReason, Env, InstanceState
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.migration.models import CandidateInstance, MigrationError, MigrationResult
+
+logger = logging.getLogger("spotguard.migration")
 
 SPOT_RECLAIM_STATE_REASON = "Server.SpotInstanceTermination"
 LISTED_STATES = ("pending", "running", "stopping", "stopped")
@@ -63,11 +69,13 @@ class AwsEc2Provider:
         launch_template_id: str,
         fleet_store: FleetStore,
         asg_name: str | None = None,
+        subnet_ids: list[str] | None = None,
     ) -> None:
         self._fleet = fleet
         self._template = launch_template_id
         self._store = fleet_store
         self._asg = asg_name
+        self._subnets = list(subnet_ids or [])
         self._ec2 = aws.client("ec2")
         #: (instance type, zone) pools of the instances reclaimed in the current listing.
         self._reclaimed_pools: set[tuple[str, str]] = set()
@@ -229,9 +237,9 @@ class AwsEc2Provider:
         old_type = str(instance.attributes.get("instance_type", ""))
         old_zone = str(instance.attributes.get("zone", ""))
         old_subnet = str(instance.attributes.get("subnet_id", ""))
-        types, subnets = self._fleet_pools()
+        types, asg_subnets = self._fleet_pools()
         types = types or [old_type]
-        subnets = subnets or ([old_subnet] if old_subnet else [])
+        subnets = self._subnets or asg_subnets or ([old_subnet] if old_subnet else [])
         zones = self._subnet_zones(subnets)
         if not subnets:
             subnets, zones = [""], {"": old_zone}
@@ -248,7 +256,14 @@ class AwsEc2Provider:
         """Instance types and subnets of the fleet's ASG (mixed instances policy), if known."""
         if not self._asg:
             return [], []
-        groups = aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[self._asg])
+        try:
+            groups = aws.client("autoscaling").describe_auto_scaling_groups(AutoScalingGroupNames=[self._asg])
+        except ClientError as error:
+            # Without the group's pools the replacement uses the reclaimed instance's type.
+            logger.warning(
+                "Cannot read the fleet's ASG pools (%s); using the instance's own", _error_code(error)
+            )
+            return [], []
         if not groups.get("AutoScalingGroups"):
             return [], []
         group = groups["AutoScalingGroups"][0]

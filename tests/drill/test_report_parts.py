@@ -1,0 +1,135 @@
+"""The drill's bookkeeping: seeded plans, the ledger, latencies and the report table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from hypothesis import given
+from hypothesis import strategies as st
+from spotguard_tools.drill.config import DrillConfig
+from spotguard_tools.drill.journal import Journal
+from spotguard_tools.drill.ledger import DONE, RELEASED, START, Ledger, append
+from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
+from spotguard_tools.drill.report import (
+    Interruption,
+    build_report,
+    format_table,
+    percentile,
+    requeue_latencies,
+)
+
+
+def test_plan_is_reproducible_from_its_seed() -> None:
+    config = DrillConfig(seed=11, spot_warnings=3, hard_kills=2, rebalances=2, bootstrap_failures=1)
+    assert build_plan(config) == build_plan(DrillConfig(seed=11, spot_warnings=3, hard_kills=2, rebalances=2))
+    assert build_plan(config) != build_plan(DrillConfig(seed=12, spot_warnings=3, hard_kills=2, rebalances=2))
+    kinds = [action.kind for action in build_plan(config)]
+    assert kinds.count(ChaosKind.SPOT_WARNING) == 3
+    assert kinds.count(ChaosKind.HARD_KILL) == 2
+    assert kinds.count(ChaosKind.REBALANCE) == 2
+    assert kinds.count(ChaosKind.BOOTSTRAP_FAILURE) == 1
+    timed = [a for a in build_plan(config) if a.kind != ChaosKind.BOOTSTRAP_FAILURE]
+    assert all(config.chaos_start_seconds <= a.at <= config.chaos_end_seconds for a in timed)
+    assert task_durations(config) == task_durations(DrillConfig(seed=11))
+
+
+@given(st.lists(st.integers(), min_size=1, max_size=50), st.floats(min_value=0, max_value=0.999999))
+def test_choose_always_picks_a_candidate(candidates: list[int], pick: float) -> None:
+    assert choose(candidates, pick) in candidates
+
+
+@given(st.lists(st.floats(min_value=0, max_value=1e6), min_size=1, max_size=200))
+def test_percentiles_are_ordered_and_bounded(values: list[float]) -> None:
+    p50, p95, p99 = (percentile(values, q) for q in (50, 95, 99))
+    assert min(values) <= p50 <= p95 <= p99 <= max(values)
+    assert percentile(values, 100) == max(values)
+
+
+def test_percentile_matches_linear_interpolation() -> None:
+    assert percentile([1, 2, 3, 4], 50) == 2.5
+    assert percentile([], 95) == 0.0
+
+
+def write_ledger(path: Path, records: list[dict[str, object]]) -> None:
+    for record in records:
+        append(path, record, durable=False)
+
+
+def test_ledger_counts_done_duplicated_and_survives_torn_lines(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(
+        path,
+        [
+            {"ev": START, "task": "a", "instance": "i-1", "t": 1.0},
+            {"ev": DONE, "task": "a", "instance": "i-1", "t": 2.0},
+            {"ev": START, "task": "b", "instance": "i-1", "t": 1.0},
+            {"ev": START, "task": "b", "instance": "i-2", "t": 5.0},
+            {"ev": DONE, "task": "b", "instance": "i-2", "t": 6.0},
+            {"ev": START, "task": "a", "instance": "i-2", "t": 7.0},
+            {"ev": DONE, "task": "a", "instance": "i-2", "t": 8.0},
+            {"ev": START, "task": "c", "instance": "i-3", "t": 1.0},
+            {"ev": RELEASED, "task": "c", "instance": "i-3", "t": 3.0},
+        ],
+    )
+    with path.open("a") as out:
+        out.write('{"ev": "done", "task": "c", "ins')  # a SIGKILL mid-write
+    ledger = Ledger.read(path)
+    assert ledger.done == {"a", "b"}
+    assert ledger.duplicated == 1
+    [released] = [a for a in ledger.attempts if a.task_id == "c"]
+    assert released.released_at == 3.0
+    assert released.finished_at is None
+
+
+def test_requeue_latency_runs_from_interruption_to_next_pick_up(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(
+        path,
+        [
+            {"ev": START, "task": "killed", "instance": "i-1", "t": 10.0},
+            {"ev": START, "task": "finished-in-time", "instance": "i-1", "t": 11.0},
+            {"ev": DONE, "task": "finished-in-time", "instance": "i-1", "t": 12.0},
+            {"ev": START, "task": "killed", "instance": "i-2", "t": 21.5},
+            {"ev": DONE, "task": "killed", "instance": "i-2", "t": 23.0},
+            {"ev": START, "task": "never-again", "instance": "i-1", "t": 19.0},
+        ],
+    )
+    ledger = Ledger.read(path)
+    kill = Interruption("i-1", ChaosKind.HARD_KILL.value, 20.0)
+    assert requeue_latencies(ledger, [kill]) == [(ChaosKind.HARD_KILL.value, 1.5)]
+    # a rebalance keeps the instance: its tasks are not interrupted
+    assert requeue_latencies(ledger, [Interruption("i-1", ChaosKind.REBALANCE.value, 20.0)]) == []
+
+    report = build_report(
+        mode="spotguard",
+        config={},
+        task_ids=["killed", "finished-in-time", "never-again"],
+        ledger=ledger,
+        journal=Journal(),
+        interruptions=[kill],
+        control_plane_log=[{"fn": "dispatcher", "records": 2, "failed": ["x"]}, {"fn": "watchdog"}],
+        initial_instances=1,
+        launched_instances=2,
+        bootstrap_failure_ids=[],
+        tasks_in_dlq=0,
+        wall_s=30.0,
+        drill_s=25.0,
+    )
+    assert report["tasks_done"] == 2
+    assert report["tasks_lost"] == 1
+    assert report["hard_killed_in_flight"] == 2
+    assert report["replacements"] == 1
+    assert report["requeue_latency_s"]["max"] == 1.5
+    assert report["control_plane"] == {
+        "dispatcher_invocations": 1,
+        "signals_handled": 2,
+        "signals_failed": 1,
+        "dispatcher_errors": 0,
+        "watchdog_runs": 1,
+        "watchdog_errors": 0,
+    }
+    json.dumps(report)  # serialisable as is
+    table = format_table([report, {**report, "mode": "baseline"}])
+    assert table.splitlines()[0].split() == ["spotguard", "baseline"]
+    assert "tasks lost" in table
