@@ -10,6 +10,7 @@ STAMP := $(VENV)/.installed
 NODE_STAMP := node_modules/.installed
 # jsii prints a banner on every start when Node.js is older than its newest
 # supported line; it is noise for us (Node 20 works), so silence it.
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
 export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 # Nothing here may reach AWS: no credentials are needed to synth or test.

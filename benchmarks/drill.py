@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 import time
 from dataclasses import replace
@@ -65,6 +66,11 @@ def ratio(baseline: float, spotguard: float) -> float | None:
     return round(baseline / spotguard, 1) if spotguard > 0 else None
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM ends a run like Ctrl-C: its agents, control plane and emulator are stopped."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--instances", type=int, default=20)
@@ -74,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="drill-out/benchmark")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)
     config = config_for(args)
     progress = Progress(interval=15.0, enabled=not args.quiet)
     started = time.time()

@@ -70,7 +70,9 @@ def run(leases: int) -> dict[str, Any]:
                 drain_deadline_at=now + 20,
             )
         )
+        phase = time.perf_counter()
         held = env.lease_messages(instance, leases)
+        print(f"# {leases} leases set up in {time.perf_counter() - phase:.1f}s", file=sys.stderr)
         event = events.state_change(instance, "terminated")
 
         from spotguard_functions import dispatcher  # noqa: PLC0415
@@ -84,6 +86,7 @@ def run(leases: int) -> dict[str, Any]:
         started = time.perf_counter()
         response = dispatcher.handler(events.to_sqs_event(event), LocalLambdaContext())
         wall_ms = (time.perf_counter() - started) * 1000
+        print(f"# handler took {wall_ms / 1000:.1f}s", file=sys.stderr)
 
         received = env.receive_all(max_rounds=leases // 10 + 20)
         visibility_calls = counter.calls["sqs.ChangeMessageVisibilityBatch"]

@@ -31,12 +31,13 @@ class AgentBundle(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         fleet = settings.fleet.name
-        # A private directory per synth: parallel synths (tests) must not share the file.
-        # CDK copies the file into the cloud assembly when the asset is created.
-        bundle = build_bundle(Path(tempfile.mkdtemp(prefix="spotguard-bundle-")))
+        # A private directory per synth (parallel synths must not share the file), removed
+        # at once: CDK stages (copies) the asset into the cloud assembly when it is created.
+        with tempfile.TemporaryDirectory(prefix="spotguard-bundle-") as build_dir:
+            bundle = build_bundle(Path(build_dir))
+            self.asset = s3_assets.Asset(self, "Asset", path=str(bundle.path))
         self.bundle_sha256 = bundle.sha256
         self.bundle_size_bytes = bundle.size_bytes
-        self.asset = s3_assets.Asset(self, "Asset", path=str(bundle.path))
         self.config_parameter_name = contracts.agent_config_parameter(fleet)
         placeholders: Mapping[str, str] = {
             "Fleet": fleet,

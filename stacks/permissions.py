@@ -181,7 +181,12 @@ def grant_reconciler(
     role.add_to_policy(
         iam.PolicyStatement(
             sid="FindReclaimedInstances",
-            actions=["ec2:DescribeInstances", "ec2:DescribeInstanceStatus", "ec2:DescribeSubnets"],
+            actions=[
+                "ec2:DescribeInstances",
+                "ec2:DescribeInstanceStatus",
+                "ec2:DescribeSubnets",
+                "autoscaling:DescribeAutoScalingGroups",  # fleet pools when no subnet list is set
+            ],
             resources=["*"],
         )
     )

@@ -16,6 +16,7 @@ from tests.support.moto_server import MotoServer, running_moto_server
 # No test may ever reach a real AWS endpoint or the real instance metadata service.
 os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 os.environ.setdefault("JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION", "1")
+os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 for _key in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE"):
     os.environ.pop(_key, None)
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -125,6 +125,8 @@ class Installer:
             self.ensure_boto3()
             env = self.write_env_file()
             self.check_config(env)
+            if env.get(Env.INSTALL_VERIFY_SECONDS.value):  # the fleet's configuration wins
+                self.verify_timeout_seconds = float(env[Env.INSTALL_VERIFY_SECONDS.value])
             self.place_files()
             self.install_unit()
             self.start_and_verify(int(env.get(Env.HEALTH_PORT.value, "8080")))
@@ -211,8 +213,15 @@ class Installer:
             if self.environ.get(name.value):
                 env[name.value] = self.environ[name.value]
         env.update(self.read_agent_config())
-        if env.get(Env.REGION.value) and "AWS_DEFAULT_REGION" not in env:
-            env["AWS_DEFAULT_REGION"] = env[Env.REGION.value]
+        # systemd starts the agent with this file only: it must name the region itself.
+        region = (
+            env.get(Env.REGION.value)
+            or self.environ.get("AWS_DEFAULT_REGION")
+            or self.environ.get("AWS_REGION")
+        )
+        if region:
+            env.setdefault(Env.REGION.value, region)
+            env.setdefault("AWS_DEFAULT_REGION", region)
         lines = [f"{key}={_quote(value)}" for key, value in sorted(env.items())]
         _write_atomic(
             self.env_file, "# written by the spotguard installer\n" + "\n".join(lines) + "\n", 0o600
@@ -343,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         deadline_epoch=args.deadline_epoch,
         python=args.python,
         config_parameter=args.config_parameter,
+        verify_timeout_seconds=float(os.environ.get(Env.INSTALL_VERIFY_SECONDS.value) or 60),
     )
     try:
         installer.run()

@@ -403,31 +403,41 @@ class Worker:
 
     # ------------------------------------------------------------------ heartbeat loop
     def _heartbeat_loop(self) -> None:
+        """Visibility extension and the drain deadline: nothing slow may delay these, so
+        the fleet record, lifecycle heartbeats and metrics have their own thread."""
+        reports = threading.Thread(target=self._guarded, args=(self._report_until_stopped,), daemon=True)
+        reports.start()
+        self._guarded(self._extend_until_idle)
+
+    def _guarded(self, loop: Callable[[], None]) -> None:
         while True:
             try:
-                self._heartbeat_until_idle()
+                loop()
                 return
-            except Exception:  # the heartbeat must outlive any single failure
+            except Exception:  # the heartbeats must outlive any single failure
                 LOG.exception("heartbeat loop error (continuing)")
                 time.sleep(0.5)
 
-    def _heartbeat_until_idle(self) -> None:
+    def _idle_after_stop(self) -> bool:
+        with self._tasks_lock:
+            return self._stop.is_set() and not self._tasks
+
+    def _extend_until_idle(self) -> None:
         extend_every = max(0.5, self.config.visibility_timeout_seconds / 3)
-        next_fleet = 0.0
-        next_lifecycle = 0.0
-        next_metrics = time.monotonic() + 60
-        while True:
-            stopped = self._stop.is_set()
-            with self._tasks_lock:
-                idle = not self._tasks
-            if stopped and idle:
-                return
+        while not self._idle_after_stop():
             current = time.monotonic()
             for task in self.running_tasks():
                 if current - task.last_extended >= extend_every:
                     self._extend(task)
-            if stopped:
+            if self._stop.is_set():
                 self._release_what_does_not_fit()
+            time.sleep(0.1)
+
+    def _report_until_stopped(self) -> None:
+        next_fleet = next_lifecycle = 0.0
+        next_metrics = time.monotonic() + 60
+        while not self._idle_after_stop():
+            current = time.monotonic()
             if current >= next_fleet:
                 next_fleet = current + self.config.fleet_heartbeat_seconds
                 self.reporter.heartbeat()
@@ -437,7 +447,7 @@ class Worker:
             if current >= next_metrics:
                 next_metrics = current + 60
                 self._flush_metrics()
-            time.sleep(0.1)
+            time.sleep(0.2)
 
     def _extend(self, task: Task) -> None:
         with task.lock:

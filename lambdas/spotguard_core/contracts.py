@@ -520,6 +520,7 @@ class Env(StrEnum):
     AGENT_CONFIG_PARAMETER = "SPOTGUARD_AGENT_CONFIG_PARAMETER"
     BUNDLE_URL = "SPOTGUARD_BUNDLE_URL"
     BUNDLE_SHA256 = "SPOTGUARD_BUNDLE_SHA256"
+    INSTALL_VERIFY_SECONDS = "SPOTGUARD_INSTALL_VERIFY_SECONDS"  # installer: wait for unit + port
 
 
 # --------------------------------------------------------------------------------------

@@ -235,7 +235,9 @@ def _parse(  # noqa: PLR0911 - one early return per rejection reason
     try:
         return _BUILDERS[detail_type](envelope, received)
     except ValidationError as error:
-        return Rejection(f"malformed detail: {_short(error, 'detail.')}", "malformed", envelope.id, envelope.detail_type)
+        return Rejection(
+            f"malformed detail: {_short(error, 'detail.')}", "malformed", envelope.id, envelope.detail_type
+        )
 
 
 def _base(envelope: Envelope, received: datetime) -> dict[str, Any]:

@@ -165,6 +165,7 @@ def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
     _, _ = _runtime.get()
     if _runtime.idempotency_config is not None:
         _runtime.idempotency_config.register_lambda_context(context)
-    return process_partial_response(
+    response = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )
+    return dict(response)

@@ -5,18 +5,19 @@ with ``CDK_OUTDIR`` and ``CDK_CONTEXT_JSON``), for two configurations at the sam
 - ``staging``: every optional part on (test events, FIS, webhook, alarm email, Novita
   provider, minimum capacity, explicit environment with AZs from context).
 
-Tests that use these fixtures carry ``@pytest.mark.xdist_group("synth")`` so that
-``pytest -n 2 --dist loadgroup`` keeps them on one worker and synthesizes only once.
+Tests that use these fixtures carry ``@pytest.mark.xdist_group("synth")``; the synth itself
+is shared between xdist workers through a file lock, so it runs once per test run.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,30 +94,64 @@ def _start(outdir: Path, context: Mapping[str, Any]) -> subprocess.Popen[str]:
     )
 
 
-@pytest.fixture(scope="session")
-def synths(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Synth]]:
-    configs = {"default": ({}, "Spotguard-default"), "staging": (STAGING_CONTEXT, "Spotguard-staging")}
-    started = {}
+CONFIGS = {"default": ({}, "Spotguard-default"), "staging": (STAGING_CONTEXT, "Spotguard-staging")}
+
+
+def _shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One directory per test run, shared by all xdist workers of that run."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # .../pytest-N/popen-gwK -> .../pytest-N
+    directory = base / "spotguard-synth"
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def _synthesize_all(directory: Path) -> dict[str, dict[str, Any]]:
+    """Both configurations at once (two processes); returns code, stderr and time of each."""
     t0 = time.monotonic()
-    for name, (context, _) in configs.items():
-        outdir = tmp_path_factory.mktemp(f"cdk-{name}")
-        started[name] = (outdir, _start(outdir, context))
-    results: dict[str, Synth] = {}
-    for name, (outdir, process) in started.items():
-        _, stderr = process.communicate(timeout=240)
-        stack_name = configs[name][1]
+    started = {name: _start(directory / name, context) for name, (context, _) in CONFIGS.items()}
+    results = {}
+    for name, process in started.items():
+        _, stderr = process.communicate(timeout=300)
+        results[name] = {
+            "returncode": process.returncode,
+            "stderr": stderr,
+            "seconds": time.monotonic() - t0,
+        }
+    return results
+
+
+@pytest.fixture(scope="session")
+def synths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Synth]:
+    """Synthesize once per test run, even across xdist workers: the first worker to get here
+    synthesizes under a file lock, the others wait and read its output. (``--dist loadgroup``
+    alone does not keep a group on one worker with pytest 9 + xdist 3.8.)"""
+    directory = _shared_directory(tmp_path_factory)
+    summary = directory / "results.json"
+    with (directory / "lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not summary.exists():
+                summary.write_text(json.dumps(_synthesize_all(directory)))
+            results = json.loads(summary.read_text())
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    synths: dict[str, Synth] = {}
+    for name, (_, stack_name) in CONFIGS.items():
+        result = results[name]
         synth = Synth(
             name=name,
-            outdir=outdir,
-            returncode=process.returncode,
-            stderr=stderr,
-            seconds=time.monotonic() - t0,
+            outdir=directory / name,
+            returncode=result["returncode"],
+            stderr=result["stderr"],
+            seconds=result["seconds"],
             stack_name=stack_name,
         )
         if synth.template_path().exists():
             synth.template = json.loads(synth.template_path().read_text())
-        results[name] = synth
-    yield results
+        synths[name] = synth
+    return synths
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ SAMPLE_INSTANCE = "i-1234567890abcdef0"
 SECOND_SAMPLE_INSTANCE = "i-0fedcba0987654321"
 
 
-def sample_event(name: str, instance_id: str, *, second_instance_id: str | None = None, **overrides: Any) -> dict:
+def sample_event(
+    name: str, instance_id: str, *, second_instance_id: str | None = None, **overrides: Any
+) -> dict:
     """tests/events/<name>.json with its instance ids replaced, a fresh id and ``time`` now."""
     text = (EVENTS_DIR / f"{name}.json").read_text()
     text = text.replace(SAMPLE_INSTANCE, instance_id)
@@ -40,7 +42,9 @@ def dispatch(*bodies: Mapping[str, Any] | str) -> dict[str, Any]:
 def run_watchdog() -> dict[str, Any]:
     from spotguard_functions import watchdog  # noqa: PLC0415
 
-    result: dict[str, Any] = watchdog.handler({"source": "aws.events", "detail-type": "Scheduled Event"}, LocalLambdaContext())
+    result: dict[str, Any] = watchdog.handler(
+        {"source": "aws.events", "detail-type": "Scheduled Event"}, LocalLambdaContext()
+    )
     return result
 
 
@@ -51,8 +55,8 @@ class Output:
     def __init__(self, text: str) -> None:
         self.logs: list[dict[str, Any]] = []
         self.metrics: dict[str, float] = {}
-        for line in text.splitlines():
-            line = line.strip()
+        for raw_line in text.splitlines():
+            line = raw_line.strip()
             if not line.startswith("{"):
                 continue
             try:

@@ -229,11 +229,14 @@ def test_download_gives_up_after_five_retries(sandbox, instance, world):
 
 def test_deadline_stops_the_retries(sandbox, instance, world):
     instance_id, imds = instance
-    # 15 s from boot: the first 10 s backoff fits, the 20 s one does not.
-    rendered = render_user_data(values(world["bundle"], key="missing.tar.gz", deadline=uptime_seconds() + 15))
+    # 40 s from boot: the retries' backoff (10+20+40+50+50 s) cannot fit, and no backoff may
+    # sleep past the deadline (sleeps are scaled down, the deadline check is not).
+    rendered = render_user_data(values(world["bundle"], key="missing.tar.gz", deadline=uptime_seconds() + 40))
     code = run_user_data(sandbox, imds, rendered, FAKE_SLEEP_SCALE="0.05")
     assert_failed_and_shut_down(sandbox, instance_id, code, "deadline passed in download")
-    assert [int(s) for s in sandbox.recorded("sleep") if int(s) >= 10] == [10]
+    backoffs = [int(s) for s in sandbox.recorded("sleep") if int(s) >= 10]
+    assert backoffs == [10, 20, 40, 50, 50][: len(backoffs)]
+    assert sum(backoffs) < 40, "never sleeps past the deadline"
 
 
 def test_hash_mismatch_is_fatal(sandbox, instance, world):
@@ -248,9 +251,11 @@ def test_hash_mismatch_is_fatal(sandbox, instance, world):
 def test_failed_verification_is_recorded_and_shuts_down(sandbox, instance, world):
     instance_id, imds = instance
     boto3.client("s3").upload_file(str(world["bundle"].path), BUCKET, world["key"])
-    # The unit never becomes active; the installer gives up shortly before the deadline.
-    rendered = render_user_data(values(world["bundle"], key=world["key"], deadline=uptime_seconds() + 11))
-    code = run_user_data(sandbox, imds, rendered, FAKE_SYSTEMCTL_FAIL="start")
+    # The unit never becomes active; the installer gives up after its verification time.
+    rendered = render_user_data(values(world["bundle"], key=world["key"]))
+    code = run_user_data(
+        sandbox, imds, rendered, FAKE_SYSTEMCTL_FAIL="start", **{Env.INSTALL_VERIFY_SECONDS.value: "3"}
+    )
     assert_failed_and_shut_down(
         sandbox, instance_id, code, "install failed: verification failed: spotguard-agent.service not active"
     )

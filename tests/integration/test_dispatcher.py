@@ -6,7 +6,6 @@ import time
 
 import boto3
 import pytest
-
 from spotguard_core.contracts import (
     BootstrapStatus,
     EndReason,
@@ -17,6 +16,7 @@ from spotguard_core.contracts import (
 )
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
+
 from tests.integration.control_plane_helpers import Output, dispatch, sample_event
 from tests.support import control_plane_env
 

@@ -94,7 +94,7 @@ def install(sandbox: Sandbox, staging: Path, imds: ImdsEmulator) -> subprocess.C
             Env.AGENT_CONFIG_PARAMETER.value: PARAMETER,
             Env.FLEET_NAME.value: "demo",
             Env.IMDS_URL.value: imds.url,
-            Env.REGION.value: "us-east-1",
+            "AWS_DEFAULT_REGION": "us-east-1",  # what stage 1 exports
         }
     )
     return subprocess.run(
@@ -154,6 +154,9 @@ def test_installing_twice_gives_the_same_result_and_no_duplicate_units(sandbox, 
     env_file = (sandbox.root / "etc/spotguard/agent.env").read_text()
     for name, value in agent_config.items():
         assert f"{name}={value}" in env_file
+    # systemd gives the agent nothing but this file: the region must be in it.
+    assert "AWS_DEFAULT_REGION=us-east-1" in env_file.splitlines()
+    assert f"{Env.REGION.value}=us-east-1" in env_file.splitlines()
     assert (sandbox.root / "usr/local/bin/spotguard-agent").stat().st_mode & 0o111
     # Re-running restarted the one agent (a new process), it did not start a second one.
     assert (sandbox.state / "spotguard-agent.service.pid").read_text() != first_pid

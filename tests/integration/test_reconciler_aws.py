@@ -171,6 +171,22 @@ def test_replacement_prefers_another_pool(ec2_fleet, monkeypatch):
     assert instance["Placement"]["AvailabilityZone"] == zone_b
 
 
+def test_fleet_subnets_from_the_environment_are_used(ec2_fleet, monkeypatch):
+    ec2, image, _ = ec2_fleet
+    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in subnets}
+    zone_a, zone_b = sorted(by_zone)[:2]
+    monkeypatch.setenv(Env.SUBNET_IDS.value, f"{by_zone[zone_a]},{by_zone[zone_b]}")
+    monkeypatch.delenv(Env.ASG_NAME.value, raising=False)
+    old = launch(ec2, image, subnet=by_zone[zone_a])
+    stop(ec2, old, end_reason=EndReason.SPOT_RECLAIM)
+    job = run_job()
+    new = job.outcomes[0].new_instance_id
+    instance = ec2.describe_instances(InstanceIds=[new])["Reservations"][0]["Instances"][0]
+    assert instance["Placement"]["AvailabilityZone"] == zone_b  # the other zone first
+    assert job.outcomes[0].details["availabilityZone"] == zone_b
+
+
 def test_already_replaced_instances_are_not_eligible(ec2_fleet):
     ec2, image, _ = ec2_fleet
     instance_id = launch(ec2, image)

@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+from pydantic import ValidationError
 from spotguard_core.migration.models import JobStatus, JobTrigger, MigrationSettings, OutcomeKind
 from spotguard_core.migration.providers.novita import NovitaClient, NovitaProvider, eligibility
 from spotguard_core.migration.runner import MigrationJobRunner
@@ -178,6 +179,20 @@ def test_rate_limiting_is_waited_out(tables, novita):
     assert job.status is JobStatus.COMPLETED and novita.state.migrated == ["inst-1"]
 
 
+def test_list_server_errors_are_retried(tables, novita):
+    novita.state.add(novita_instance("inst-1"))
+    novita.state.list_failures = 2  # 503 twice, then the page
+    job = runner_for(novita).run(trigger=JobTrigger.SCHEDULED)
+    assert job.status is JobStatus.COMPLETED and novita.state.migrated == ["inst-1"]
+    assert len(novita.state.list_calls) == 3
+
+
+def test_list_keeps_failing_fails_the_job(tables, novita):
+    novita.state.list_failures = 10
+    job = runner_for(novita).run(trigger=JobTrigger.SCHEDULED)
+    assert job.status is JobStatus.FAILED and "503" in job.errors[0]
+
+
 def test_wrong_api_key_fails_the_job_with_its_reason(tables, novita):
     novita.state.add(novita_instance("inst-1"))
     provider = NovitaProvider(NovitaClient(novita.url, "sk_wrong"))
@@ -247,3 +262,48 @@ def test_a_failed_instance_is_released_for_the_next_job(tables, novita):
     assert first.outcomes[0].outcome is OutcomeKind.FAILED
     second = runner_for(novita, retry_failed=False).run(trigger=JobTrigger.SCHEDULED)
     assert second.outcomes[0].outcome is OutcomeKind.MIGRATED
+
+
+# ------------------------------------------------------------------ settings (the seed's env vars and ranges)
+def test_settings_read_the_seed_environment_variables(monkeypatch):
+    for name, value in {
+        "MIGRATION_ENABLED": "false",
+        "MIGRATION_INTERVAL_MINUTES": "5",
+        "MIGRATION_JOB_TIMEOUT_MS": "300000",
+        "MIGRATION_MAX_CONCURRENT": "10",
+        "MIGRATION_DRY_RUN": "true",
+        "MIGRATION_RETRY_FAILED": "false",
+        "MIGRATION_LOG_LEVEL": "WARN",
+        "MIGRATION_PROVIDER": "novita",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = MigrationSettings()
+    assert settings.describe() == {
+        "intervalMinutes": 5,
+        "jobTimeoutMs": 300000,
+        "maxConcurrent": 10,
+        "dryRun": True,
+        "retryFailed": False,
+        "logLevel": "warn",
+        "provider": "novita",
+    }
+    assert settings.enabled is False and settings.max_attempts == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("MIGRATION_INTERVAL_MINUTES", "0"),
+        ("MIGRATION_INTERVAL_MINUTES", "61"),
+        ("MIGRATION_JOB_TIMEOUT_MS", "59999"),
+        ("MIGRATION_JOB_TIMEOUT_MS", "1800001"),
+        ("MIGRATION_MAX_CONCURRENT", "0"),
+        ("MIGRATION_MAX_CONCURRENT", "21"),
+        ("MIGRATION_LOG_LEVEL", "verbose"),
+        ("MIGRATION_PROVIDER", "gcp"),
+    ],
+)
+def test_settings_out_of_the_seed_ranges_fail_at_start(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError, match=name):
+        MigrationSettings()

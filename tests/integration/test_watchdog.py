@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from spotguard_core.contracts import (
     FLEET_TAG_KEY,
     BootstrapStatus,
@@ -17,6 +16,7 @@ from spotguard_core.contracts import (
 )
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
+
 from tests.integration.control_plane_helpers import Output, run_watchdog
 from tests.support import control_plane_env
 

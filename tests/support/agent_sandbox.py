@@ -67,7 +67,11 @@ def unquote(value):
 def start(name):
     if "start" in fail:
         return
-    env = dict(os.environ)
+    # Like systemd: the unit sees its EnvironmentFile and Environment= lines, not the
+    # caller's environment. Only what stands in for the instance profile and the real AWS
+    # endpoint (moto) passes through.
+    passed = ["PATH", "HOME", *os.environ.get("FAKE_SYSTEMD_PASSENV", "").split(",")]
+    env = {{key: os.environ[key] for key in passed if key in os.environ}}
     command_line = None
     for line in (units / name).read_text().splitlines():
         key, _, value = line.partition("=")
@@ -125,6 +129,18 @@ exec {python} "$@"
 """
 
 
+#: What the fake systemd passes to units besides their env file: credentials and the
+#: endpoint that stand in for the instance profile and AWS.
+PASSENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_MAX_ATTEMPTS",
+)
+
+
 @dataclass
 class Sandbox:
     base: Path
@@ -150,6 +166,7 @@ class Sandbox:
             "FAKE_SYSTEMD_STATE": str(self.state),
             # moto answers 500 to lifecycle actions: do not spend seconds retrying that.
             "AWS_MAX_ATTEMPTS": "1",
+            "FAKE_SYSTEMD_PASSENV": ",".join(PASSENV),
             **extra,
         }
 

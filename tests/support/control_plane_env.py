@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
-
 from spotguard_core import aws
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
@@ -119,7 +118,9 @@ class ControlPlaneEnv:
 
         sqs = self.sqs
         for start in range(0, count, 10):
-            entries = [{"Id": str(i), "MessageBody": f"task-{i}"} for i in range(start, min(count, start + 10))]
+            entries = [
+                {"Id": str(i), "MessageBody": f"task-{i}"} for i in range(start, min(count, start + 10))
+            ]
             sqs.send_message_batch(QueueUrl=self.work_queue_url, Entries=entries)
         leases: list[Lease] = []
         while len(leases) < count:
@@ -162,7 +163,9 @@ class ControlPlaneEnv:
         return received
 
 
-def build(*, fleet: str = FLEET, min_size: int = 0, extra_env: Mapping[str, str] | None = None) -> ControlPlaneEnv:
+def build(
+    *, fleet: str = FLEET, min_size: int = 0, extra_env: Mapping[str, str] | None = None
+) -> ControlPlaneEnv:
     """Create everything on the current moto server and export the env vars (caller restores)."""
     prefix = f"sg-{uuid.uuid4().hex[:6]}"
     tables = create_tables(prefix)

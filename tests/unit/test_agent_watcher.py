@@ -42,8 +42,8 @@ def test_spot_notice_reaches_the_drain_path_within_one_poll(imds: ImdsEmulator):
         published_at = time.monotonic()
         imds.set_spot_action("terminate", deadline)
         seen_at, signal = signals.get(timeout=5)
-        # One poll interval plus the request itself.
-        assert seen_at - published_at <= POLL + 0.15
+        # One poll interval plus the requests themselves (slack for busy CI machines).
+        assert seen_at - published_at <= POLL + 0.5
         assert signal.kind is SignalKind.SPOT_INTERRUPTION
         assert signal.source is SignalSource.IMDS
         assert signal.instance_id == "i-0aaaabbbbccccdddd"
@@ -71,7 +71,7 @@ def test_watcher_survives_errors_timeouts_and_token_expiry(imds: ImdsEmulator):
         published_at = time.monotonic()
         imds.set_target_lifecycle_state("Terminated")
         seen_at, signal = signals.get(timeout=5)
-        assert seen_at - published_at <= POLL + 0.3
+        assert seen_at - published_at <= POLL + 0.6
         assert signal.kind is SignalKind.LIFECYCLE_TERMINATE
         assert signal.deadline is None
         assert watcher.imds.tokens_fetched >= 2

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from spotguard_core.contracts import (
     BootstrapStatus,
     EndReason,

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from spotguard_core.contracts import Signal, SignalKind, SignalSource
 from spotguard_core.signals import Rejection, instance_id_from_entity, parse_event
 from spotguard_tools import events

@@ -19,11 +19,13 @@ concurrency limit.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -78,6 +80,8 @@ class NovitaState:
     migrate_always_fails: dict[str, int] = field(default_factory=dict)
     #: Next N requests of any kind answer 429 with ``Retry-After: 0``.
     rate_limit_next: int = 0
+    #: Next N list calls answer 503 (a backend hiccup).
+    list_failures: int = 0
     # observations
     list_calls: list[dict[str, str]] = field(default_factory=list)
     migrate_calls: list[str] = field(default_factory=list)
@@ -152,6 +156,12 @@ class _Handler(BaseHTTPRequestHandler):
         with state.lock:
             state.list_calls.append(query)
             instances = list(state.instances.values())
+            failing = state.list_failures > 0
+            if failing:
+                state.list_failures -= 1
+        if failing:
+            self._error(HTTPStatus.SERVICE_UNAVAILABLE, "SERVICE_UNAVAILABLE", "backend timeout")
+            return
         start = max(page_num - 1, 0) * page_size
         self._send(
             HTTPStatus.OK, {"instances": instances[start : start + page_size], "total": len(instances)}
@@ -229,3 +239,25 @@ def running_novita_server(state: NovitaState | None = None) -> Iterator[RunningN
     finally:
         server.shutdown()
         server.server_close()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve a few sample instances until interrupted (try the Novita provider locally)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--api-key", default=NovitaState.api_key)
+    args = parser.parse_args(argv)
+    state = NovitaState(api_key=args.api_key)
+    state.add(
+        novita_instance("inst-reclaimed-1"),
+        novita_instance("inst-normal-exit", spot_reclaim_time="0"),
+        novita_instance("inst-running", status="running"),
+        novita_instance("inst-on-demand", spot_status=""),
+    )
+    with running_novita_server(state) as server:
+        print(f"Novita contract server on {server.url} (API key {args.api_key}); Ctrl-C stops it")
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

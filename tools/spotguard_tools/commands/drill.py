@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -107,7 +108,17 @@ def config_from(args: argparse.Namespace) -> DrillConfig:
     )
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the drill like Ctrl-C: its agents, control plane and emulator are stopped."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
+    _stop_on_sigterm()
     config = config_from(args)
     configs = [config, replace(config, requeue_enabled=False)] if args.compare else [config]
     progress = Progress(enabled=not args.quiet)
@@ -125,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(reports))
     if len(reports) == 2:
         print(_comparison(reports[0], reports[1]))
+    elif config.requeue_enabled:
+        print("the same plan without spotguard's requeue: spotguard drill --compare (or --baseline)")
     for report in reports:
         if report.get("timeline"):
             print(f"timeline ({report['mode']}): {report['timeline']}")

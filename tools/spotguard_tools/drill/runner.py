@@ -45,6 +45,8 @@ from spotguard_tools.drill.resources import DrillResources, control_plane_enviro
 ENDING_STATES = contracts.ENDING_EC2_STATES
 TICK_SECONDS = 0.2
 FLEET_POLL_SECONDS = 0.5
+#: The chaos plan starts when the initial fleet works, or this long after the tasks at the latest.
+CHAOS_CLOCK_FALLBACK_SECONDS = 90.0
 
 
 class LedgerTail:
@@ -175,16 +177,28 @@ class Drill:
                 stdin=subprocess.DEVNULL,
             )
 
-    def _queue_tasks(self) -> list[str]:
+    def _prepare_tasks(self) -> list[str]:
         durations = task_durations(self.config)
         ids = [f"task-{index:05d}" for index in range(len(durations))]
-        for start in range(0, len(ids), 10):
-            entries = [
-                {"Id": str(i), "MessageBody": json.dumps({"task_id": ids[i], "seconds": durations[i]})}
-                for i in range(start, min(start + 10, len(ids)))
-            ]
-            self.sqs.send_message_batch(QueueUrl=self.resources.work_queue_url, Entries=entries)
+        self.unsent = [json.dumps({"task_id": ids[i], "seconds": durations[i]}) for i in range(len(ids))]
+        self.unsent.reverse()  # popped from the end: task-00000 first
+        self.sent = 0
         return ids
+
+    def _top_up(self, done: int) -> None:
+        """Keep a bounded backlog on the work queue, like a producer submitting work.
+
+        moto's SQS costs O(messages in the queue) per call (it recomputes the queue's
+        counters message by message), so queuing thousands of tasks at once would make
+        the emulator, not spotguard, the bottleneck. The backlog stays well above what the
+        fleet can hold in flight, so workers never starve.
+        """
+        backlog = max(20, 3 * self.config.instances * self.config.concurrency)
+        while self.unsent and self.sent - done < backlog:
+            bodies = [self.unsent.pop() for _ in range(min(10, len(self.unsent)))]
+            entries = [{"Id": str(i), "MessageBody": body} for i, body in enumerate(bodies)]
+            self.sqs.send_message_batch(QueueUrl=self.resources.work_queue_url, Entries=entries)
+            self.sent += len(bodies)
 
     # ------------------------------------------------------------------ the AWS event source
     def emit(self, event: dict[str, Any]) -> None:
@@ -267,6 +281,9 @@ class Drill:
             self.emit(aws_events.state_change(instance.instance_id, state, time=when))
             if state in ("terminated", "stopped"):
                 instance.kill()
+                # Marks carry the time of the kill, not of the tick: on a loaded machine the
+                # AWS calls before it can take seconds.
+                now = time.time()
                 instance.phase = Phase.GONE
                 instance.imds.stop()
                 if not instance.terminated_by_drill:
@@ -286,6 +303,7 @@ class Drill:
 
     def _act(self, action: ChaosAction, now: float) -> bool:
         """Run one chaos action; False when no instance is eligible yet (try again later)."""
+        now = time.time()  # the action's own time (the tick's may be seconds old on a busy machine)
         working = self._working()
         if not working:
             return False
@@ -320,7 +338,7 @@ class Drill:
             if instance.reclaim_at is not None and now >= instance.reclaim_at:
                 instance.reclaim_at = None
                 alive = instance.kill()
-                self.journal.record(Mark.RECLAIMED, instance.instance_id, at=now, agent_alive=alive)
+                self.journal.record(Mark.RECLAIMED, instance.instance_id, agent_alive=alive)
                 if instance.ec2_state not in ENDING_STATES:
                     self._terminate(instance)
 
@@ -376,11 +394,12 @@ class Drill:
         """Seconds on the chaos plan's clock, which starts once the initial fleet works.
 
         On a busy machine agents take a while to start; the plan must hit a working fleet,
-        not instances still booting. Bounded: it starts at the latest 30 s after the tasks.
+        not instances still booting. Bounded: it starts at the latest
+        ``CHAOS_CLOCK_FALLBACK_SECONDS`` after the tasks.
         """
         if self.chaos_t0 is None:
             healthy = [i for i in self.instances.values() if i.initial and not i.bootstrap_fails]
-            if (healthy and all(i.working for i in healthy)) or now - self.t0 > 30:
+            if (healthy and all(i.working for i in healthy)) or now - self.t0 > CHAOS_CLOCK_FALLBACK_SECONDS:
                 self.chaos_t0 = now
                 self.journal.record(Mark.CHAOS_STARTED, "-", at=now)
         return None if self.chaos_t0 is None else now - self.chaos_t0
@@ -418,7 +437,8 @@ class Drill:
         )
         agent_env = self._agent_environment(moto, self.resources)
         control_plane = self._start_control_plane(moto, self.resources)
-        task_ids = self._queue_tasks()
+        task_ids = self._prepare_tasks()
+        self._top_up(0)
         self.autoscaling.set_desired_capacity(
             AutoScalingGroupName=self.resources.asg_name, DesiredCapacity=c.instances
         )
@@ -435,8 +455,9 @@ class Drill:
         tail = LedgerTail(self.ledger_path)
         while True:
             now = time.time()
-            self._tick(now, agent_env)
             done = tail.poll()
+            self._top_up(done)
+            self._tick(now, agent_env)
             self.progress.update(self._snapshot(now, done, total))
             if control_plane.poll() is not None:
                 raise RuntimeError(

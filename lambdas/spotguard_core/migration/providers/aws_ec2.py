@@ -88,11 +88,13 @@ class AwsEc2Provider:
             raise RuntimeError(
                 f"provider 'aws' needs {Env.FLEET_NAME.value} and {Env.LAUNCH_TEMPLATE_ID.value}"
             )
+        subnets = [s.strip() for s in os.environ.get(Env.SUBNET_IDS, "").split(",") if s.strip()]
         return cls(
             fleet=fleet,
             launch_template_id=template,
             fleet_store=FleetStore(),
             asg_name=os.environ.get(Env.ASG_NAME) or None,
+            subnet_ids=subnets,
         )
 
     # ------------------------------------------------------------------ listing

@@ -1,0 +1,138 @@
+"""The requeuer against moto: chunks of ten, gone messages, retried entries, the poison counter."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+from spotguard_core import aws
+from spotguard_core.contracts import EndReason, FleetRecord, InstanceState, Lease, Metric, genuine_failures
+from spotguard_core.fleet_store import FleetStore
+from spotguard_core.lease_store import LeaseStore
+from spotguard_core.ports import RecordingMetrics
+from spotguard_core.requeue import RequeueIncompleteError, Requeuer
+from spotguard_tools.cli import main
+
+from tests.integration.control_plane_helpers import EVENTS_DIR, SAMPLE_INSTANCE
+from tests.support import control_plane_env
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def cp(moto_server):
+    yield from control_plane_env.control_plane()
+
+
+class FlakySqs:
+    """The real (moto) SQS client, except that the first ``failures`` visibility batches
+    answer every entry as throttled without doing anything (what SQS does under load)."""
+
+    def __init__(self, real: Any, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+        self.calls = 0
+
+    def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+        self.calls += 1
+        if self.failures > 0:
+            self.failures -= 1
+            failed = [
+                {
+                    "Id": e["Id"],
+                    "SenderFault": False,
+                    "Code": "ThrottlingException",
+                    "Message": "Rate exceeded",
+                }
+                for e in kwargs["Entries"]
+            ]
+            return {"Successful": [], "Failed": failed}
+        return dict(self.real.change_message_visibility_batch(**kwargs))
+
+
+def test_chunks_of_ten_and_deleted_messages_are_done(cp):
+    leases = cp.lease_messages("i-0aaaaaaaaaaaaaaaa", 23)
+    for lease in leases[:3]:
+        cp.sqs.delete_message(QueueUrl=cp.work_queue_url, ReceiptHandle=lease.receipt_handle)
+    sqs = FlakySqs(aws.client("sqs"), failures=0)
+    metrics = RecordingMetrics()
+    result = Requeuer(lease_store=LeaseStore(), sqs=sqs, metrics=metrics).requeue_instance(
+        leases[0].instance_id
+    )
+    assert sqs.calls == math.ceil(23 / 10)
+    assert result.requeued == 20 and result.already_gone == 3 and result.failed == []
+    assert metrics.total(Metric.MESSAGES_REQUEUED) == 20
+    assert len(cp.receive_all()) == 20
+    assert LeaseStore().for_instance(leases[0].instance_id) == []
+
+
+def test_throttled_entries_are_retried_with_backoff(cp):
+    leases = cp.lease_messages("i-0bbbbbbbbbbbbbbbb", 5)
+    sqs = FlakySqs(aws.client("sqs"), failures=2)
+    requeuer = Requeuer(lease_store=LeaseStore(), sqs=sqs, metrics=RecordingMetrics(), sleep=lambda _: None)
+    result = requeuer.requeue_instance(leases[0].instance_id)
+    assert sqs.calls == 3 and result.requeued == 5
+    assert len(cp.receive_all()) == 5
+
+
+def test_entries_failing_after_all_retries_keep_their_leases_and_raise(cp):
+    leases = cp.lease_messages("i-0cccccccccccccccc", 4)
+    sqs = FlakySqs(aws.client("sqs"), failures=100)
+    metrics = RecordingMetrics()
+    requeuer = Requeuer(lease_store=LeaseStore(), sqs=sqs, metrics=metrics, sleep=lambda _: None)
+    with pytest.raises(RequeueIncompleteError):
+        requeuer.requeue_instance(leases[0].instance_id)
+    assert len(LeaseStore().for_instance(leases[0].instance_id)) == 4  # kept for the retry
+    assert metrics.total(Metric.REQUEUE_FAILURES) == 4
+
+
+def test_interruption_requeues_do_not_count_as_failures(cp):
+    """A message requeued twice by interruptions, then received: zero genuine failures."""
+    store = LeaseStore()
+    requeuer = Requeuer(lease_store=store, sqs=aws.client("sqs"), metrics=RecordingMetrics())
+    [first] = cp.lease_messages("i-0dddddddddddddddd", 1)
+    requeuer.requeue_instance(first.instance_id)
+    # Received again by another instance, which is also interrupted.
+    message = cp.sqs.receive_message(
+        QueueUrl=cp.work_queue_url, AttributeNames=["ApproximateReceiveCount"], VisibilityTimeout=600
+    )["Messages"][0]
+    store.put(
+        Lease(
+            instance_id="i-0eeeeeeeeeeeeeeee",
+            message_id=message["MessageId"],
+            receipt_handle=message["ReceiptHandle"],
+            queue_url=cp.work_queue_url,
+            leased_at=0.0,
+            heartbeat_at=0.0,
+        )
+    )
+    requeuer.requeue_instance("i-0eeeeeeeeeeeeeeee")
+    third = cp.sqs.receive_message(QueueUrl=cp.work_queue_url, AttributeNames=["ApproximateReceiveCount"])[
+        "Messages"
+    ][0]
+    receive_count = int(third["Attributes"]["ApproximateReceiveCount"])
+    assert receive_count == 3
+    assert genuine_failures(receive_count, store.requeue_count(third["MessageId"])) == 0
+
+
+def test_explain_reads_the_fleet_record_when_aws_is_configured(cp, capsys, tmp_path):
+    [instance] = cp.launch_in_asg(1)
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance, fleet=cp.fleet, state=InstanceState.ENDED, end_reason=EndReason.TERMINATED
+        )
+    )
+    event_file = EVENTS_DIR / "spot_interruption_warning.json"
+    text = event_file.read_text().replace(SAMPLE_INSTANCE, instance)
+    path = tmp_path / "event.json"
+    path.write_text(text)
+    code = main(["explain", str(path)])
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0
+    assert out["signals"][0]["fleet_record"]["state"] == "ended"
+    assert [a["action"] for a in out["actions"]] == ["CorrectEndReason"]
+    assert out["notes"] == []
+    # Explaining takes no action: the record is unchanged.
+    assert FleetStore().get(instance).end_reason is EndReason.TERMINATED  # type: ignore[union-attr]

@@ -1,0 +1,63 @@
+"""Agent configuration: defaults, parsing, and errors that say what to change."""
+
+from __future__ import annotations
+
+import pytest
+from spotguard_agent.config import DEFAULT_HANDLER, AgentConfig, ConfigError, load_config
+from spotguard_core.contracts import Env, RebalancePolicy
+
+
+def test_defaults_match_the_design():
+    config = load_config({})
+    assert config.imds_poll_seconds == 1.0
+    assert config.handler == DEFAULT_HANDLER
+    assert config.requeue_enabled is True
+    assert config.rebalance_policy is RebalancePolicy.REPLACE
+    assert config.health_port == 8080
+
+
+def test_environment_is_parsed():
+    config = load_config(
+        {
+            Env.WORK_QUEUE_URL.value: "http://q",
+            Env.CONCURRENCY.value: "4",
+            Env.IMDS_POLL_SECONDS.value: "0.5",
+            Env.REQUEUE_ENABLED.value: "false",
+            Env.REBALANCE_POLICY.value: "drain",
+            Env.MAX_FAILURES.value: "5",
+            "AWS_DEFAULT_REGION": "eu-west-1",
+        }
+    )
+    assert (config.work_queue_url, config.concurrency, config.imds_poll_seconds) == ("http://q", 4, 0.5)
+    assert config.requeue_enabled is False
+    assert config.rebalance_policy is RebalancePolicy.DRAIN
+    assert config.max_failures == 5
+    assert config.region == "eu-west-1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (Env.CONCURRENCY, "many"),
+        (Env.REQUEUE_ENABLED, "perhaps"),
+        (Env.REBALANCE_POLICY, "panic"),
+        (Env.IMDS_POLL_SECONDS, "1s"),
+    ],
+)
+def test_bad_values_name_the_variable(name: Env, value: str):
+    with pytest.raises(ConfigError, match=name.value):
+        load_config({name.value: value})
+
+
+def test_worker_validation_names_what_is_missing():
+    with pytest.raises(ConfigError, match=f"{Env.WORK_QUEUE_URL.value}, {Env.LEASE_TABLE.value}"):
+        AgentConfig().validate_worker()
+    with pytest.raises(ConfigError, match="module:function"):
+        AgentConfig(work_queue_url="q", lease_table="t", handler="just_a_module").validate_worker()
+    with pytest.raises(ConfigError, match=Env.CONCURRENCY.value):
+        AgentConfig(work_queue_url="q", lease_table="t", concurrency=0).validate_worker()
+
+
+def test_flags_override_only_what_is_given():
+    config = AgentConfig(concurrency=2).with_overrides(concurrency=None, handler="m:f", unknown="x")
+    assert (config.concurrency, config.handler) == (2, "m:f")
