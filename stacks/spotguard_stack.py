@@ -179,8 +179,10 @@ class SpotguardStack(Stack):
         functions.dispatcher.function.add_event_source(
             event_sources.SqsEventSource(queues.signal_queue, batch_size=10, report_batch_item_failures=True)
         )
+        # A webhook delivery can take ~18 s in the worst case (three timed-out attempts):
+        # four per batch fit the notifier's timeout; the rest would only be sent back.
         functions.notifier.function.add_event_source(
-            event_sources.SqsEventSource(queues.notify_queue, batch_size=10, report_batch_item_failures=True)
+            event_sources.SqsEventSource(queues.notify_queue, batch_size=4, report_batch_item_failures=True)
         )
 
         SignalRules(
