@@ -401,10 +401,11 @@ class FleetRecord:
             if value is None:
                 continue
             if isinstance(value, float):
-                value = _decimal_safe(value)
+                item[key] = _decimal_safe(value)
             elif isinstance(value, StrEnum):
-                value = value.value
-            item[key] = value
+                item[key] = value.value
+            else:
+                item[key] = value
         return item
 
     @classmethod

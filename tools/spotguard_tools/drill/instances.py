@@ -8,7 +8,6 @@ bundle); then the agent starts, and once its health port listens the instance re
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import socket
@@ -175,11 +174,3 @@ class SimulatedInstance:
                 process.wait(timeout=max(0.1, deadline - time.monotonic()))
         self.kill()
         self.imds.stop()
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except OSError:
-        return False
-    return True

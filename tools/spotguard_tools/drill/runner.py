@@ -97,6 +97,8 @@ class Drill:
 
     # ------------------------------------------------------------------ setup
     def _clients(self, endpoint: str) -> dict[str, Any]:
+        """The drill's own clients, pointed at its emulator explicitly: this process's
+        environment stays untouched (agents and the control plane get theirs explicitly)."""
         session = boto3.session.Session(
             aws_access_key_id="testing",
             aws_secret_access_key="testing",  # noqa: S106 - moto's dummy credentials
@@ -249,12 +251,13 @@ class Drill:
             if instance.bootstrap_fails:
                 interruption = Interruption(instance_id, ChaosKind.BOOTSTRAP_FAILURE.value, now)
                 self.interruptions.append(interruption)
+        self._sync_states(now)
+        # Left the group while still running: detached, its replacement requested early.
         for instance_id, instance in self.instances.items():
             if instance.in_asg and instance_id not in members:
                 instance.in_asg = False
                 if instance.ec2_state == "running":
                     self.journal.record(Mark.DETACHED, instance_id, at=now)
-        self._sync_states(now)
 
     def _sync_states(self, now: float) -> None:
         watched = [i for i in self.instances.values() if i.phase != Phase.GONE]

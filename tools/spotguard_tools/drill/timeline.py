@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +130,3 @@ def title_for(report: dict[str, Any]) -> str:
         f"{report['tasks_lost']} lost, {report['tasks_duplicated']} duplicated; "
         f"requeue latency p50 {latency['p50']:.1f} s, max {latency['max']:.1f} s"
     )
-
-
-def lanes_of(journal: Journal) -> Sequence[str]:
-    return [e.instance_id for e in journal.entries(Mark.LAUNCHED)]
