@@ -263,7 +263,7 @@ class ControlPlane:
         self.ec2.terminate_instances(InstanceIds=[action.instance_id])
         if signal.source is SignalSource.WATCHDOG:
             self.metrics.add_metric(Metric.TERMINATED_BY_WATCHDOG, "Count", 1)
-        if action.reason is EndReason.BOOTSTRAP_DEADLINE:
+        if action.reason in (EndReason.BOOTSTRAP_DEADLINE, EndReason.BOOTSTRAP_FAILED):
             self.metrics.add_metric(Metric.BOOTSTRAP_FAILURES, "Count", 1)
         return {"terminated": True, "reason": action.reason.value}
 

@@ -256,12 +256,17 @@ def decide_bootstrap_deadline(
         return []
     if record.state is not InstanceState.LAUNCHING:
         return []
+    # An instance that reported a failed bootstrap should have shut itself down; if it is
+    # still here at the deadline, the recorded reason stays what it reported.
+    reason = (
+        EndReason.BOOTSTRAP_FAILED
+        if record.bootstrap_status is BootstrapStatus.FAILED
+        else EndReason.BOOTSTRAP_DEADLINE
+    )
     return [
-        TerminateInstance(signal.instance_id, reason=EndReason.BOOTSTRAP_DEADLINE),
+        TerminateInstance(signal.instance_id, reason=reason),
         *_requeue(signal, settings, reason="bootstrap deadline"),
-        RecordEnded(
-            signal.instance_id, end_reason=EndReason.BOOTSTRAP_DEADLINE, ended_at=_signal_time(signal)
-        ),
+        RecordEnded(signal.instance_id, end_reason=reason, ended_at=_signal_time(signal)),
         _notice(
             signal,
             NotificationType.BOOTSTRAP_FAILED,

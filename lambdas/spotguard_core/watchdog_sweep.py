@@ -116,7 +116,8 @@ class WatchdogSweep:
                 report.signals.append(outcome.to_json())
                 self.logger.info("watchdog %s for %s", kind.value, record.instance_id)
 
-        report.orphan_leases_released = self._sweep_orphans(records, now, started, report)
+        if settings.requeue_enabled:  # the drill's baseline mode leaves leases to the visibility timeout
+            report.orphan_leases_released = self._sweep_orphans(records, now, started, report)
         if report.orphan_leases_released:
             metrics.add_metric(Metric.ORPHAN_LEASES_SWEPT, "Count", report.orphan_leases_released)
         return report

@@ -158,3 +158,18 @@ def test_unmanaged_instance_without_record_is_never_touched(cp):
     run_watchdog()
     assert cp.instance_state(old) == "running"
     assert FleetStore().get(old) is None
+
+
+def test_baseline_mode_leaves_orphaned_leases_to_the_visibility_timeout(cp, monkeypatch):
+    monkeypatch.setenv("SPOTGUARD_REQUEUE_ENABLED", "false")
+    [gone] = cp.launch_in_asg(1)
+    FleetStore().put(
+        FleetRecord(
+            instance_id=gone, fleet=cp.fleet, state=InstanceState.ENDED, end_reason=EndReason.TERMINATED
+        )
+    )
+    cp.lease_messages(gone, 2)
+    report = run_watchdog()
+    assert report["orphan_leases_released"] == 0
+    assert cp.receive_all() == []
+    assert len(LeaseStore().for_instance(gone)) == 2

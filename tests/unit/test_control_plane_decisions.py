@@ -167,6 +167,9 @@ def test_watchdog_kinds():
     actions = decide(signal(SignalKind.BOOTSTRAP_DEADLINE), launching, SETTINGS)
     assert isinstance(actions[0], TerminateInstance) and actions[0].reason is EndReason.BOOTSTRAP_DEADLINE
     assert "Notify" in names(actions)
+    failed = record(InstanceState.LAUNCHING, bootstrap_status=BootstrapStatus.FAILED)
+    [terminate, *_] = decide(signal(SignalKind.BOOTSTRAP_DEADLINE), failed, SETTINGS)
+    assert isinstance(terminate, TerminateInstance) and terminate.reason is EndReason.BOOTSTRAP_FAILED
     ready = record(InstanceState.LAUNCHING, bootstrap_status=BootstrapStatus.READY)
     assert decide(signal(SignalKind.BOOTSTRAP_DEADLINE), ready, SETTINGS) == []
     stale = decide(signal(SignalKind.HEARTBEAT_STALE), record(InstanceState.READY), SETTINGS)

@@ -3,7 +3,8 @@
 A copy of the logic of ``tests/support/moto_server.py`` (tools must not import tests):
 moto in server mode as a subprocess on a free 127.0.0.1 port, so every process of the
 drill (agents, the control-plane runner, the drill itself) talks to the same emulated
-account over real HTTP.
+account over real HTTP. It runs through :mod:`spotguard_tools.drill.moto_main`, which
+fixes a moto race that could drop SQS messages under concurrent load.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 DEFAULT_REGION = "us-east-1"
+MOTO_MAIN = "spotguard_tools.drill.moto_main"
 #: moto's default account id.
 ACCOUNT_ID = "123456789012"
 
@@ -40,7 +42,7 @@ class MotoServer:
         log = self._log_path.open("ab") if self._log_path else subprocess.DEVNULL
         try:
             self._process = subprocess.Popen(  # noqa: S603 - fixed argv
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                [sys.executable, "-m", MOTO_MAIN, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=log,
             )

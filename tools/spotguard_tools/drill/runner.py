@@ -272,27 +272,32 @@ class Drill:
                     states[item["InstanceId"]] = item["State"]["Name"]
         for instance in watched:
             state = states.get(instance.instance_id, instance.ec2_state)
-            if state == instance.ec2_state:
-                continue
-            previous, instance.ec2_state = instance.ec2_state, state
-            if state not in ENDING_STATES:
-                continue
-            when = contracts.utc_from_epoch(now)
-            # moto jumps straight to "terminated"; EC2 passes through "shutting-down" first.
-            if state == "terminated" and previous not in ("shutting-down", "terminated"):
-                self.emit(aws_events.state_change(instance.instance_id, "shutting-down", time=when))
-            self.emit(aws_events.state_change(instance.instance_id, state, time=when))
-            if state in ("terminated", "stopped"):
-                instance.kill()
-                # Marks carry the time of the kill, not of the tick: on a loaded machine the
-                # AWS calls before it can take seconds.
-                now = time.time()
-                instance.phase = Phase.GONE
-                instance.imds.stop()
-                if not instance.terminated_by_drill:
-                    self.journal.record(Mark.TERMINATED_BY_CONTROL_PLANE, instance.instance_id, at=now)
-                    self.interruptions.append(Interruption(instance.instance_id, "watchdog", now))
-                self.journal.record(Mark.TERMINATED, instance.instance_id, at=now, state=state)
+            if state != instance.ec2_state:
+                self._transition(instance, state)
+
+    def _transition(self, instance: SimulatedInstance, state: str) -> None:
+        """An EC2 state change: publish it as EC2 does and, if the instance is gone, take
+        its agent with it."""
+        previous, instance.ec2_state = instance.ec2_state, state
+        if state not in ENDING_STATES:
+            return
+        if state in ("terminated", "stopped"):
+            instance.kill()
+        # The time of the change itself, not of the tick: on a loaded machine the AWS calls
+        # of a tick can take seconds.
+        now = time.time()
+        when = contracts.utc_from_epoch(now)
+        # moto jumps straight to "terminated"; EC2 passes through "shutting-down" first.
+        if state == "terminated" and previous not in ("shutting-down", "terminated"):
+            self.emit(aws_events.state_change(instance.instance_id, "shutting-down", time=when))
+        self.emit(aws_events.state_change(instance.instance_id, state, time=when))
+        if state in ("terminated", "stopped"):
+            instance.phase = Phase.GONE
+            instance.imds.stop()
+            if not instance.terminated_by_drill:
+                self.journal.record(Mark.TERMINATED_BY_CONTROL_PLANE, instance.instance_id, at=now)
+                self.interruptions.append(Interruption(instance.instance_id, "watchdog", now))
+            self.journal.record(Mark.TERMINATED, instance.instance_id, at=now, state=state)
 
     # ------------------------------------------------------------------ chaos
     def _working(self) -> list[SimulatedInstance]:
@@ -301,8 +306,13 @@ class Drill:
         )
 
     def _terminate(self, instance: SimulatedInstance) -> None:
+        """Terminate in EC2 and publish the state changes at once (EC2 sends them within
+        seconds; waiting for the next poll would only measure the drill's own lag)."""
         instance.terminated_by_drill = True
-        self.ec2.terminate_instances(InstanceIds=[instance.instance_id])
+        reply = self.ec2.terminate_instances(InstanceIds=[instance.instance_id])
+        for change in reply.get("TerminatingInstances", []):
+            if change["InstanceId"] == instance.instance_id:
+                self._transition(instance, change["CurrentState"]["Name"])
 
     def _act(self, action: ChaosAction, now: float) -> bool:
         """Run one chaos action; False when no instance is eligible yet (try again later)."""
