@@ -37,6 +37,8 @@ from spotguard_core.contracts import (
     METRIC_NAMESPACE,
     RECEIVE_COUNT_ATTRIBUTE,
     REQUEUE_COUNTER_ATTRIBUTE,
+    REQUEUE_COUNTER_TTL_SECONDS,
+    TTL_ATTRIBUTE,
     Lease,
     Metric,
     Signal,
@@ -396,6 +398,10 @@ class Worker:
                 return False
             task.state = final_state
             task.context.released.set()
+            if final_state is TaskState.RELEASED:
+                # An interruption, not a failure: count it first, so the next receive is not
+                # taken for a failed attempt (contracts.genuine_failures; the poison rule).
+                self._count_interruption_requeue(task.message_id)
             self._change_visibility(task.receipt_handle, visibility)
             self._delete_lease(task.lease)
         LOG.info("released %s (%s, visible in %d s)", task.message_id, reason, visibility)
@@ -490,6 +496,22 @@ class Worker:
             self.dynamodb.delete_item(TableName=self.config.lease_table, Key=_serialize(lease.key()))
         except AWS_ERRORS as error:
             LOG.warning("lease delete failed for %s: %s", lease.message_id, error)
+
+    def _count_interruption_requeue(self, message_id: str) -> None:
+        try:
+            self.dynamodb.update_item(
+                TableName=self.config.lease_table,
+                Key=_serialize(requeue_counter_key(message_id)),
+                UpdateExpression="ADD #count :one SET #ttl = :ttl",
+                ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE},
+                ExpressionAttributeValues={
+                    ":one": {"N": "1"},
+                    ":ttl": {"N": str(int(now()) + REQUEUE_COUNTER_TTL_SECONDS)},
+                },
+            )
+        except AWS_ERRORS as error:
+            # Worst case the release counts as one failure; the message itself is not lost.
+            LOG.warning("requeue counter update failed for %s: %s", message_id, error)
 
     def _interruption_requeues(self, message_id: str) -> int | None:
         try:

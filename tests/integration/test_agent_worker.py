@@ -29,6 +29,7 @@ from spotguard_core.contracts import (
     Signal,
     SignalKind,
     SignalSource,
+    genuine_failures,
     lease_pk,
     requeue_counter_key,
 )
@@ -220,6 +221,11 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
     assert worker.counters[Metric.TASKS_RELEASED_ON_DRAIN] == 1
     assert aws.leases() == []
     assert short_id not in {m["MessageId"] for m in aws.receive()}, "the short task finished and was deleted"
+    # The drain release is an interruption, not a failure: it is counted, so the next
+    # receive of the long task does not move it toward the DLQ.
+    counter = aws.dynamodb.Table(aws.lease_table).get_item(Key=requeue_counter_key(long_id))["Item"]
+    assert int(counter[REQUEUE_COUNTER_ATTRIBUTE]) == 1
+    assert genuine_failures(int(released[0]["Attributes"]["ApproximateReceiveCount"]), 1) == 0
 
 
 def test_drain_without_requeue_lets_running_tasks_go_on(aws: Aws, run_worker):
