@@ -29,7 +29,6 @@ from spotguard_core.contracts import (
     Signal,
     SignalKind,
     SignalSource,
-    genuine_failures,
     lease_pk,
     requeue_counter_key,
 )
@@ -225,7 +224,6 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
     # receive of the long task does not move it toward the DLQ.
     counter = aws.dynamodb.Table(aws.lease_table).get_item(Key=requeue_counter_key(long_id))["Item"]
     assert int(counter[REQUEUE_COUNTER_ATTRIBUTE]) == 1
-    assert genuine_failures(int(released[0]["Attributes"]["ApproximateReceiveCount"]), 1) == 0
 
 
 def test_drain_without_requeue_lets_running_tasks_go_on(aws: Aws, run_worker):

@@ -31,7 +31,7 @@ class MotoServer:
         self._process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
-        self._process = subprocess.Popen(  # noqa: S603 - fixed argv
+        self._process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -41,15 +41,15 @@ class MotoServer:
             if self._process.poll() is not None:
                 raise RuntimeError(f"moto server exited with {self._process.returncode}")
             with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)  # noqa: S310 - loopback
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=1)
                 return
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("moto server did not start in time")
 
     def reset(self) -> None:
-        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")  # noqa: S310
-        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - loopback
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")
+        urllib.request.urlopen(request, timeout=10).read()
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
@@ -65,8 +65,8 @@ class MotoServer:
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",  # noqa: S105 - moto's dummy credentials
-            "AWS_SESSION_TOKEN": "testing",  # noqa: S105
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_SESSION_TOKEN": "testing",
             "AWS_DEFAULT_REGION": DEFAULT_REGION,
             "AWS_REGION": DEFAULT_REGION,
             "AWS_EC2_METADATA_DISABLED": "true",
