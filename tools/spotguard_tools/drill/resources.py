@@ -25,10 +25,6 @@ class DrillResources:
     signal_queue_url: str
     signal_queue_arn: str
     lease_table: str
-    #: The lease table the agents write to: the control plane's, or in the baseline one it
-    #: never reads (the spot-hopping seed has no leases: nothing but the visibility
-    #: timeout can bring an interrupted task back).
-    agent_lease_table: str
     fleet_table: str
     jobs_table: str
     idempotency_table: str
@@ -59,7 +55,6 @@ def create_resources(
     desired_capacity: int,
     max_capacity: int,
     visibility_timeout_seconds: int,
-    separate_agent_leases: bool = False,
     sqs: Any,
     dynamodb: Any,
     ec2: Any,
@@ -98,9 +93,7 @@ def create_resources(
     fleet_table = f"{prefix}-fleet"
     jobs_table = f"{prefix}-jobs"
     idempotency_table = f"{prefix}-idempotency"
-    agent_lease_table = f"{prefix}-agent-leases" if separate_agent_leases else lease_table
-    for table in sorted({lease_table, agent_lease_table}):
-        _table(dynamodb, table, [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")])
+    _table(dynamodb, lease_table, [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")])
     _table(dynamodb, fleet_table, [(contracts.FLEET_TABLE_PK, "HASH")])
     _table(dynamodb, jobs_table, [(contracts.JOBS_TABLE_PK, "HASH"), (contracts.JOBS_TABLE_SK, "RANGE")])
     _table(dynamodb, idempotency_table, [(contracts.IDEMPOTENCY_TABLE_PK, "HASH")])
@@ -164,7 +157,6 @@ def create_resources(
         signal_queue_url=signal_queue_url,
         signal_queue_arn=signal_queue_arn,
         lease_table=lease_table,
-        agent_lease_table=agent_lease_table,
         fleet_table=fleet_table,
         jobs_table=jobs_table,
         idempotency_table=idempotency_table,

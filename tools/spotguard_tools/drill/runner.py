@@ -126,7 +126,7 @@ class Drill:
             Env.ASG_NAME.value: resources.asg_name,
             Env.WORK_QUEUE_URL.value: resources.work_queue_url,
             Env.WORK_DLQ_URL.value: resources.work_dlq_url,
-            Env.LEASE_TABLE.value: resources.agent_lease_table,
+            Env.LEASE_TABLE.value: resources.lease_table,
             Env.FLEET_TABLE.value: resources.fleet_table,
             Env.HANDLER.value: "spotguard_tools.drill.task:handle",
             Env.CONCURRENCY.value: str(c.concurrency),
@@ -443,9 +443,6 @@ class Drill:
             desired_capacity=0,
             max_capacity=max_capacity,
             visibility_timeout_seconds=c.visibility_timeout_seconds,
-            # The watchdog's orphan-lease sweep does not honour REQUEUE_ENABLED=false yet
-            # (reported); in the baseline the control plane must not see the agents' leases.
-            separate_agent_leases=not c.requeue_enabled,
             **clients,
         )
         agent_env = self._agent_environment(moto, self.resources)
