@@ -1,9 +1,9 @@
 """An embedded moto server: the local AWS emulator of the drill.
 
-A copy of the logic of ``tests/support/moto_server.py`` (tools must not import tests):
 moto in server mode as a subprocess on a free 127.0.0.1 port, so every process of the
 drill (agents, the control-plane runner, the drill itself) talks to the same emulated
-account over real HTTP. It runs through :mod:`spotguard_tools.drill.moto_main`, which
+account over real HTTP. The tests and benchmarks use the same server
+(``tests/support/moto_server.py``). It runs through :mod:`spotguard_tools.drill.moto_main`, which
 fixes a moto race that could drop SQS messages under concurrent load.
 """
 
@@ -59,6 +59,11 @@ class MotoServer:
             time.sleep(0.1)
         self.stop()
         raise RuntimeError("moto server did not start in time")
+
+    def reset(self) -> None:
+        """Wipe all emulated state (``POST /moto-api/reset``)."""
+        request = urllib.request.Request(f"{self.endpoint}/moto-api/reset", method="POST")  # noqa: S310
+        urllib.request.urlopen(request, timeout=10).read()  # noqa: S310 - loopback
 
     def stop(self) -> None:
         if self._process is not None and self._process.poll() is None:
