@@ -29,8 +29,9 @@ from spotguard_agent.config import AgentConfig
 from spotguard_agent.imds import ImdsClient
 from spotguard_agent.watcher import Watcher
 from spotguard_agent.worker import Worker
-from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, Metric
+from spotguard_core.contracts import Metric
 from spotguard_tools.imds_emulator import running_imds
+from spotguard_tools.local_tables import TableKind, create_table
 
 from tests.support.moto_server import running_moto_server
 
@@ -46,18 +47,7 @@ def setup(tag: str) -> dict[str, str]:
     queue = sqs.create_queue(QueueName=f"work-{tag}", Attributes={"VisibilityTimeout": "60"})["QueueUrl"]
     dlq = sqs.create_queue(QueueName=f"dlq-{tag}")["QueueUrl"]
     table = f"leases-{tag}"
-    boto3.client("dynamodb").create_table(
-        TableName=table,
-        KeySchema=[
-            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(boto3.client("dynamodb"), TableKind.LEASES, table)
     return {"queue": queue, "dlq": dlq, "table": table}
 
 

@@ -10,7 +10,8 @@ from typing import Any
 
 import boto3
 from spotguard_core import aws
-from spotguard_core.contracts import FLEET_TABLE_PK, JOBS_TABLE_PK, JOBS_TABLE_SK, Env
+from spotguard_core.contracts import Env
+from spotguard_tools.local_tables import TableKind, create_table
 
 JOBS_TABLE = "spotguard-jobs"
 FLEET_TABLE = "spotguard-fleet"
@@ -20,24 +21,8 @@ def create_tables(monkeypatch: Any) -> None:
     """Jobs and fleet tables with the contract key schemas; env vars point at them."""
     aws.reset_clients()
     dynamodb = boto3.client("dynamodb")
-    dynamodb.create_table(
-        TableName=JOBS_TABLE,
-        KeySchema=[
-            {"AttributeName": JOBS_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": JOBS_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": JOBS_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": JOBS_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    dynamodb.create_table(
-        TableName=FLEET_TABLE,
-        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(dynamodb, TableKind.JOBS, JOBS_TABLE)
+    create_table(dynamodb, TableKind.FLEET, FLEET_TABLE)
     monkeypatch.setenv(Env.JOBS_TABLE.value, JOBS_TABLE)
     monkeypatch.setenv(Env.FLEET_TABLE.value, FLEET_TABLE)
 

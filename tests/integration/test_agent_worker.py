@@ -20,8 +20,6 @@ from spotguard_agent.config import AgentConfig
 from spotguard_agent.worker import Worker
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
-    LEASE_TABLE_PK,
-    LEASE_TABLE_SK,
     REQUEUE_COUNTER_ATTRIBUTE,
     Env,
     Lease,
@@ -33,6 +31,7 @@ from spotguard_core.contracts import (
     requeue_counter_key,
 )
 from spotguard_tools.imds_emulator import running_imds
+from spotguard_tools.local_tables import TableKind, create_table
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
@@ -89,24 +88,8 @@ def aws(moto_server) -> Aws:
     dlq = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
     queue = sqs.create_queue(QueueName="work", Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
     dynamodb = boto3.client("dynamodb")
-    dynamodb.create_table(
-        TableName="leases",
-        KeySchema=[
-            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    dynamodb.create_table(
-        TableName="fleet",
-        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(dynamodb, TableKind.LEASES, "leases")
+    create_table(dynamodb, TableKind.FLEET, "fleet")
     return Aws(queue, dlq, "leases", "fleet")
 
 

@@ -24,12 +24,11 @@ from spotguard_core.contracts import (
     BOOTSTRAP_REASON_TAG_KEY,
     BOOTSTRAP_TAG_KEY,
     FLEET_TABLE_PK,
-    LEASE_TABLE_PK,
-    LEASE_TABLE_SK,
     Env,
 )
 from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
+from spotguard_tools.local_tables import TableKind, create_table
 
 from tests.support.agent_sandbox import Sandbox, make_sandbox
 
@@ -70,24 +69,8 @@ def world(moto_server: Any, bundle: BundleInfo) -> dict[str, Any]:
     s3.create_bucket(Bucket=BUCKET)
     key = f"{bundle.sha256}.tar.gz"
     dynamodb = boto3.client("dynamodb")
-    dynamodb.create_table(
-        TableName="fleet",
-        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    dynamodb.create_table(
-        TableName="leases",
-        KeySchema=[
-            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(dynamodb, TableKind.FLEET, "fleet")
+    create_table(dynamodb, TableKind.LEASES, "leases")
     queue_url = boto3.client("sqs").create_queue(QueueName="work")["QueueUrl"]
     health_port = free_port()
     boto3.client("ssm").put_parameter(

@@ -18,9 +18,10 @@ from typing import Any
 import boto3
 import pytest
 from spotguard_agent.installer import Installer
-from spotguard_core.contracts import FLEET_TABLE_PK, LEASE_TABLE_PK, LEASE_TABLE_SK, Env
+from spotguard_core.contracts import FLEET_TABLE_PK, Env
 from spotguard_tools.bundle import build_bundle
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
+from spotguard_tools.local_tables import TableKind, create_table
 
 from tests.support.agent_sandbox import Sandbox, make_sandbox
 
@@ -59,24 +60,8 @@ def imds() -> Iterator[ImdsEmulator]:
 @pytest.fixture
 def agent_config(moto_server: Any) -> dict[str, str]:
     dynamodb = boto3.client("dynamodb")
-    dynamodb.create_table(
-        TableName="fleet",
-        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    dynamodb.create_table(
-        TableName="leases",
-        KeySchema=[
-            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(dynamodb, TableKind.FLEET, "fleet")
+    create_table(dynamodb, TableKind.LEASES, "leases")
     config = {
         Env.WORK_QUEUE_URL.value: boto3.client("sqs").create_queue(QueueName="work")["QueueUrl"],
         Env.LEASE_TABLE.value: "leases",

@@ -16,15 +16,12 @@ from typing import Any
 import boto3
 from spotguard_core import aws
 from spotguard_core.contracts import (
-    FLEET_TABLE_PK,
     FLEET_TAG_KEY,
-    IDEMPOTENCY_TABLE_PK,
-    LEASE_TABLE_PK,
-    LEASE_TABLE_SK,
     Env,
     Lease,
     asg_name,
 )
+from spotguard_tools.local_tables import TableKind, create_table
 
 FLEET = "render"
 ACCOUNT_ID = "123456789012"
@@ -38,30 +35,9 @@ def create_tables(prefix: str) -> dict[Env, str]:
         Env.LEASE_TABLE: f"{prefix}-leases",
         Env.IDEMPOTENCY_TABLE: f"{prefix}-idempotency",
     }
-    ddb.create_table(
-        TableName=names[Env.FLEET_TABLE],
-        KeySchema=[{"AttributeName": FLEET_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": FLEET_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    ddb.create_table(
-        TableName=names[Env.LEASE_TABLE],
-        KeySchema=[
-            {"AttributeName": LEASE_TABLE_PK, "KeyType": "HASH"},
-            {"AttributeName": LEASE_TABLE_SK, "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": LEASE_TABLE_PK, "AttributeType": "S"},
-            {"AttributeName": LEASE_TABLE_SK, "AttributeType": "S"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
-    ddb.create_table(
-        TableName=names[Env.IDEMPOTENCY_TABLE],
-        KeySchema=[{"AttributeName": IDEMPOTENCY_TABLE_PK, "KeyType": "HASH"}],
-        AttributeDefinitions=[{"AttributeName": IDEMPOTENCY_TABLE_PK, "AttributeType": "S"}],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    create_table(ddb, TableKind.FLEET, names[Env.FLEET_TABLE])
+    create_table(ddb, TableKind.LEASES, names[Env.LEASE_TABLE])
+    create_table(ddb, TableKind.IDEMPOTENCY, names[Env.IDEMPOTENCY_TABLE])
     return names
 
 

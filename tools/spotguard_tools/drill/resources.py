@@ -9,6 +9,8 @@ from typing import Any
 from spotguard_core import contracts
 from spotguard_core.contracts import Env
 
+from spotguard_tools.local_tables import TableKind, create_table
+
 #: A placeholder AMI that moto knows.
 DRILL_AMI = "ami-12c6146b"
 DRILL_INSTANCE_TYPE = "m5.large"
@@ -38,15 +40,6 @@ def _queue(sqs: Any, name: str, attributes: dict[str, str]) -> tuple[str, str]:
     url = sqs.create_queue(QueueName=name, Attributes=attributes)["QueueUrl"]
     arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     return str(url), str(arn)
-
-
-def _table(dynamodb: Any, name: str, keys: list[tuple[str, str]]) -> None:
-    dynamodb.create_table(
-        TableName=name,
-        BillingMode="PAY_PER_REQUEST",
-        AttributeDefinitions=[{"AttributeName": key, "AttributeType": "S"} for key, _ in keys],
-        KeySchema=[{"AttributeName": key, "KeyType": kind} for key, kind in keys],
-    )
 
 
 def create_resources(
@@ -93,10 +86,10 @@ def create_resources(
     fleet_table = f"{prefix}-fleet"
     jobs_table = f"{prefix}-jobs"
     idempotency_table = f"{prefix}-idempotency"
-    _table(dynamodb, lease_table, [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")])
-    _table(dynamodb, fleet_table, [(contracts.FLEET_TABLE_PK, "HASH")])
-    _table(dynamodb, jobs_table, [(contracts.JOBS_TABLE_PK, "HASH"), (contracts.JOBS_TABLE_SK, "RANGE")])
-    _table(dynamodb, idempotency_table, [(contracts.IDEMPOTENCY_TABLE_PK, "HASH")])
+    create_table(dynamodb, TableKind.LEASES, lease_table)
+    create_table(dynamodb, TableKind.FLEET, fleet_table)
+    create_table(dynamodb, TableKind.JOBS, jobs_table)
+    create_table(dynamodb, TableKind.IDEMPOTENCY, idempotency_table)
 
     group = contracts.asg_name(fleet)
     fleet_tag = {"Key": contracts.FLEET_TAG_KEY, "Value": fleet}
