@@ -16,14 +16,8 @@ from spotguard_core.requeue import RequeueIncompleteError, Requeuer
 from spotguard_tools.cli import main
 
 from tests.integration.control_plane_helpers import EVENTS_DIR, SAMPLE_INSTANCE
-from tests.support import control_plane_env
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cp(moto_server):
-    yield from control_plane_env.control_plane()
 
 
 class FlakySqs:

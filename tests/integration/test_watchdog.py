@@ -18,15 +18,8 @@ from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
 from tests.integration.control_plane_helpers import Output, run_watchdog
-from tests.support import control_plane_env
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def cp(moto_server, monkeypatch):
-    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
-    yield from control_plane_env.control_plane()
 
 
 def launching(cp, instance_id: str, *, age: float) -> None:

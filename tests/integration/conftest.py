@@ -1,0 +1,18 @@
+"""Fixtures of the integration tests (moto server via ``tests/conftest.py``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support import control_plane_env
+
+
+@pytest.fixture
+def cp(moto_server, monkeypatch) -> Iterator[control_plane_env.ControlPlaneEnv]:
+    """The control plane's tables, queues, bus and fleet ASG in moto, env vars set.
+
+    Metrics are enabled so tests can read the EMF the handlers print."""
+    monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
+    yield from control_plane_env.control_plane()
