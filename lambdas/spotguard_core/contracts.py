@@ -39,6 +39,11 @@ REPLACES_TAG_KEY: Final = "spotguard:replaces"
 # Metrics
 # --------------------------------------------------------------------------------------
 METRIC_NAMESPACE: Final = "Spotguard"
+#: Instances publish their own metrics here, never into ``METRIC_NAMESPACE``: the
+#: control-plane alarms (watchdog heartbeat, bootstrap failures …) read only metrics that
+#: no worker instance can write (the instance role's PutMetricData is conditioned on this
+#: namespace with ``cloudwatch:namespace``).
+AGENT_METRIC_NAMESPACE: Final = "Spotguard/Agent"
 #: The only dimension spotguard metrics carry. Dashboards and alarms use exactly this.
 METRIC_DIMENSION_FLEET: Final = "Fleet"
 
@@ -364,7 +369,17 @@ class EndReason(StrEnum):
 
 @dataclass(slots=True)
 class FleetRecord:
-    """The control plane's and the agent's shared view of one instance."""
+    """The control plane's and the agent's shared view of one instance.
+
+    It is also the control plane's channel to the agent (the drain order): the agent reads
+    its own record on every fleet heartbeat (the heartbeat ``UpdateItem`` returns it), and
+    ``state == DRAINING`` tells it to drain by ``drain_deadline_at`` (``None``: finish the
+    running tasks, take no new ones), whatever decided it (Health event, early replacement,
+    an operator). When its drain has finished (no task running, nothing leased) the agent
+    sets ``drained_at``; the watchdog ends a draining instance once it is drained, once its
+    replacement is in service, or at its deadline, and never requeues the tasks of an agent
+    whose heartbeat is fresh.
+    """
 
     instance_id: str
     fleet: str
@@ -390,6 +405,8 @@ class FleetRecord:
     #: When a spot interruption warning for this instance was first seen (epoch seconds):
     #: the later stop/termination is then recorded as ``EndReason.SPOT_RECLAIM``.
     interrupted_at: float | None = None
+    #: Set by the agent when its drain finished: nothing running, nothing leased.
+    drained_at: float | None = None
 
     @property
     def state_rank(self) -> int:
@@ -437,6 +454,7 @@ class FleetRecord:
             replaced_by=item.get("replaced_by"),
             expires_at=int(expires) if expires is not None else None,
             interrupted_at=num("interrupted_at"),
+            drained_at=num("drained_at"),
         )
 
 
@@ -522,6 +540,31 @@ class Env(StrEnum):
     BUNDLE_URL = "SPOTGUARD_BUNDLE_URL"
     BUNDLE_SHA256 = "SPOTGUARD_BUNDLE_SHA256"
     INSTALL_VERIFY_SECONDS = "SPOTGUARD_INSTALL_VERIFY_SECONDS"  # installer: wait for unit + port
+    # the user's workload (an S3 asset next to the agent bundle; see "Workload" below)
+    WORKLOAD_URL = "SPOTGUARD_WORKLOAD_URL"  # s3://bucket/key of the workload tar.gz (agent config)
+    WORKLOAD_SHA256 = "SPOTGUARD_WORKLOAD_SHA256"  # hex sha256 of that file (agent config)
+    WORKLOAD_DIR = "SPOTGUARD_WORKLOAD_DIR"  # where it is unpacked (installer -> agent.env; drill)
+    WORKLOAD_PYTHON = "SPOTGUARD_WORKLOAD_PYTHON"  # python of the workload's venv (installer -> agent)
+    COMMAND = "SPOTGUARD_COMMAND"  # command mode: run per message (exclusive with HANDLER)
+    STOP_GRACE_SECONDS = "SPOTGUARD_STOP_GRACE_SECONDS"  # SIGTERM -> SIGKILL for a released task
+    CHECKPOINT_BUCKET = "SPOTGUARD_CHECKPOINT_BUCKET"
+    CHECKPOINT_MAX_BYTES = "SPOTGUARD_CHECKPOINT_MAX_BYTES"
+    LOG_GROUP = "SPOTGUARD_LOG_GROUP"  # CloudWatch Logs group of the fleet (agent + task output)
+    # AWS latency and fault injection (benchmarks and the drill only; never set by the stack)
+    AWS_LATENCY_MS = "SPOTGUARD_AWS_LATENCY_MS"  # added before every AWS call
+    AWS_FAULT_RATE = "SPOTGUARD_AWS_FAULT_RATE"  # fraction of calls answered with throttling/5xx
+    AWS_FAULT_SEED = "SPOTGUARD_AWS_FAULT_SEED"  # seeds the choice, so a run repeats
+    AWS_FAULT_LOG_DIR = "SPOTGUARD_AWS_FAULT_LOG_DIR"  # each process writes faults-<pid>.json here
+
+
+class TaskEnv(StrEnum):
+    """Environment of a command-mode task (and of a Python handler's child process)."""
+
+    MESSAGE_ID = "SPOTGUARD_MESSAGE_ID"
+    RECEIVE_COUNT = "SPOTGUARD_RECEIVE_COUNT"
+    CHECKPOINT_DIR = "SPOTGUARD_CHECKPOINT_DIR"
+    #: ISO 8601 UTC time the instance goes away; set only while the agent drains.
+    DEADLINE = "SPOTGUARD_DEADLINE"
 
 
 # --------------------------------------------------------------------------------------
@@ -561,6 +604,28 @@ BOOTSTRAP_PLACEHOLDERS: Final[Mapping[str, str]] = {
     "LaunchHook": "launch lifecycle hook name",
     "ConfigParameter": "SSM parameter name of the agent config",
 }
+
+
+# --------------------------------------------------------------------------------------
+# The user's workload and checkpoints (CDK <-> installer <-> agent <-> drill)
+# --------------------------------------------------------------------------------------
+#: Where the installer unpacks the workload tar.gz and builds its virtual environment.
+WORKLOAD_DIR: Final = f"{INSTALL_ROOT}/workload"
+WORKLOAD_VENV: Final = f"{INSTALL_ROOT}/workload-venv"
+#: Inside the workload directory: installed into WORKLOAD_VENV when present, from the
+#: wheelhouse directory (``pip --no-index --find-links``) when that exists too.
+WORKLOAD_REQUIREMENTS: Final = "requirements.txt"
+WORKLOAD_WHEELHOUSE: Final = "wheelhouse"
+DEFAULT_STOP_GRACE_SECONDS: Final = 10
+DEFAULT_CHECKPOINT_MAX_BYTES: Final = 64 * 1024 * 1024
+#: Every checkpoint object lives under this prefix of the checkpoint bucket; the bucket's
+#: lifecycle rule expires it and the instance role may touch only ``<prefix><fleet>/*``.
+CHECKPOINT_KEY_PREFIX: Final = "checkpoints/"
+
+
+def checkpoint_key(fleet: str, message_id: str) -> str:
+    """One object per message: PutObject is atomic, so a checkpoint is whole or absent."""
+    return f"{CHECKPOINT_KEY_PREFIX}{fleet}/{message_id}"
 
 
 def now() -> float:
