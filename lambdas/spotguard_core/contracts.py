@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Final
 
@@ -100,6 +100,9 @@ class SignalKind(StrEnum):
     BOOTSTRAP_DEADLINE = "bootstrap_deadline"  # watchdog: not ready by the deadline
     HEARTBEAT_STALE = "heartbeat_stale"  # watchdog: agent stopped heartbeating
     DRAIN_DEADLINE = "drain_deadline"  # watchdog: interruption deadline passed, no state change seen
+    #: IMDS ``events/maintenance/scheduled`` (instance-stop, instance-retirement, system-reboot …):
+    #: decided by its code; a reboot is not a termination.
+    MAINTENANCE_SCHEDULED = "maintenance_scheduled"
 
 
 class SignalSource(StrEnum):
@@ -108,6 +111,12 @@ class SignalSource(StrEnum):
     TEST = "test"  # EventBridge event with source spotguard.test (staging)
     WATCHDOG = "watchdog"
 
+
+#: How long before the reclaim AWS sends a spot interruption warning (``terminate``/``stop``;
+#: a ``hibernate`` action starts at once: its deadline is the event time itself).
+SPOT_WARNING_LEAD: Final = timedelta(minutes=2)
+#: EC2 instance ids: ``i-`` and 8 or 17 hex digits.
+INSTANCE_ID_PATTERN: Final = r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})"
 
 #: EC2 states after which the instance does no more work: its leases are requeued.
 ENDING_EC2_STATES: Final = frozenset({"stopping", "stopped", "shutting-down", "terminated"})
@@ -490,6 +499,21 @@ class RebalancePolicy(StrEnum):
 
 
 # --------------------------------------------------------------------------------------
+# Defaults: one value each, read by the CDK settings, the agent's config, the drill and tests
+# --------------------------------------------------------------------------------------
+DEFAULT_HANDLER: Final = "spotguard_agent.sample_handler:handle"
+DEFAULT_CONCURRENCY: Final = 2
+DEFAULT_VISIBILITY_TIMEOUT_SECONDS: Final = 120
+DEFAULT_MAX_FAILURES: Final = 5
+DEFAULT_IMDS_POLL_SECONDS: Final = 1.0
+DEFAULT_DRAIN_MARGIN_SECONDS: Final = 15
+#: The agent's own health endpoint, which the installer verifies is listening.
+DEFAULT_HEALTH_PORT: Final = 9880
+DEFAULT_BOOTSTRAP_DEADLINE_MINUTES: Final = 20
+DEFAULT_HEARTBEAT_STALE_MINUTES: Final = 5
+
+
+# --------------------------------------------------------------------------------------
 # Environment variables (Lambda functions and the agent read these; CDK and the drill set them)
 # --------------------------------------------------------------------------------------
 class Env(StrEnum):
@@ -514,6 +538,8 @@ class Env(StrEnum):
     HEARTBEAT_STALE_SECONDS = "SPOTGUARD_HEARTBEAT_STALE_SECONDS"
     BOOTSTRAP_DEADLINE_SECONDS = "SPOTGUARD_BOOTSTRAP_DEADLINE_SECONDS"
     REQUEUE_ENABLED = "SPOTGUARD_REQUEUE_ENABLED"  # drill baseline mode turns it off
+    #: "true" only in staging: the dispatcher accepts source ``spotguard.test`` (else rejects it).
+    ALLOW_TEST_EVENTS = "SPOTGUARD_ALLOW_TEST_EVENTS"
     MAX_FAILURES = "SPOTGUARD_MAX_FAILURES"  # poison threshold (genuine failures)
     MIGRATION_ENABLED = "MIGRATION_ENABLED"
     MIGRATION_INTERVAL_MINUTES = "MIGRATION_INTERVAL_MINUTES"
