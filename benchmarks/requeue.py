@@ -21,6 +21,7 @@ interruption).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -145,7 +146,8 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
         counter.attach(aws.resource("dynamodb").meta.client)
 
         started = time.perf_counter()
-        response = dispatcher.handler({"Records": records}, LocalLambdaContext())
+        with contextlib.redirect_stdout(sys.stderr):  # Powertools' EMF lines stay out of the JSON
+            response = dispatcher.handler({"Records": records}, LocalLambdaContext())
         wall_ms = (time.perf_counter() - started) * 1000
         print(f"# handler took {wall_ms / 1000:.2f}s", file=sys.stderr)
         os.environ.pop(Env.AWS_LATENCY_MS.value, None)

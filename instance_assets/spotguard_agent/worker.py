@@ -446,13 +446,10 @@ class Worker:
         """Take one receive: poison checks, one lease batch, then the tasks are queued."""
         if self._stop.is_set():
             # Arrived after the drain (or stop) began and not started: give it straight back.
-            leases = [self._lease_for(m, None) for m in messages]
+            leases = [self._lease_for(m, 0 if _receive_count(m) == 1 else None) for m in messages]
             self._give_back(leases, leased=False, reason="received after the drain began")
             return
-        receive_counts = {
-            str(m["MessageId"]): int(m.get("Attributes", {}).get(RECEIVE_COUNT_ATTRIBUTE, "1"))
-            for m in messages
-        }
+        receive_counts = {str(m["MessageId"]): _receive_count(m) for m in messages}
         # A first receive cannot have been requeued: read counters only for the others.
         again = [message_id for message_id, count in receive_counts.items() if count > 1]
         known: dict[str, int] | None = {}
@@ -787,6 +784,10 @@ class Worker:
                     for metric, delta in deltas.items()
                 ],
             )
+
+
+def _receive_count(message: dict[str, Any]) -> int:
+    return int(message.get("Attributes", {}).get(RECEIVE_COUNT_ATTRIBUTE, "1"))
 
 
 class DeleteBatcher:
