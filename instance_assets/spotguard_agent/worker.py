@@ -83,6 +83,11 @@ PREFETCH_MAX_TASK_SECONDS = 0.5
 DURATION_SMOOTHING = 0.2
 #: ``Signal.attributes["origin"]`` of a drain ordered through the fleet record.
 FLEET_RECORD_ORIGIN = "fleet_record"
+#: ``Signal.attributes["origin"]`` of a drain because the process is told to stop (SIGTERM,
+#: SIGINT: ``systemctl restart``, an upgrade, a shutdown). It says nothing about the
+#: instance: the fleet record is left alone (a draining record cannot go back to ready, and
+#: the restarted agent would obey it), no ``drained_at`` either.
+PROCESS_STOP_ORIGIN = "process_stop"
 RELEASE_ERRORS: tuple[type[Exception], ...] = (RequeueIncompleteError, *BOOKKEEPING_ERRORS)
 
 
@@ -268,7 +273,7 @@ class Worker:
         with self._tasks_lock:
             self._changed.notify_all()
         self._release_what_does_not_fit()
-        if first and signal.attributes.get("origin") != FLEET_RECORD_ORIGIN:
+        if first and signal.attributes.get("origin") not in (FLEET_RECORD_ORIGIN, PROCESS_STOP_ORIGIN):
             # The control plane already wrote its own order; record only what we saw first.
             deadline_epoch = signal.deadline.timestamp() if signal.deadline else None
             self._drain_report = threading.Thread(
@@ -383,7 +388,11 @@ class Worker:
             )
         if self._drain_report is not None:
             self._drain_report.join(timeout=10)  # the process exits right after run()
-        if self.drain_signal is not None and not self.holds_leases():
+        instance_drain = (
+            self.drain_signal is not None
+            and self.drain_signal.attributes.get("origin") != PROCESS_STOP_ORIGIN
+        )
+        if instance_drain and not self.holds_leases():
             self.reporter.drained()
         self._protection.stop()
         LOG.info("worker stopped: %s", json.dumps(self.status()["counters"]))
