@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
 import json
 import logging
 import threading
@@ -48,8 +47,11 @@ from spotguard_core.contracts import (
     requeue_counter_key,
 )
 
+from spotguard_agent import cloudlogs
 from spotguard_agent.awsclients import AwsClients
 from spotguard_agent.config import AgentConfig
+from spotguard_agent.execution import EXECUTION_METRICS, Execution, WorkloadConfig, build_execution
+from spotguard_agent.handler_host import load_handler
 from spotguard_agent.report import Reporter
 
 LOG = logging.getLogger("spotguard.worker")
@@ -68,13 +70,19 @@ class TaskState(enum.Enum):
 
 @dataclass
 class TaskContext:
-    """What the user's handler gets besides the body."""
+    """The agent's side of a task's context (the handler's own, in its child process, is
+    ``handler_host.HostContext`` with the same attributes plus ``checkpoint()``)."""
 
     message_id: str
     receive_count: int
     attributes: dict[str, Any]
-    #: Set when the agent released the message (drain): stop early, the result is ignored.
+    #: Set when the agent released the message (drain): the execution stops the task
+    #: (SIGTERM, grace, SIGKILL); its result is ignored.
     released: threading.Event = field(default_factory=threading.Event)
+    #: The checkpoint this attempt started from (Python handlers), if any.
+    resumed: bytes | None = None
+    #: This attempt stored a checkpoint (deleted once the message is done).
+    checkpointed: bool = False
 
 
 @dataclass
@@ -107,18 +115,10 @@ class Task:
         return self.started + self.expected_seconds <= deadline_monotonic
 
 
-Handler = Callable[[str, TaskContext], Any]
 ExpectedSeconds = Callable[[str], "float | None"]
-
-
-def load_handler(spec: str) -> tuple[Handler, ExpectedSeconds | None]:
-    """``module:function``. The module may define ``expected_seconds(body) -> float | None``
-    so a drain can tell which running tasks will finish in time."""
-    module_name, _, function_name = spec.partition(":")
-    module = importlib.import_module(module_name)
-    handler = getattr(module, function_name)
-    expected = getattr(module, "expected_seconds", None)
-    return handler, expected if callable(expected) else None
+#: ``load_handler(spec)`` (imported above) now lives in ``handler_host``: handlers are
+#: imported in their child process, never in the agent's.
+__all__ = ["TaskContext", "Worker", "load_handler"]
 
 
 class Worker:
@@ -129,6 +129,7 @@ class Worker:
         instance_id: str,
         clients: AwsClients | None = None,
         reporter: Reporter | None = None,
+        workload: WorkloadConfig | None = None,
     ) -> None:
         config.validate_worker()
         self.config = config
@@ -137,7 +138,22 @@ class Worker:
         self.reporter = reporter or Reporter(
             self.clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
         )
-        self.handler, self.expected_seconds = load_handler(config.handler)
+        # The user's work runs in child processes (spotguard_agent.execution); the handler
+        # reports its expected_seconds from there, per task.
+        self.workload = workload or WorkloadConfig.from_environ()
+        self.cloud_logs: cloudlogs.CloudLogsHandler | None = None
+        if self.workload.log_group:
+            logs = self.clients.client("logs")
+            self.cloud_logs = cloudlogs.attach(logs, group=self.workload.log_group, instance_id=instance_id)
+        self.expected_seconds: ExpectedSeconds | None = None
+        self.execution: Execution = build_execution(
+            handler=config.handler,
+            workload=self.workload,
+            s3=self.clients.client("s3") if self.workload.checkpoint_bucket else None,
+            fleet=config.fleet,
+            deadline=lambda: self.drain_signal.deadline if self.drain_signal is not None else None,
+            count=self._count,
+        )
         self.sqs = self.clients.sqs
         self.dynamodb = self.clients.dynamodb
         self._tasks: dict[str, Task] = {}
@@ -156,6 +172,7 @@ class Worker:
                 Metric.TASKS_FAILED,
                 Metric.TASKS_RELEASED_ON_DRAIN,
                 Metric.POISON_MESSAGES,
+                *EXECUTION_METRICS,
             ),
             0,
         )
@@ -267,6 +284,7 @@ class Worker:
                     self._slots.release()
             self._wait_for_tasks()
         finally:
+            self._close_execution()
             self._pool.shutdown(wait=False)
             self._flush_metrics()
         if self._lifecycle_terminating:
@@ -349,9 +367,10 @@ class Worker:
 
     # ------------------------------------------------------------------ one task
     def _execute(self, task: Task) -> None:
+        cloudlogs.set_message_id(task.message_id)  # every log line of this task names it
         try:
             try:
-                self.handler(str(task.message.get("Body", "")), task.context)
+                self.execution.run(task)  # returns once done or released; raises on failure
             except Exception as error:  # noqa: BLE001 - any handler exception is a task failure
                 self._on_failure(task, error)
             else:
@@ -360,6 +379,13 @@ class Worker:
             with self._tasks_lock:
                 self._tasks.pop(task.message_id, None)
             self._slots.release()
+            cloudlogs.set_message_id(None)
+
+    def _close_execution(self) -> None:
+        """At exit: stopping tasks finish their stop (and checkpoint), children end, logs ship."""
+        self.execution.close()
+        if self.cloud_logs is not None:
+            cloudlogs.detach(self.cloud_logs)
 
     def _on_success(self, task: Task) -> None:
         with task.lock:
@@ -374,6 +400,7 @@ class Worker:
             except AWS_ERRORS as error:
                 LOG.warning("delete failed for %s (it will be redelivered): %s", task.message_id, error)
             self._delete_lease(task.lease)
+        self.execution.succeeded(task)
         self._count(Metric.TASKS_COMPLETED)
 
     def _on_failure(self, task: Task, error: Exception) -> None:
@@ -405,6 +432,8 @@ class Worker:
             self._change_visibility(task.receipt_handle, visibility)
             self._delete_lease(task.lease)
         LOG.info("released %s (%s, visible in %d s)", task.message_id, reason, visibility)
+        if final_state is TaskState.RELEASED and self.cloud_logs is not None:
+            self.cloud_logs.ship_now()  # a drain: the instance may be gone soon
         return True
 
     # ------------------------------------------------------------------ heartbeat loop
