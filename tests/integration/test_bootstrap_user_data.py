@@ -121,6 +121,12 @@ def run_user_data(
 ) -> int:
     script = sandbox.base / "user-data.sh"
     script.write_text(rendered)
+    # What cloud-init leaves before it runs user data: its copy of the instance id (read
+    # from IMDS in its first stage) and /var/log.
+    cloud_data = sandbox.root / "var/lib/cloud/data"
+    cloud_data.mkdir(parents=True, exist_ok=True)
+    (cloud_data / "instance-id").write_text(imds.instance_id + "\n")
+    (sandbox.root / "var/log").mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["bash", str(script)],
         env=sandbox.env(SPOTGUARD_IMDS_URL=imds.url, **env),
