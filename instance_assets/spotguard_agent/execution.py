@@ -544,17 +544,21 @@ class CommandExecution(Execution):
             raise TaskFailed(f"command exited with code {code}")
 
     def _stop(self, process: subprocess.Popen[bytes], task: Task) -> None:
+        """SIGTERM to the group; the grace time for *every* process of it (the shell may die
+        at once while the program it started is still writing its checkpoint); SIGKILL."""
         grace = self.grace_seconds()
         _signal_group(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            _signal_group(process.pid, signal.SIGKILL)
-            process.wait()
-            self._count(Metric.TASKS_KILLED)
-            LOG.warning("released task %s ignored SIGTERM for %.1f s: killed", task.message_id, grace)
-            return
-        LOG.info("released task %s stopped (exit code %s)", task.message_id, process.returncode)
+        limit = time.monotonic() + grace
+        while time.monotonic() < limit:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=_POLL_SECONDS)
+            if process.returncode is not None and not _group_alive(process.pid):
+                LOG.info("released task %s stopped (exit code %s)", task.message_id, process.returncode)
+                return
+        _signal_group(process.pid, signal.SIGKILL)
+        process.wait()
+        self._count(Metric.TASKS_KILLED)
+        LOG.warning("released task %s ignored SIGTERM for %.1f s: killed", task.message_id, grace)
 
     def close(self, timeout: float | None = None) -> None:
         super().close(timeout)
@@ -562,6 +566,27 @@ class CommandExecution(Execution):
             left = list(self._live)
         for pid in left:
             _signal_group(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Does any process of the group still run (zombies waiting for a reaper do not)?"""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and fields[2] == str(pgid) and fields[0] not in ("Z", "X"):
+            return True
+    return False
 
 
 def _signal_group(pgid: int, signum: int) -> None:
