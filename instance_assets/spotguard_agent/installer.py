@@ -342,7 +342,8 @@ class Installer:
         LOG.info(
             "workload venv built: %s (%s)", venv, "wheelhouse" if wheelhouse.is_dir() else "package index"
         )
-        return self.real_path(venv / "bin" / "python")
+        # Not resolved: bin/python is a link to the base interpreter, the venv is its path.
+        return str(venv.resolve() / "bin" / "python")
 
     def _run(self, command: list[str], what: str) -> None:
         timeout = max(30.0, min(900.0, self.seconds_left() - VERIFY_DEADLINE_MARGIN_SECONDS - 60))
