@@ -58,12 +58,14 @@ class CloudLogsHandler(logging.Handler):
         self.stream = stream
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue(maxsize=QUEUE_LIMIT)
         self._dropped = 0
+        #: Lines dropped since start (queue full); each batch reports its share too.
+        self.dropped = 0
         self._dropped_lock = threading.Lock()
         self._wake = threading.Event()
         self._flushed = threading.Condition()
         self._flush_requested = 0
         self._flush_done = 0
-        self._closed = threading.Event()
+        self._shutdown = threading.Event()
         self._stream_ready = False
         self.shipped = 0
         self._thread = threading.Thread(target=self._run, name="cloudlogs", daemon=True)
@@ -86,6 +88,7 @@ class CloudLogsHandler(logging.Handler):
         except queue.Full:
             with self._dropped_lock:
                 self._dropped += 1
+                self.dropped += 1
         except Exception:  # noqa: BLE001 - logging must never break the caller
             self.handleError(record)
 
@@ -110,13 +113,13 @@ class CloudLogsHandler(logging.Handler):
 
     def close(self) -> None:
         self.flush()
-        self._closed.set()
+        self._shutdown.set()
         self._wake.set()
         super().close()
 
     # ------------------------------------------------------------------ shipping thread
     def _run(self) -> None:
-        while not self._closed.is_set():
+        while not self._shutdown.is_set():
             self._wake.wait(FLUSH_SECONDS)
             self._wake.clear()
             with self._flushed:

@@ -382,10 +382,12 @@ class Worker:
             cloudlogs.set_message_id(None)
 
     def _close_execution(self) -> None:
-        """At exit: stopping tasks finish their stop (and checkpoint), children end, logs ship."""
+        """At exit: stopping tasks finish their stop (and checkpoint), children end, logs
+        ship (bounded; the handler stays attached: ``logging.shutdown()`` at the agent's exit
+        ships the last lines)."""
         self.execution.close()
         if self.cloud_logs is not None:
-            cloudlogs.detach(self.cloud_logs)
+            self.cloud_logs.ship(timeout=5.0)
 
     def _on_success(self, task: Task) -> None:
         with task.lock:
