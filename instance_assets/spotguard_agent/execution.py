@@ -381,10 +381,16 @@ class PythonExecution(Execution):
             }
         )
         stopper: threading.Thread | None = None
+        deadline_sent = self.deadline_text()
         while sent:
             try:
                 event = host.events.get(timeout=_POLL_SECONDS)
             except queue.Empty:
+                deadline = self.deadline_text()
+                if deadline != deadline_sent and deadline is not None:
+                    # A task that fits goes on during the drain: tell it when the end is.
+                    deadline_sent = deadline
+                    host.send({"t": "deadline", "deadline": deadline})
                 if stopper is None and context.released.is_set():
                     stopper = threading.Thread(target=self._stop, args=(host, task), daemon=True)
                     stopper.start()

@@ -14,6 +14,7 @@ stderr, which the agent logs with the message id, so it cannot corrupt the proto
     agent -> host   {"t": "run", "message_id", "receive_count", "attributes", "body",
                      "resumed": base64 | null, "deadline": iso | null, "checkpoint_max_bytes"}
                     {"t": "checkpoint_ack", "stored": bool, "error": str | null, "too_large": bool}
+                    {"t": "deadline", "deadline": iso}   (a drain began while the task runs)
     host -> agent   {"t": "ready"} | {"t": "ready", "error": "..."}
                     {"t": "expected", "seconds": float | null}     (before the handler runs)
                     {"t": "checkpoint", "size": n, "data": base64 | null}
@@ -123,6 +124,13 @@ class Host:
         self._busy = threading.Event()
         self.handler: Handler | None = None
         self.expected: ExpectedSeconds | None = None
+        #: One handler thread for the life of the host (the main thread reads the agent).
+        self._runs: queue.Queue[Mapping[str, Any]] = queue.Queue()
+        threading.Thread(target=self._run_forever, name="handler", daemon=True).start()
+
+    def _run_forever(self) -> None:
+        while True:
+            self.run(self._runs.get())
 
     def send(self, message: Mapping[str, Any]) -> None:
         line = json.dumps(message, separators=(",", ":")) + "\n"
@@ -185,6 +193,12 @@ class Host:
         if self._stopping.is_set():
             os._exit(0)
 
+    def set_deadline(self, deadline: str | None) -> None:
+        context = self._context
+        if context is not None and deadline:
+            context.deadline = datetime.fromisoformat(deadline)
+            os.environ[TaskEnv.DEADLINE.value] = deadline
+
     def stop(self) -> None:
         """SIGTERM or the agent gone: release the running task, exit once it returns."""
         self._stopping.set()
@@ -205,9 +219,11 @@ class Host:
             kind = message.get("t")
             if kind == "run":
                 self._busy.set()
-                threading.Thread(target=self.run, args=(message,), name="handler", daemon=True).start()
+                self._runs.put(message)
             elif kind == "checkpoint_ack":
                 self._answers.put(message)
+            elif kind == "deadline":  # a drain began while the task runs
+                self.set_deadline(message.get("deadline"))
         # The agent is gone: nobody will delete or release this message, the control plane
         # requeues it. Stop like on SIGTERM, but do not wait long for the handler.
         self.stop()  # returns only while the handler still runs

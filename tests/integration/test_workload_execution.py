@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,47 @@ def test_a_handler_that_cannot_be_imported_stops_the_worker_with_a_clear_reason(
             instance_id=INSTANCE,
             workload=WorkloadConfig(workload_dir=directory),
         )
+
+
+DEADLINE_HANDLER = """
+import json, os, time
+
+
+def expected_seconds(body):
+    return 3.0
+
+
+def handle(body, context):
+    task = json.loads(body)
+    end = time.monotonic() + 3.0
+    while time.monotonic() < end:
+        if context.deadline is not None:
+            with open(task["path"], "w") as f:
+                seen = {"deadline": context.deadline.isoformat(), "env": os.environ.get("SPOTGUARD_DEADLINE")}
+                json.dump(seen, f)
+            return
+        time.sleep(0.05)
+    raise RuntimeError("no deadline seen")
+"""
+
+
+def test_a_handler_that_fits_the_drain_deadline_goes_on_and_is_told_the_deadline(
+    world: World, workers: Workers, tmp_path
+):
+    directory = write_tree(tmp_path / "workload", {"fits.py": DEADLINE_HANDLER})
+    seen = tmp_path / "seen.json"
+    world.send({"path": str(seen)})
+    running = workers.start(
+        agent_config(world, handler="fits:handle"), WorkloadConfig(workload_dir=directory), INSTANCE
+    )
+    wait_for(lambda: world.leases(INSTANCE))
+    time.sleep(0.3)  # the handler process reported expected_seconds = 3
+    notice = spot_signal(INSTANCE, 30)
+    running.worker.drain(notice)
+    assert running.join() == 0
+    assert running.worker.counters[Metric.TASKS_COMPLETED] == 1, "it fits: not released"
+    assert running.worker.counters[Metric.TASKS_RELEASED_ON_DRAIN] == 0
+    told = json.loads(seen.read_text())
+    assert notice.deadline is not None
+    assert abs(datetime.fromisoformat(told["deadline"]).timestamp() - notice.deadline.timestamp()) < 0.01
+    assert told["env"].endswith("Z"), "SPOTGUARD_DEADLINE: ISO 8601 UTC"
