@@ -57,6 +57,7 @@ from spotguard_core.contracts import (
 
 import spotguard_agent
 from spotguard_agent.checkpoint import CheckpointError, CheckpointStore, CheckpointTooLarge
+from spotguard_agent.config import ConfigError
 
 if TYPE_CHECKING:
     from spotguard_agent.worker import Task
@@ -80,7 +81,7 @@ class TaskFailed(RuntimeError):
     """The handler raised, its process died, or the command exited non-zero."""
 
 
-class WorkloadError(ValueError):
+class WorkloadError(ConfigError):
     """Invalid workload configuration or a handler that cannot be loaded."""
 
 

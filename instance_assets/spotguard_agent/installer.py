@@ -46,6 +46,7 @@ from pathlib import Path
 from spotguard_core.contracts import (
     AGENT_ENV_FILE,
     BOOTSTRAP_LOG_FILE,
+    DEFAULT_HANDLER,
     INSTALL_ROOT,
     WORKLOAD_DIR,
     WORKLOAD_REQUIREMENTS,
@@ -147,6 +148,7 @@ class Installer:
             env = self.agent_environment()
             self.check_config(env)
             self.install_workload(env)
+            self.check_handler(env)
             self.write_env_file(env)
             if env.get(Env.INSTALL_VERIFY_SECONDS.value):  # the fleet's configuration wins
                 self.verify_timeout_seconds = float(env[Env.INSTALL_VERIFY_SECONDS.value])
@@ -302,6 +304,39 @@ class Installer:
             python = self.build_workload_venv()
         env[Env.WORKLOAD_DIR.value] = self.real_path(self.workload_dir)
         env[Env.WORKLOAD_PYTHON.value] = python
+
+    def check_handler(self, env: Mapping[str, str]) -> None:
+        """Import the Python handler the way the agent will (its host process, the workload
+        python and directory): a handler that cannot be imported fails the bootstrap with
+        the import error, instead of an agent that restarts forever."""
+        if env.get(Env.COMMAND.value):
+            return
+        spec = env.get(Env.HANDLER.value) or DEFAULT_HANDLER
+        python = env.get(Env.WORKLOAD_PYTHON.value) or self.python
+        directory = env.get(Env.WORKLOAD_DIR.value)
+        paths = [p for p in (directory, str(self.bundle.resolve())) if p]
+        child_env = {**self.environ, **env, "PYTHONPATH": os.pathsep.join(paths)}
+        try:
+            result = subprocess.run(  # noqa: S603 - the agent's own host module
+                [python, "-m", "spotguard_agent.handler_host", spec],
+                input="",
+                capture_output=True,
+                text=True,
+                env=child_env,
+                cwd=directory or None,
+                check=False,
+                timeout=120,
+            )
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise InstallError(f"handler {spec} not checked: {error}") from error
+        first = (result.stdout.splitlines() or ["{}"])[0]
+        try:
+            ready = json.loads(first)
+        except ValueError:
+            ready = {"error": (result.stderr.strip().splitlines() or [first])[-1]}
+        if ready.get("t") != "ready" or ready.get("error"):
+            raise InstallError(str(ready.get("error") or f"handler {spec} does not start"))
+        LOG.info("handler %s imports under %s", spec, python)
 
     def download(self, url: str, env: Mapping[str, str]) -> bytes:
         if not url.startswith("s3://") or "/" not in url[5:]:

@@ -242,3 +242,17 @@ def test_a_workload_archive_that_could_escape_its_directory_is_rejected(world: W
     env[Env.WORKLOAD_SHA256.value] = "0" * 64
     with pytest.raises(InstallError, match="workload sha256 mismatch"):
         installer.install_workload(env)
+
+
+def test_a_handler_that_cannot_be_imported_fails_the_install_with_the_import_error(tmp_path: Path):
+    directory = write_tree(tmp_path / "my-worker", {"tasks.py": "import numpy_not_in_requirements\n"})
+    installer = Installer(root=tmp_path / "root", bundle=tmp_path, environ={})
+    env = {Env.WORKLOAD_DIR.value: str(directory), Env.HANDLER.value: "tasks:handle"}
+    with pytest.raises(
+        InstallError,
+        match="cannot load handler tasks:handle: ModuleNotFoundError: "
+        "No module named 'numpy_not_in_requirements'",
+    ):
+        installer.check_handler(env)
+    write_tree(directory, {"tasks.py": TASKS, **HELPERS})
+    installer.check_handler(env)  # imports now: no error
