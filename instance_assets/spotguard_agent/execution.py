@@ -14,7 +14,8 @@ Two modes (``Env.HANDLER`` xor ``Env.COMMAND``), both outside the agent's own pr
   group; exit 0 = done, anything else = a genuine failure. Released: SIGTERM to the group,
   the grace time, SIGKILL to the group; then the files in ``$SPOTGUARD_CHECKPOINT_DIR`` are
   saved as the message's checkpoint. Its output goes to the agent's log, line by line, with
-  the message id. Leftover processes of the group are killed when the command exits.
+  the message id. Leftover processes of the group are killed when the command exits, and
+  ``task_supervisor`` (the group's leader) kills the group if the agent dies first.
 
 The worker calls ``run(task)`` in the task's thread: it returns when the task succeeded or
 was released (the worker tells those apart by the task state) and raises ``TaskFailed``
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import ctypes
 import json
 import logging
 import os
@@ -457,21 +457,8 @@ class PythonExecution(Execution):
 
 
 # ---------------------------------------------------------------------- commands
-_PR_SET_PDEATHSIG = 1
-try:
-    _PRCTL: Any = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):  # not Linux
-    _PRCTL = None
-
-
-def _command_child_setup(agent_pid: int) -> None:
-    """In the child before exec: its own process group (so the whole tree can be stopped)
-    and, on Linux, SIGKILL when the agent dies without stopping it (a hard kill)."""
-    os.setpgid(0, 0)
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != agent_pid:  # the agent died before prctl
-            os._exit(1)
+#: Parent of each command: kills the task's group when the agent dies without stopping it.
+TASK_SUPERVISOR = str(Path(__file__).resolve().with_name("task_supervisor.py"))
 
 
 class CommandExecution(Execution):
@@ -505,16 +492,27 @@ class CommandExecution(Execution):
             and self.store.restore_directory(task.message_id, checkpoint_dir)
         ):
             self._count(Metric.TASKS_RESUMED)
-        agent_pid = os.getpid()
-        process = subprocess.Popen(  # noqa: S603 - the fleet's own configured command
-            ["/bin/sh", "-c", self.command],
-            cwd=self.cwd,
-            env=self._environment(task, checkpoint_dir),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            preexec_fn=lambda: _command_child_setup(agent_pid),  # noqa: PLW1509 - only async-signal-safe calls
-        )
+        # The supervisor watches this pipe: its write end lives only in the agent.
+        watch_read, watch_write = os.pipe()
+        try:
+            process = subprocess.Popen(  # noqa: S603 - the fleet's own configured command
+                [sys.executable, "-I", "-S", TASK_SUPERVISOR, str(watch_read), self.command],
+                cwd=self.cwd,
+                env=self._environment(task, checkpoint_dir),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: the whole task can be signalled
+                pass_fds=(watch_read,),
+            )
+        finally:
+            os.close(watch_read)
+        try:
+            self._supervise(task, process, checkpoint_dir)
+        finally:
+            os.close(watch_write)
+
+    def _supervise(self, task: Task, process: subprocess.Popen[bytes], checkpoint_dir: Path) -> None:
         with self._live_lock:
             self._live[process.pid] = process
         body = str(task.message.get("Body", ""))
