@@ -366,21 +366,18 @@ class PythonExecution(Execution):
         context = task.context
         resumed = self._resumed(task)
         context.resumed = resumed
-        host = self._acquire()
-        host.message_id = task.message_id
-        sent = host.send(
-            {
-                "t": "run",
-                "message_id": task.message_id,
-                "receive_count": task.receive_count,
-                "attributes": context.attributes,
-                "body": str(task.message.get("Body", "")),
-                "resumed": base64.b64encode(resumed).decode("ascii") if resumed is not None else None,
-                "deadline": self.deadline_text(),
-                "checkpoint_max_bytes": self.store.max_bytes,
-                "env": self.task_environment(task),
-            }
-        )
+        request = {
+            "t": "run",
+            "message_id": task.message_id,
+            "receive_count": task.receive_count,
+            "attributes": context.attributes,
+            "body": str(task.message.get("Body", "")),
+            "resumed": base64.b64encode(resumed).decode("ascii") if resumed is not None else None,
+            "deadline": self.deadline_text(),
+            "checkpoint_max_bytes": self.store.max_bytes,
+            "env": self.task_environment(task),
+        }
+        host, sent = self._start_on_host(task, request)
         stopper: threading.Thread | None = None
         deadline_sent = self.deadline_text()
         while sent:
@@ -417,6 +414,18 @@ class PythonExecution(Execution):
         self._discard(host)
         if stopper is None and not context.released.is_set():
             raise TaskFailed(f"handler process exited with code {host.process.returncode} during the task")
+
+    def _start_on_host(self, task: Task, request: Mapping[str, Any]) -> tuple[HandlerHost, bool]:
+        host = self._acquire()
+        host.message_id = task.message_id
+        if host.send(request):
+            return host, True
+        # An idle child died since its last task: not the message's fault, use a new one.
+        host.kill()
+        self._discard(host)
+        host = self._spawn()
+        host.message_id = task.message_id
+        return host, host.send(request)
 
     def _stop(self, host: HandlerHost, task: Task) -> None:
         grace = self.grace_seconds()
