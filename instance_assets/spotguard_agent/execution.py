@@ -57,7 +57,7 @@ from spotguard_core.contracts import (
 
 import spotguard_agent
 from spotguard_agent.checkpoint import CheckpointError, CheckpointStore, CheckpointTooLarge
-from spotguard_agent.config import ConfigError
+from spotguard_agent.config import AgentConfig, ConfigError
 
 if TYPE_CHECKING:
     from spotguard_agent.worker import Task
@@ -124,6 +124,21 @@ class WorkloadConfig:
             checkpoint_bucket=env.get(Env.CHECKPOINT_BUCKET.value, ""),
             checkpoint_max_bytes=max_bytes,
             log_group=env.get(Env.LOG_GROUP.value, ""),
+        )
+
+
+    @classmethod
+    def from_agent_config(cls, config: AgentConfig) -> WorkloadConfig:
+        """The same settings from the agent's typed configuration (environment + flags)."""
+        directory = Path(config.workload_dir) if config.workload_dir else None
+        return cls(
+            workload_dir=directory if directory is not None and directory.is_dir() else None,
+            python=config.workload_python or sys.executable,
+            command=config.command.strip(),
+            stop_grace_seconds=float(config.stop_grace_seconds),
+            checkpoint_bucket=config.checkpoint_bucket,
+            checkpoint_max_bytes=max(1, int(config.checkpoint_max_bytes)),
+            log_group=config.log_group,
         )
 
 
