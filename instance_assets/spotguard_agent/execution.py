@@ -126,7 +126,6 @@ class WorkloadConfig:
             log_group=env.get(Env.LOG_GROUP.value, ""),
         )
 
-
     @classmethod
     def from_agent_config(cls, config: AgentConfig) -> WorkloadConfig:
         """The same settings from the agent's typed configuration (environment + flags)."""
