@@ -30,7 +30,7 @@ import contextlib
 import json
 import logging
 import os
-import queue
+import select
 import shutil
 import signal
 import subprocess
@@ -72,6 +72,8 @@ EXECUTION_METRICS = (
     Metric.TASKS_KILLED,
 )
 HOST_READY_TIMEOUT_SECONDS = 60.0
+#: ``HandlerHost.next_event``: nothing arrived in time.
+NO_EVENT: dict[str, Any] = {"t": "none"}
 _POLL_SECONDS = 0.05
 Deadline = Callable[[], "datetime | None"]
 Count = Callable[[Metric], None]
@@ -233,15 +235,15 @@ class HandlerHost:
             stderr=subprocess.PIPE,
             cwd=cwd,
             env=dict(env),
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            bufsize=1,
+            bufsize=0,
         )
-        self.events: queue.Queue[dict[str, Any] | None] = queue.Queue()
         self.message_id: str | None = None
         self._write_lock = threading.Lock()
-        threading.Thread(target=self._read_events, name=f"host-{self.pid}-out", daemon=True).start()
+        # Events are read by the task's own thread (no hand-over between threads per
+        # message: under the GIL each hand-over can cost milliseconds).
+        assert self.process.stdout is not None
+        self._events_fd = self.process.stdout.fileno()
+        self._buffer = b""
         threading.Thread(target=self._read_output, name=f"host-{self.pid}-err", daemon=True).start()
 
     @property
@@ -252,39 +254,50 @@ class HandlerHost:
     def alive(self) -> bool:
         return self.process.poll() is None
 
-    def _read_events(self) -> None:
-        assert self.process.stdout is not None
-        for line in self.process.stdout:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                TASK_LOG.warning("handler process %d: unreadable line %r", self.pid, line[:200])
-                continue
-            if isinstance(event, dict):
-                self.events.put(event)
-        self.events.put(None)
+    def next_event(self, timeout: float) -> dict[str, Any] | None:
+        """The next event line; ``NO_EVENT`` after ``timeout``; None when the process ended."""
+        limit = time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = limit - time.monotonic()
+            if left <= 0:
+                return NO_EVENT
+            readable, _, _ = select.select([self._events_fd], [], [], left)
+            if not readable:
+                return NO_EVENT
+            chunk = os.read(self._events_fd, 1 << 16)
+            if not chunk:
+                return None
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            event = json.loads(line)
+        except ValueError:
+            TASK_LOG.warning("handler process %d: unreadable line %r", self.pid, line[:200])
+            return NO_EVENT
+        return event if isinstance(event, dict) else NO_EVENT
 
     def _read_output(self) -> None:
         assert self.process.stderr is not None
         for line in self.process.stderr:
-            _log_task_line(self.message_id, line)
+            _log_task_line(self.message_id, line.decode("utf-8", errors="replace"))
 
     def send(self, message: Mapping[str, Any]) -> bool:
         assert self.process.stdin is not None
         try:
             with self._write_lock:
-                self.process.stdin.write(json.dumps(message, separators=(",", ":")) + "\n")
-                self.process.stdin.flush()
+                data = memoryview((json.dumps(message, separators=(",", ":")) + "\n").encode())
+                while data:  # an unbuffered pipe may take a large request in parts
+                    written = self.process.stdin.write(data)
+                    data = data[written or 0 :]
         except (OSError, ValueError):  # the child is gone
             return False
         return True
 
     def wait_ready(self, timeout: float) -> None:
-        try:
-            event = self.events.get(timeout=timeout)
-        except queue.Empty:
+        event = self.next_event(timeout)
+        if event is NO_EVENT:
             self.kill()
-            raise WorkloadError(f"handler process did not start within {timeout:.0f} s") from None
+            raise WorkloadError(f"handler process did not start within {timeout:.0f} s")
         if event is None or event.get("t") != "ready" or event.get("error"):
             self.kill()
             reason = event.get("error") if event else f"exited with code {self.process.wait()}"
@@ -395,9 +408,8 @@ class PythonExecution(Execution):
         stopper: threading.Thread | None = None
         deadline_sent = self.deadline_text()
         while sent:
-            try:
-                event = host.events.get(timeout=_POLL_SECONDS)
-            except queue.Empty:
+            event = host.next_event(_POLL_SECONDS)
+            if event is NO_EVENT:
                 deadline = self.deadline_text()
                 if deadline != deadline_sent and deadline is not None:
                     # A task that fits goes on during the drain: tell it when the end is.
