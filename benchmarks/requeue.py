@@ -77,7 +77,7 @@ def run(leases: int) -> dict[str, Any]:
 
         from spotguard_functions import dispatcher  # noqa: PLC0415
 
-        dispatcher._runtime.get()  # build the clients outside the measurement (warm container)
+        dispatcher.runtime()  # build the clients outside the measurement (warm container)
         counter = CallCounter()
         for service in ("sqs", "dynamodb", "ec2", "autoscaling", "events"):
             counter.attach(aws.client(service))

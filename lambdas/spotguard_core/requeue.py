@@ -101,14 +101,25 @@ class Requeuer:
         self.clock = clock
         self.sleep = sleep
 
-    def requeue_instance(self, instance_id: str, *, event_time: datetime | None = None) -> RequeueResult:
+    def requeue_instance(
+        self, instance_id: str, *, event_time: datetime | None = None, count_interruption: bool = True
+    ) -> RequeueResult:
         """Requeue every lease ``instance_id`` still holds. Raises ``RequeueIncompleteError``
-        if some messages stayed invisible after retries (their leases are kept)."""
+        if some messages stayed invisible after retries (their leases are kept).
+        ``count_interruption=False``: the instance went away without notice (the message may
+        be the cause), so the receive is not subtracted from the poison count."""
         leases = self.lease_store.for_instance(instance_id)
-        return self.requeue_leases(instance_id, leases, event_time=event_time)
+        return self.requeue_leases(
+            instance_id, leases, event_time=event_time, count_interruption=count_interruption
+        )
 
     def requeue_leases(
-        self, instance_id: str, leases: Sequence[Lease], *, event_time: datetime | None = None
+        self,
+        instance_id: str,
+        leases: Sequence[Lease],
+        *,
+        event_time: datetime | None = None,
+        count_interruption: bool = True,
     ) -> RequeueResult:
         result = RequeueResult(instance_id=instance_id, leases=len(leases))
         if not leases:
@@ -125,7 +136,9 @@ class Requeuer:
         # Chunks of ten run concurrently: each counts its messages' requeues, then makes
         # them visible; the first messages are back on the queue after two round trips.
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
-            for visible, gone, still_failed in pool.map(lambda chunk: self._requeue_chunk(*chunk), chunks):
+            for visible, gone, still_failed in pool.map(
+                lambda chunk: self._requeue_chunk(*chunk, count_interruption=count_interruption), chunks
+            ):
                 result.requeued += len(visible)
                 result.already_gone += len(gone)
                 done.extend(visible + gone)
@@ -147,11 +160,12 @@ class Requeuer:
         return result
 
     def _requeue_chunk(
-        self, queue_url: str, chunk: Sequence[Lease]
+        self, queue_url: str, chunk: Sequence[Lease], *, count_interruption: bool = True
     ) -> tuple[list[Lease], list[Lease], list[Lease]]:
         # Poison rule: count the interruption *before* the message can be received again.
-        for lease in chunk:
-            self.lease_store.increment_requeue_counter(lease.message_id)
+        if count_interruption:
+            for lease in chunk:
+                self.lease_store.increment_requeue_counter(lease.message_id)
         return self._change_visibility(queue_url, chunk)
 
     def _change_visibility(

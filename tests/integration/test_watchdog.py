@@ -7,9 +7,7 @@ import time
 import pytest
 from spotguard_core.contracts import (
     FLEET_TAG_KEY,
-    BootstrapStatus,
     EndReason,
-    FleetRecord,
     InstanceState,
     Lease,
     Metric,
@@ -17,44 +15,27 @@ from spotguard_core.contracts import (
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, run_watchdog
+from tests.integration.control_plane_helpers import Output, run_watchdog, seed_record
 
 pytestmark = pytest.mark.integration
 
 
-def launching(cp, instance_id: str, *, age: float) -> None:
+def launching(instance_id: str, *, age: float) -> None:
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=cp.fleet,
-            state=InstanceState.LAUNCHING,
-            launched_at=now - age,
-            bootstrap_deadline_at=now - age + 1200,
-        )
+    seed_record(
+        instance_id, InstanceState.LAUNCHING, launched_at=now - age, bootstrap_deadline_at=now - age + 1200
     )
 
 
 def test_past_deadline_not_ready_is_terminated_ready_and_unmanaged_untouched(cp, capfd):
     stuck, healthy = cp.launch_in_asg(2)
-    launching(cp, stuck, age=1500)
+    launching(stuck, age=1500)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=healthy,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            launched_at=now - 5000,
-            bootstrap_deadline_at=now - 3800,
-            ready_at=now - 4900,
-            heartbeat_at=now - 10,
-        )
-    )
+    seed_record(healthy, launched_at=now - 5000, bootstrap_deadline_at=now - 3800, heartbeat_at=now - 10)
     # An old instance without the fleet tag whose record claims it (a stray write): the
     # watchdog must refuse to terminate it.
     foreign = cp.run_instance(tags={"team": "other"})
-    launching(cp, foreign, age=5000)
+    launching(foreign, age=5000)
     cp.lease_messages(stuck, 2)
 
     report = run_watchdog()
@@ -78,16 +59,7 @@ def test_past_deadline_not_ready_is_terminated_ready_and_unmanaged_untouched(cp,
 def test_stale_heartbeat_is_terminated(cp):
     [instance] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            ready_at=now - 3000,
-            heartbeat_at=now - 600,
-        )
-    )
+    seed_record(instance, ready_at=now - 3000, heartbeat_at=now - 600)
     run_watchdog()
     assert cp.instance_state(instance) in ("shutting-down", "terminated")
     assert FleetStore().get(instance).end_reason is EndReason.HEARTBEAT_STALE  # type: ignore[union-attr]
@@ -96,15 +68,7 @@ def test_stale_heartbeat_is_terminated(cp):
 def test_orphaned_leases_are_released(cp):
     [gone] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=gone,
-            fleet=cp.fleet,
-            state=InstanceState.ENDED,
-            end_reason=EndReason.TERMINATED,
-            ended_at=now - 300,
-        )
-    )
+    seed_record(gone, InstanceState.ENDED, ended_at=now - 300)
     leases = cp.lease_messages(gone, 3)
     # A lease of an instance with no record at all, stale for an hour.
     [other] = cp.lease_messages("i-0123456789abcdef0", 1)
@@ -126,24 +90,45 @@ def test_orphaned_leases_are_released(cp):
     assert list(LeaseStore().scan_leases()) == []
 
 
-def test_draining_past_deadline_requeues(cp):
+# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
+# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
+# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
+# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
+def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
     [instance] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance,
-            fleet=cp.fleet,
-            state=InstanceState.DRAINING,
-            bootstrap_status=BootstrapStatus.READY,
-            heartbeat_at=now - 5,
-            drain_deadline_at=now - 30,
-            interrupted_at=now - 150,
-        )
+    seed_record(
+        instance,
+        InstanceState.DRAINING,
+        heartbeat_at=now - 5,
+        drain_deadline_at=now - 30,
+        interrupted_at=now - 150,
     )
-    cp.lease_messages(instance, 4)
+    leases = cp.lease_messages(instance, 4)
     run_watchdog()
-    assert len(cp.receive_all()) == 4
+    run_watchdog()
+    assert cp.receive_all() == []
+    assert len(LeaseStore().for_instance(instance)) == len(leases)
     assert FleetStore().get(instance).state is InstanceState.DRAINING  # type: ignore[union-attr]
+
+
+def test_draining_agent_that_is_gone_has_its_tasks_requeued_as_interruptions(cp):
+    [instance] = cp.launch_in_asg(1)
+    now = time.time()
+    seed_record(
+        instance,
+        InstanceState.DRAINING,
+        heartbeat_at=now - 600,
+        drain_deadline_at=now - 400,
+        interrupted_at=now - 520,
+    )
+    leases = cp.lease_messages(instance, 4)
+    run_watchdog()
+    assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
+    record = FleetStore().get(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.SPOT_RECLAIM  # it went away for the warning it had
+    assert all(LeaseStore().requeue_count(lease.message_id) == 1 for lease in leases)
 
 
 def test_unmanaged_instance_without_record_is_never_touched(cp):
@@ -156,11 +141,7 @@ def test_unmanaged_instance_without_record_is_never_touched(cp):
 def test_baseline_mode_leaves_orphaned_leases_to_the_visibility_timeout(cp, monkeypatch):
     monkeypatch.setenv("SPOTGUARD_REQUEUE_ENABLED", "false")
     [gone] = cp.launch_in_asg(1)
-    FleetStore().put(
-        FleetRecord(
-            instance_id=gone, fleet=cp.fleet, state=InstanceState.ENDED, end_reason=EndReason.TERMINATED
-        )
-    )
+    seed_record(gone, InstanceState.ENDED)
     cp.lease_messages(gone, 2)
     report = run_watchdog()
     assert report["orphan_leases_released"] == 0
