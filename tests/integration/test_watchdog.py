@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
+import boto3
 import pytest
 from spotguard_core.contracts import (
     FLEET_TAG_KEY,
     EndReason,
+    Env,
     InstanceState,
     Lease,
     Metric,
@@ -15,7 +18,7 @@ from spotguard_core.contracts import (
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, run_watchdog, seed_record
+from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event, seed_record
 
 pytestmark = pytest.mark.integration
 
@@ -147,3 +150,106 @@ def test_baseline_mode_leaves_orphaned_leases_to_the_visibility_timeout(cp, monk
     assert report["orphan_leases_released"] == 0
     assert cp.receive_all() == []
     assert len(LeaseStore().for_instance(gone)) == 2
+
+
+def test_detached_instance_drains_once_its_replacement_is_in_service_then_ends(cp, capfd):
+    """Issue 12: a rebalance under ``replace`` detaches the instance; once its replacement is in
+    service it gets a drain order on its fleet record, and once drained it is terminated."""
+    [old] = cp.launch_in_asg(1)
+    seed_record(old)
+    cp.lease_messages(old, 1)
+    dispatch(sample_event("rebalance_recommendation", old))
+    [new] = cp.asg_instance_ids()  # moto launched the replacement into the group
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.READY and record.replacement_requested_at
+
+    run_watchdog()  # the replacement has not bootstrapped yet: the old one keeps working
+    assert FleetStore().get(old).state is InstanceState.READY  # type: ignore[union-attr]
+
+    seed_record(new, launched_at=time.time())
+    run_watchdog()
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.DRAINING and record.replaced_by == new
+    assert record.drain_deadline_at is not None and record.drain_deadline_at > time.time()
+    assert cp.instance_state(old) == "running"
+    assert len(LeaseStore().for_instance(old)) == 1  # a draining live agent keeps its task
+
+    FleetStore().update_fields(old, {"drained_at": time.time()})  # what the agent reports
+    capfd.readouterr()
+    run_watchdog()
+    assert cp.instance_state(old) in ("shutting-down", "terminated")
+    record = FleetStore().get(old)
+    assert record is not None and record.end_reason is EndReason.RETIRED
+    assert Output(capfd.readouterr().out).metric(Metric.INSTANCES_RETIRED) == 1
+    assert cp.instance_state(new) == "running"
+
+
+def test_replacement_in_service_publishes_instance_replaced_once(cp):
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="replaced")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = boto3.client("events")
+    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
+    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    old, new = cp.launch_in_asg(2)
+    seed_record(old, replacement_requested_at=time.time() - 60)
+    seed_record(new, launched_at=time.time())
+    run_watchdog()
+    run_watchdog()
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    assert len(messages) == 1
+    detail = json.loads(messages[0]["Body"])["detail"]
+    assert detail["instanceId"] == old and detail["replacementInstanceId"] == new
+
+
+def test_detached_instance_past_its_drain_deadline_is_ended_only_if_tagged(cp):
+    [ours] = cp.launch_in_asg(1)
+    foreign = cp.run_instance(tags={"team": "other"})
+    now = time.time()
+    for instance in (ours, foreign):
+        seed_record(
+            instance, InstanceState.DRAINING, replacement_requested_at=now - 900, drain_deadline_at=now - 10
+        )
+    leases = cp.lease_messages(ours, 2)
+    run_watchdog()
+    assert cp.instance_state(ours) in ("shutting-down", "terminated")
+    assert FleetStore().get(ours).end_reason is EndReason.RETIRED  # type: ignore[union-attr]
+    assert cp.receive_all() == []  # not taken in the sweep that ends it: its agent was alive
+    assert cp.instance_state(foreign) == "running"
+    assert FleetStore().get(foreign).state is InstanceState.DRAINING  # type: ignore[union-attr]
+    run_watchdog()  # now ended: the orphan sweep releases them, counted as interruptions
+    assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
+    assert all(LeaseStore().requeue_count(lease.message_id) == 1 for lease in leases)
+
+
+def test_detached_instance_whose_replacement_never_comes_drains_after_the_wait(cp):
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance, replacement_requested_at=time.time() - 7200)
+    run_watchdog()
+    record = FleetStore().get(instance)
+    assert record is not None and record.state is InstanceState.DRAINING and record.drain_deadline_at
+
+
+def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
+    """Issue 13: one bad item never stops the sweep for the whole fleet."""
+    broken, stale = cp.launch_in_asg(2)
+    fleet_table = boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE])
+    fleet_table.put_item(Item={"instance_id": broken, "fleet": cp.fleet, "state": "exploded"})
+    fleet_table.put_item(
+        Item={"instance_id": "i-0aaaaaaaaaaaaaaaa", "state": "ready", "heartbeat_at": "soon"}
+    )
+    boto3.resource("dynamodb").Table(cp.tables[Env.LEASE_TABLE]).put_item(
+        Item={"pk": "instance#i-0bbbbbbbbbbbbbbbb", "sk": "lease#m1", "instance_id": "i-0bbbbbbbbbbbbbbbb"}
+    )
+    now = time.time()
+    seed_record(stale, ready_at=now - 3000, heartbeat_at=now - 600)
+    capfd.readouterr()
+
+    report = run_watchdog()
+
+    assert report["unreadable_items"] == 3 and report["errors"] == []
+    assert cp.instance_state(stale) in ("shutting-down", "terminated")  # the sweep went on
+    assert cp.instance_state(broken) == "running"
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.UNREADABLE_TABLE_ITEMS) == 3
+    assert out.metric(Metric.WATCHDOG_HEARTBEAT) == 1
