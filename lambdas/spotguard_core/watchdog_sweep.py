@@ -269,7 +269,10 @@ class WatchdogSweep:
                     event_time=started,
                     count_interruption=counts_as_interruption(records.get(instance_id)),
                 )
-            except (*SWEEP_ERRORS, RuntimeError) as error:
+            except RuntimeError as error:  # lease deletes left unprocessed, incomplete requeue
+                report.errors.append(f"{instance_id} orphan leases: {error}")
+                continue
+            except SWEEP_ERRORS as error:
                 report.errors.append(f"{instance_id} orphan leases: {error}")
                 continue
             released += result.requeued + result.already_gone

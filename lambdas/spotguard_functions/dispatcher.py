@@ -60,11 +60,11 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def _duplicate(response: Any, data_record: DataRecord) -> Any:
+def _duplicate(response: Any, idempotent_data: DataRecord) -> Any:
     """Powertools answers a signal handled before from its stored result (a duplicate
     delivery, normal on EventBridge): say so, count it, and mark the answer."""
     metrics.add_metric(name=Metric.SIGNALS_DUPLICATE, unit="Count", value=1)
-    logger.info(f"duplicate signal {data_record.idempotency_key}: already handled")
+    logger.info(f"duplicate signal {idempotent_data.idempotency_key}: already handled")
     return {**response, "duplicate": True} if isinstance(response, dict) else response
 
 
