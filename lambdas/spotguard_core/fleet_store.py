@@ -92,7 +92,11 @@ class FleetStore:
             self.table.update_item(
                 Key={FLEET_TABLE_PK: instance_id},
                 UpdateExpression=expression,
-                ConditionExpression=f"attribute_not_exists(#pk) OR #rank {comparison} :rank",
+                # No rank yet: an item the bootstrap's failure report created (user data writes
+                # only its status) is at the lowest rank, not above every state.
+                ConditionExpression=(
+                    f"attribute_not_exists(#pk) OR attribute_not_exists(#rank) OR #rank {comparison} :rank"
+                ),
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )

@@ -189,6 +189,28 @@ def test_a_failed_bootstrap_that_shut_itself_down_is_recorded_and_counted(cp, ca
     assert Output(capfd.readouterr().out).metric(Metric.BOOTSTRAP_FAILURES) == 1
 
 
+def test_a_failure_report_written_before_any_launch_event_is_still_recorded_and_counted(cp, capfd):
+    """The user data writes only ``bootstrap_status``/``reason``/``fleet`` (no state yet) when the
+    bootstrap fails; the termination that follows must still end it as ``bootstrap_failed``."""
+    [instance] = cp.launch_in_asg(1)
+    boto3.client("dynamodb").update_item(
+        TableName=cp.tables[Env.FLEET_TABLE],
+        Key={"instance_id": {"S": instance}},
+        UpdateExpression="SET bootstrap_status=:s,bootstrap_reason=:r,fleet=:f",
+        ExpressionAttributeValues={
+            ":s": {"S": "failed"},
+            ":r": {"S": "install: unit not active"},
+            ":f": {"S": cp.fleet},
+        },
+    )
+    capfd.readouterr()
+    dispatch(sample_event("state_change_terminated", instance))
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.BOOTSTRAP_FAILED
+    assert Output(capfd.readouterr().out).metric(Metric.BOOTSTRAP_FAILURES) == 1
+
+
 def test_a_tag_alone_does_not_enrol_an_instance(cp, capfd):
     """Issue 13: anyone with ec2:CreateTags can tag an instance; it is managed only in the
     fleet's ASG or with a fleet record."""
