@@ -77,6 +77,7 @@ def run(leases: int) -> dict[str, Any]:
 
         from spotguard_functions import dispatcher  # noqa: PLC0415
 
+        dispatcher.reset_runtime()  # this run's tables: a new container
         dispatcher.runtime()  # build the clients outside the measurement (warm container)
         counter = CallCounter()
         for service in ("sqs", "dynamodb", "ec2", "autoscaling", "events"):
