@@ -242,7 +242,7 @@ class ControlPlane:
             result.update(self._request_replacement(action))
         elif isinstance(action, RecordReplacement):
             result["applied"] = self.fleet_store.update_fields(
-                action.instance_id, {"replaced_by": action.replaced_by}, max_state=InstanceState.DRAINING
+                action.instance_id, {"replaced_by": action.replaced_by}
             )
         elif isinstance(action, TerminateInstance):
             result.update(self._terminate(signal, action))

@@ -452,16 +452,17 @@ def decide_replacement_in_service(
 ) -> list[Action]:
     """An instance replaced early: its replacement is in service (``attributes["replacement"]``),
     or it waited long enough. Record and announce the replacement once, and send the drain
-    order (or tighten it) so it ends within ``retire_drain_seconds``."""
-    if record is None or _ended(record):
+    order (or tighten it) so it ends within ``retire_drain_seconds``. A spot-warned instance
+    is usually gone before its replacement has bootstrapped: it is still announced."""
+    if record is None:
         return []
     actions: list[Action] = []
     replacement = signal.attributes.get("replacement")
     if replacement and record.replaced_by is None:
         actions.append(RecordReplacement(signal.instance_id, replaced_by=replacement))
         actions.append(_notice(signal, NotificationType.INSTANCE_REPLACED, replacementInstanceId=replacement))
-    if record.interrupted_at is not None:
-        return actions  # AWS ends it at its warning's deadline
+    if _ended(record) or record.interrupted_at is not None:
+        return actions  # gone already / AWS ends it at its warning's deadline
     deadline = _signal_time(signal) + settings.retire_drain_seconds
     if record.drain_deadline_at is not None:
         deadline = min(deadline, record.drain_deadline_at)

@@ -81,12 +81,13 @@ def _alive(record: FleetRecord, now: float, heartbeat_stale_seconds: int) -> boo
 
 
 def in_service_replacements(
-    records: Mapping[str, FleetRecord], *, now: float, heartbeat_stale_seconds: int
+    records: Mapping[str, FleetRecord], *, now: float, heartbeat_stale_seconds: int, ended_within: float
 ) -> dict[str, str]:
     """Detached instance id → the id of its replacement, for those whose replacement is in
     service: a ready record (bootstrap verified, heartbeat fresh) launched after the
     replacement was requested, that no other instance already counts as its replacement.
-    Oldest requests are matched first, each replacement once."""
+    Oldest requests are matched first, each replacement once. Instances that ended in the
+    last ``ended_within`` seconds are matched too (a spot-warned one is usually gone first)."""
     claimed = {r.replaced_by for r in records.values() if r.replaced_by}
     candidates = sorted(
         (
@@ -106,7 +107,7 @@ def in_service_replacements(
             for r in records.values()
             if r.replacement_requested_at is not None
             and r.replaced_by is None
-            and r.state is not InstanceState.ENDED
+            and (r.state is not InstanceState.ENDED or (r.ended_at or 0.0) >= now - ended_within)
         ),
         key=lambda r: r.replacement_requested_at or 0.0,
     )
@@ -188,43 +189,62 @@ class WatchdogSweep:
         report.fleet_size = len(active)
         metrics.add_metric(Metric.FLEET_SIZE, "Count", len(active))
         replacements = in_service_replacements(
-            active, now=now, heartbeat_stale_seconds=settings.heartbeat_stale_seconds
+            records,
+            now=now,
+            heartbeat_stale_seconds=settings.heartbeat_stale_seconds,
+            ended_within=settings.replacement_wait_seconds,
         )
+        for instance_id in sorted(replacements.keys() - active.keys()):
+            # Ended before its replacement came into service: announce the replacement only.
+            self._process(records[instance_id], SignalKind.REPLACEMENT_IN_SERVICE, replacements, now, report)
 
         for record in active.values():
             replacement = replacements.get(record.instance_id)
             for kind in findings(record, now=now, settings=settings, replacement=replacement):
-                signal = Signal(
-                    instance_id=record.instance_id,
-                    kind=kind,
-                    source=SignalSource.WATCHDOG,
-                    event_id=f"watchdog:{kind.value}:{record.instance_id}:{int(now) // 60}",
-                    received_at=started,
-                    event_time=started,
-                    deadline=_deadline(record, kind),
-                    account=settings.account_id,
-                    region=settings.region,
-                    attributes={"replacement": replacement} if replacement else {},
-                )
-                try:
-                    outcome = self.control_plane.process(signal, record)
-                except SWEEP_ERRORS as error:
-                    # One instance's trouble must not stop the sweep; next minute retries.
-                    report.errors.append(f"{record.instance_id} {kind.value}: {error}")
-                    self.logger.warning(
-                        "watchdog %s for %s failed: %s", kind.value, record.instance_id, error
-                    )
+                if not self._process(record, kind, replacements, now, report):
                     break
-                report.signals.append(outcome.to_json())
-                self.logger.info("watchdog %s for %s", kind.value, record.instance_id)
-                if any(a.name == "TerminateInstance" for a in outcome.actions):
-                    break  # the record just ended: no further finding applies this minute
 
         if settings.requeue_enabled:  # the drill's baseline mode leaves leases to the visibility timeout
             report.orphan_leases_released = self._sweep_orphans(records, now, started, report)
         if report.orphan_leases_released:
             metrics.add_metric(Metric.ORPHAN_LEASES_SWEPT, "Count", report.orphan_leases_released)
         return report
+
+    def _process(
+        self,
+        record: FleetRecord,
+        kind: SignalKind,
+        replacements: Mapping[str, str],
+        now: float,
+        report: SweepReport,
+    ) -> bool:
+        """One finding through the control plane; False when no further finding of this
+        record applies this minute (it failed, or the record just ended)."""
+        settings = self.control_plane.settings
+        started = datetime.fromtimestamp(now, tz=UTC)
+        replacement = replacements.get(record.instance_id)
+        signal = Signal(
+            instance_id=record.instance_id,
+            kind=kind,
+            source=SignalSource.WATCHDOG,
+            event_id=f"watchdog:{kind.value}:{record.instance_id}:{int(now) // 60}",
+            received_at=started,
+            event_time=started,
+            deadline=_deadline(record, kind),
+            account=settings.account_id,
+            region=settings.region,
+            attributes={"replacement": replacement} if replacement else {},
+        )
+        try:
+            outcome = self.control_plane.process(signal, record)
+        except SWEEP_ERRORS as error:
+            # One instance's trouble must not stop the sweep; next minute retries.
+            report.errors.append(f"{record.instance_id} {kind.value}: {error}")
+            self.logger.warning("watchdog %s for %s failed: %s", kind.value, record.instance_id, error)
+            return False
+        report.signals.append(outcome.to_json())
+        self.logger.info("watchdog %s for %s", kind.value, record.instance_id)
+        return not any(a.name == "TerminateInstance" for a in outcome.actions)
 
     def _records(self, report: SweepReport) -> dict[str, FleetRecord]:
         records: dict[str, FleetRecord] = {}

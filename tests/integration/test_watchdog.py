@@ -253,3 +253,28 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
     out = Output(capfd.readouterr().out)
     assert out.metric(Metric.UNREADABLE_TABLE_ITEMS) == 3
     assert out.metric(Metric.WATCHDOG_HEARTBEAT) == 1
+
+
+def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_announced(cp):
+    """The usual spot case: the warning's two minutes end before the replacement bootstraps."""
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="replaced-late")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = boto3.client("events")
+    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
+    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    [old] = cp.launch_in_asg(1)
+    seed_record(old)
+    dispatch(sample_event("spot_interruption_warning", old))
+    dispatch(sample_event("state_change_terminated", old))
+    [new] = cp.asg_instance_ids()
+    seed_record(new, launched_at=time.time())
+
+    run_watchdog()
+    run_watchdog()
+
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.ENDED and record.replaced_by == new
+    assert record.end_reason is EndReason.SPOT_RECLAIM
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    assert [json.loads(m["Body"])["detail"]["replacementInstanceId"] for m in messages] == [new]
