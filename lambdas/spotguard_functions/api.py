@@ -22,6 +22,7 @@ import binascii
 import json
 import os
 from collections.abc import Mapping
+from http import HTTPStatus
 from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
@@ -104,14 +105,36 @@ def _no_reconciler(error: ReconcilerUnavailableError) -> Response[str]:
 
 
 # ------------------------------------------------------------------------------ request guard
-def _header(event: Mapping[str, Any], name: str) -> str:
-    headers = event.get("headers")
-    if not isinstance(headers, Mapping):
-        return ""
-    for key, value in headers.items():
-        if isinstance(key, str) and key.lower() == name:
-            return value if isinstance(value, str) else ""
-    return ""
+def _content_types(event: Mapping[str, Any]) -> set[str]:
+    """Every media type the request's Content-Type headers name (any spelling of the name,
+    single- and multi-value), lower-cased; "" for a header without a usable value."""
+    found: set[str] = set()
+    for field in ("headers", "multiValueHeaders"):
+        headers = event.get(field)
+        if not isinstance(headers, Mapping):
+            continue
+        for key, value in headers.items():
+            if not (isinstance(key, str) and key.lower() == "content-type"):
+                continue
+            for one in value if isinstance(value, list) else [value]:
+                found.add(one.split(";", 1)[0].strip().lower() if isinstance(one, str) else "")
+    return found
+
+
+def _with_json_content_type(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The event with its Content-Type headers (already checked to be JSON) spelled the one
+    way Powertools' body parser recognises (it compares case-sensitively)."""
+    normalised = dict(event)
+    for field, value in (("headers", "application/json"), ("multiValueHeaders", ["application/json"])):
+        headers = event.get(field)
+        if isinstance(headers, Mapping) and any(
+            isinstance(key, str) and key.lower() == "content-type" for key in headers
+        ):
+            kept = {
+                k: v for k, v in headers.items() if not (isinstance(k, str) and k.lower() == "content-type")
+            }
+            normalised[field] = {**kept, "Content-Type": value}
+    return normalised
 
 
 def _depth_exceeds(value: Any, limit: int) -> bool:
@@ -131,6 +154,12 @@ def _unreadable_body(event: Mapping[str, Any]) -> tuple[int, str] | None:  # noq
     it (its parsers raise ValueError on a multipart body without boundary and RecursionError
     on deeply nested JSON); None when the body is absent or readable JSON."""
     body = event.get("body")
+    method = event.get("httpMethod")
+    # Checked even without a body: Powertools parses a multipart POST's empty body too.
+    if not _content_types(event) <= {"", "application/json"} and (
+        body or (isinstance(method, str) and method.upper() in ("POST", "PUT", "PATCH"))
+    ):
+        return 415, "invalid request: Content-Type must be application/json"
     if body is None or body == "":
         return None
     if not isinstance(body, str):
@@ -143,9 +172,6 @@ def _unreadable_body(event: Mapping[str, Any]) -> tuple[int, str] | None:  # noq
             return 400, "invalid request: body is not valid base64"
     if len(raw) > MAX_BODY_BYTES:
         return 413, f"invalid request: body larger than {MAX_BODY_BYTES} bytes"
-    content_type = _header(event, "content-type").split(";", 1)[0].strip().lower()
-    if content_type not in ("", "application/json"):
-        return 415, "invalid request: Content-Type must be application/json"
     try:
         parsed = json.loads(raw)
     except RecursionError:
@@ -275,11 +301,30 @@ def _handle(event: Any, context: LambdaContext) -> dict[str, Any]:
         unreadable = _unreadable_body(event)
         if unreadable is not None:
             return _plain(*unreadable)
-        return app.resolve(event, context)
+        return _with_message(app.resolve(_with_json_content_type(event), context))
     except Exception:  # the one place that turns anything unexpected into a 500
         metrics.add_metric(name=Metric.API_INTERNAL_ERRORS.value, unit="Count", value=1)
         logger.exception("Unhandled error in the operations API")
         return _plain(500, "internal error (logged); try again or see the function's logs")
+
+
+def _with_message(response: dict[str, Any]) -> dict[str, Any]:
+    """Every error answer carries ``ErrorResponse``'s ``message``, also the few Powertools
+    builds itself (its own 404/405/415 shapes)."""
+    status = response.get("statusCode")
+    if not isinstance(status, int) or status < 400:
+        return response
+    try:
+        body = json.loads(response.get("body") or "null")
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
+        return response
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = str(status)
+    return _plain(status, f"request not served ({phrase})")
 
 
 def _plain(status: int, message: str) -> dict[str, Any]:

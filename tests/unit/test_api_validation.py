@@ -138,6 +138,9 @@ def hostile(**changes):
             "application/json",
         ),
         (hostile(headers={"content-type": "text/plain"}, body="dryRun=true"), 415, "application/json"),
+        # found by make fuzz: an empty body with such a type reached Powertools' parsers
+        (hostile(headers={"Content-Type": "multipart/form-data"}, body=None), 415, "application/json"),
+        (hostile(headers={"Content-Type": "text/plain"}, body=None), 415, "application/json"),
         # deep nesting: json.loads raised RecursionError (a 502)
         (hostile(body="[" * 5_000 + "]" * 5_000), 400, "nests"),
         (hostile(body='{"dryRun": ' + "[" * 40 + "]" * 40 + "}"), 400, "nests"),
@@ -173,3 +176,16 @@ def test_instance_id_pattern_comes_from_the_contracts():
         )[0]
         == 400
     )
+
+
+def test_json_content_type_in_any_spelling_is_json():
+    """Found by make fuzz: Powertools compares the media type case-sensitively and answered
+    its own 415 shape (no message) for ``APPLICATION/JSON``."""
+    event = hostile(headers={"Content-Type": "APPLICATION/JSON; charset=UTF-8"})
+    status, payload = call(event)
+    assert status == 503 and "reconciler" in payload["message"]  # the trigger itself ran
+
+
+def test_conflicting_content_type_headers_are_415():
+    event = hostile(headers={"Content-Type": "application/json", "content-type": "multipart/form-data"})
+    assert call(event)[0] == 415
