@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -193,6 +194,7 @@ def test_non_finite_now_is_never_within_the_tolerance():
             verify(SECRET, GOOD, BODY, now=now)
 
 
+@functools.cache
 def _documented_is_authentic():
     text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
     section = text[text.index("### Verifying a webhook") :]
