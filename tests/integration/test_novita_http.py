@@ -55,6 +55,8 @@ def test_a_redirect_is_an_error_and_the_key_stays_home():
             server.server_close()
         assert len(calls) == 2  # one list, one migrate: each answered 302 and not repeated
         assert target.state.migrated == []  # the redirect target never saw the key
+        assert len(target.state.list_calls) == 1  # only the direct listing above, none redirected
+        assert target.state.migrate_calls == []
 
 
 def test_an_unsafe_base_url_is_refused_before_any_request(monkeypatch):
