@@ -296,3 +296,29 @@ def test_table_cells_are_printed_as_they_are(ops_env, capsys):
     server, _ = ops_env
     assert main(["history", "--api-url", server["url"], "--region", "us-east-1"]) == 0
     assert "migration-job-[bold]x[/bold]" in capsys.readouterr().out
+
+
+def test_the_cli_does_not_follow_a_redirect_with_its_signature(moto_server, capsys):
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            return
+
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/"
+        assert main(["history", "--api-url", url, "--region", "us-east-1"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "HTTP 302" in capsys.readouterr().err
+    assert seen == ["/v1/migration/history?limit=20&offset=0"]  # the redirect was not followed
