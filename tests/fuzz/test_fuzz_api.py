@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from spotguard_core.contracts import Env
 from spotguard_functions import api
 
-from tests.fuzz.conftest import share
+from tests.fuzz.profiles import share
 from tests.fuzz.strategies import deep, json_values, odd_scalars
 from tests.integration.ops_fixtures import FakeLambdaContext, create_tables, rest_event
 

@@ -16,7 +16,7 @@ from spotguard_core.contracts import Signal
 from spotguard_core.signals import Rejection, parse_event
 from spotguard_tools import events
 
-from tests.fuzz.conftest import share
+from tests.fuzz.profiles import share
 from tests.fuzz.strategies import json_values, mutated
 
 INSTANCE = "i-0123456789abcdef0"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from spotguard_core import webhooks
 from spotguard_core.webhooks import SignatureError, sign, verify
 
-from tests.fuzz.conftest import share
+from tests.fuzz.profiles import share
 
 NOW = 1_700_000_000
 SECRET = "whsec_fuzz"
