@@ -15,9 +15,9 @@ from aws_cdk import aws_iam as iam
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.fleet import instance_arn_pattern
-from stacks.nag import acknowledge, iam5_resource
-from stacks.settings import Settings
+from spotguard_cdk.permissions import instance_arn_pattern
+from spotguard_cdk.nag import acknowledge, iam5_resource
+from spotguard_cdk.settings import Settings
 
 
 class SpotInterruptionExperiment(Construct):

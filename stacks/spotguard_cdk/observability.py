@@ -22,16 +22,24 @@ from constructs import Construct
 from spotguard_core import contracts
 from spotguard_core.contracts import Metric
 
-from stacks.settings import Settings
+from spotguard_cdk.settings import Settings
 
 PERIOD = Duration.minutes(1)
+
+
+#: Metrics the instances publish (into ``contracts.AGENT_METRIC_NAMESPACE``, the only
+#: namespace the instance role may write); every other spotguard metric is the control plane's.
+AGENT_METRICS = frozenset(
+    {Metric.TASKS_COMPLETED, Metric.TASKS_FAILED, Metric.TASKS_RELEASED_ON_DRAIN, Metric.POISON_MESSAGES}
+)
 
 
 def spotguard_metric(
     fleet: str, name: Metric, *, statistic: str = "Sum", period: Duration = PERIOD, label: str | None = None
 ) -> cloudwatch.Metric:
+    namespace = contracts.AGENT_METRIC_NAMESPACE if name in AGENT_METRICS else contracts.METRIC_NAMESPACE
     return cloudwatch.Metric(
-        namespace=contracts.METRIC_NAMESPACE,
+        namespace=namespace,
         metric_name=name.value,
         dimensions_map={contracts.METRIC_DIMENSION_FLEET: fleet},
         statistic=statistic,
@@ -47,6 +55,7 @@ class Observability(Construct):
         construct_id: str,
         *,
         settings: Settings,
+        key: kms.IKey,
         work_queue: sqs.IQueue,
         dead_letter_queues: Mapping[str, sqs.IQueue],
         functions: Mapping[str, lambda_.IFunction],
@@ -55,20 +64,6 @@ class Observability(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         fleet = settings.fleet.name
-        key = kms.Key(
-            self,
-            "AlarmTopicKey",
-            description=f"spotguard {fleet} alarm topic",
-            enable_key_rotation=True,
-        )
-        key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="CloudWatchAlarmsPublish",
-                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-                actions=["kms:Decrypt", "kms:GenerateDataKey"],
-                resources=["*"],
-            )
-        )
         self.topic = sns.Topic(
             self, "AlarmTopic", display_name=f"spotguard {fleet} alarms", master_key=key, enforce_ssl=True
         )
@@ -148,6 +143,26 @@ class Observability(Construct):
             dimensions_map={"AutoScalingGroupName": asg_name},
             statistic="Minimum",
             period=PERIOD,
+        )
+        # Always present (also with a minimum of 0): work is waiting and nothing runs it for
+        # longer than a bootstrap takes, e.g. no spot capacity in any pool or every launch fails.
+        alarm(
+            "WorkWaitingNoInstance",
+            cloudwatch.MathExpression(
+                expression="IF(visible > 0 AND inservice < 1, 1, 0)",
+                using_metrics={
+                    "visible": work_queue.metric_approximate_number_of_messages_visible(
+                        period=PERIOD, statistic="Minimum"
+                    ),
+                    "inservice": in_service.with_(statistic="Maximum"),
+                },
+                label="Work waiting and no instance in service",
+                period=PERIOD,
+            ),
+            threshold=1,
+            comparison=above,
+            evaluation_periods=settings.bootstrap.deadline_minutes + 5,
+            description="work is waiting and no instance is in service",
         )
         if settings.fleet.min_capacity > 0:
             alarm(

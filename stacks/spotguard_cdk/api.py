@@ -7,22 +7,65 @@ stage has execution logging, detailed metrics and X-Ray tracing.
 
 from __future__ import annotations
 
-from aws_cdk import RemovalPolicy
+from collections.abc import Mapping
+
+from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
+from spotguard_core.contracts import Env
 
-from stacks.common import retention
-from stacks.nag import acknowledge
-from stacks.settings import Settings
+from spotguard_cdk import permissions
+from spotguard_cdk.common import retention
+from spotguard_cdk.functions import ControlPlaneFunction, FunctionRuntime
+from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.settings import Settings
+from spotguard_cdk.tables import Tables
+
+API_TIMEOUT_SECONDS = 29
+
+
+_CLOUDWATCH_ROLE_MARKER = "SpotguardApiGatewayCloudWatchRoleOwner"
+
+
+def _first_api_in_stack(scope: Construct) -> bool:
+    """True for the first operations API of a stack (several fleets share the account setting)."""
+    stack = Stack.of(scope)
+    if stack.node.try_find_child(_CLOUDWATCH_ROLE_MARKER) is not None:
+        return False
+    Construct(stack, _CLOUDWATCH_ROLE_MARKER)
+    return True
 
 
 class OpsApi(Construct):
+    """The api function (status, history, trigger) behind a REST API with IAM auth."""
+
     def __init__(
-        self, scope: Construct, construct_id: str, *, settings: Settings, handler: lambda_.IFunction
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        runtime: FunctionRuntime,
+        environment: Mapping[str, str],
+        tables: Tables,
+        reconciler: lambda_.IFunction,
     ) -> None:
         super().__init__(scope, construct_id)
+        self.function = ControlPlaneFunction(
+            self,
+            "Handler",
+            runtime=runtime,
+            module="api",
+            description="spotguard operations API",
+            timeout_seconds=API_TIMEOUT_SECONDS,
+            environment={**environment, Env.RECONCILER_FUNCTION.value: reconciler.function_name},
+        )
+        permissions.grant_api(
+            self.function.role, jobs=tables.jobs, fleet_table=tables.fleet, reconciler=reconciler
+        )
+        handler = self.function.function
         access_logs = logs.LogGroup(
             self, "AccessLogs", retention=retention(settings.control_plane.log_retention_days)
         )
@@ -37,7 +80,8 @@ class OpsApi(Construct):
                 authorization_type=apigateway.AuthorizationType.IAM,
             ),
             endpoint_types=[apigateway.EndpointType.REGIONAL],
-            cloud_watch_role=True,
+            # The CloudWatch role is an account-wide API Gateway setting: one per stack.
+            cloud_watch_role=_first_api_in_stack(self),
             cloud_watch_role_removal_policy=RemovalPolicy.RETAIN,
             deploy_options=apigateway.StageOptions(
                 stage_name="v1",

@@ -18,7 +18,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.settings import Settings
+from spotguard_cdk.settings import Settings
 
 
 def event_pattern(pattern: dict[str, Any]) -> events.EventPattern:
