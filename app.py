@@ -28,7 +28,6 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 import aws_cdk as cdk  # noqa: E402 - after the environment above
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
-
 from spotguard_cdk.app_stack import SpotguardStack  # noqa: E402
 from spotguard_cdk.settings import CONTEXT_KEY, ConfigurationError, Settings, overrides_from_context  # noqa: E402
 

@@ -54,25 +54,29 @@ def _parse_seconds(value: Any) -> Any:
 
 class ControlSettings(BaseModel):
     """What the dispatcher and watchdog decide with. Field names are the Python API; the
-    ``alias`` of each is the environment variable it is read from."""
+    ``validation_alias`` of each is the environment variable it is read from."""
 
     model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
 
-    fleet: str = Field(alias=Env.FLEET_NAME.value, min_length=1)
-    asg_name: str = Field(default="", alias=Env.ASG_NAME.value)
-    account_id: str | None = Field(default=None, alias=Env.ACCOUNT_ID.value)
-    region: str | None = Field(default=None, alias=Env.REGION.value)
-    early_replacement: bool = Field(default=True, alias=Env.EARLY_REPLACEMENT.value)
-    rebalance_policy: RebalancePolicy = Field(default=RebalancePolicy.REPLACE, alias=Env.REBALANCE_POLICY.value)
+    fleet: str = Field(validation_alias=Env.FLEET_NAME.value, min_length=1)
+    asg_name: str = Field(default="", validation_alias=Env.ASG_NAME.value)
+    account_id: str | None = Field(default=None, validation_alias=Env.ACCOUNT_ID.value)
+    region: str | None = Field(default=None, validation_alias=Env.REGION.value)
+    early_replacement: bool = Field(default=True, validation_alias=Env.EARLY_REPLACEMENT.value)
+    rebalance_policy: RebalancePolicy = Field(
+        default=RebalancePolicy.REPLACE, validation_alias=Env.REBALANCE_POLICY.value
+    )
     bootstrap_deadline_seconds: int = Field(
-        default=DEFAULT_BOOTSTRAP_DEADLINE_SECONDS, gt=0, alias=Env.BOOTSTRAP_DEADLINE_SECONDS.value
+        default=DEFAULT_BOOTSTRAP_DEADLINE_SECONDS,
+        gt=0,
+        validation_alias=Env.BOOTSTRAP_DEADLINE_SECONDS.value,
     )
     heartbeat_stale_seconds: int = Field(
-        default=DEFAULT_HEARTBEAT_STALE_SECONDS, gt=0, alias=Env.HEARTBEAT_STALE_SECONDS.value
+        default=DEFAULT_HEARTBEAT_STALE_SECONDS, gt=0, validation_alias=Env.HEARTBEAT_STALE_SECONDS.value
     )
-    requeue_enabled: bool = Field(default=True, alias=Env.REQUEUE_ENABLED.value)
+    requeue_enabled: bool = Field(default=True, validation_alias=Env.REQUEUE_ENABLED.value)
     #: Staging only: accept ``spotguard.test`` events (else the dispatcher rejects them).
-    allow_test_events: bool = Field(default=False, alias=Env.ALLOW_TEST_EVENTS.value)
+    allow_test_events: bool = Field(default=False, validation_alias=Env.ALLOW_TEST_EVENTS.value)
 
     @field_validator("early_replacement", "requeue_enabled", "allow_test_events", mode="before")
     @classmethod
@@ -111,7 +115,7 @@ class ControlSettings(BaseModel):
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlSettings:
         env = os.environ if env is None else env
-        known = {str(f.alias) for f in cls.model_fields.values()}
+        known = {str(f.validation_alias) for f in cls.model_fields.values()}
         # An empty variable means "not set" (the default), as in a Lambda environment block.
         values = {key: value for key, value in env.items() if key in known and value.strip() != ""}
         if Env.FLEET_NAME.value not in values:

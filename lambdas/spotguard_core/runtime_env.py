@@ -97,7 +97,7 @@ def control_plane_env(resources: FleetResources, options: ControlOptions) -> dic
         Env.REQUEUE_ENABLED: flag(options.requeue_enabled),
         Env.ALLOW_TEST_EVENTS: flag(options.allow_test_events),
     }
-    return {str(key.value): value for key, value in env.items() if value != ""}
+    return {str(key): value for key, value in env.items() if value != ""}
 
 
 def migration_env(options: MigrationOptions) -> dict[str, str]:
@@ -203,6 +203,6 @@ def agent_config(resources: AgentResources, options: AgentOptions) -> dict[str, 
         Env.CHECKPOINT_BUCKET: resources.checkpoint_bucket,
         Env.LOG_GROUP: resources.log_group,
     }
-    result = {str(key.value): value for key, value in env.items() if value is not None}
+    result = {str(key): value for key, value in env.items() if value is not None}
     result.update(options.extra)
     return result

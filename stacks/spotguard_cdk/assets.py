@@ -14,6 +14,7 @@ import functools
 import shutil
 import tempfile
 from pathlib import Path
+from types import ModuleType
 
 import spotguard_core
 import spotguard_functions
@@ -43,18 +44,26 @@ def instance_assets_dir() -> Path:
 
 def core_package_dir() -> Path:
     """``spotguard_core`` as imported (checkout or site-packages)."""
-    return Path(spotguard_core.__file__).resolve().parent
+    return _package_dir(spotguard_core)
+
+
+def _package_dir(package: ModuleType) -> Path:
+    if package.__file__ is None:
+        raise FileNotFoundError(f"{package.__name__} is not a regular package")
+    return Path(package.__file__).resolve().parent
 
 
 def _ignored(directory: str, names: list[str]) -> set[str]:
-    return {n for n in names if n in EXCLUDED_DIRS or n.endswith(EXCLUDED_SUFFIXES) or n.endswith(".egg-info")}
+    return {
+        n for n in names if n in EXCLUDED_DIRS or n.endswith(EXCLUDED_SUFFIXES) or n.endswith(".egg-info")
+    }
 
 
 def stage_lambda_source(target: Path) -> Path:
     """Copy the two packages the functions run (``spotguard_core``, ``spotguard_functions``)
     into ``target``: the Lambda code asset, the same from a checkout and from a wheel."""
     for package in (spotguard_core, spotguard_functions):
-        source = Path(package.__file__).resolve().parent
+        source = _package_dir(package)
         shutil.copytree(source, target / source.name, ignore=_ignored)
     return target
 

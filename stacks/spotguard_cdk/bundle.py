@@ -23,6 +23,7 @@ import hashlib
 import io
 import json
 import re
+import sys
 import tarfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("output_dir", type=Path)
     args = parser.parse_args(argv)
     info = build_bundle(args.output_dir)
-    print(json.dumps(info.to_json()))
+    sys.stdout.write(json.dumps(info.to_json()) + "\n")
     return 0
 
 

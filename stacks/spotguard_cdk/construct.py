@@ -170,7 +170,9 @@ class SpotWorkerFleet(Construct):
 
         key = FleetKey(self, "Key", fleet=fleet)
         self.network = Network(self, "Network", settings=resolved, vpc=vpc, vpc_subnets=vpc_subnets)
-        self.queues = WorkQueues(self, "Queues", settings=resolved, queue=queue, dead_letter_queue=dead_letter_queue)
+        self.queues = WorkQueues(
+            self, "Queues", settings=resolved, queue=queue, dead_letter_queue=dead_letter_queue
+        )
         self.work_queue = self.queues.work_queue
         self.work_dlq = self.queues.work_dlq
         self.tables = Tables(self, "Tables")
@@ -182,7 +184,9 @@ class SpotWorkerFleet(Construct):
             checkpoint_retention_days=self.queues.retention_days,
             log_retention_days=resolved.control_plane.log_retention_days,
         )
-        self.bundle = AgentBundle(self, "AgentBundle", settings=resolved, fleet_table_name=self.tables.fleet.table_name)
+        self.bundle = AgentBundle(
+            self, "AgentBundle", settings=resolved, fleet_table_name=self.tables.fleet.table_name
+        )
         workload_path = resolved.fleet.workload.path
         self.workload = WorkloadAsset(self, "Workload", path=workload_path) if workload_path else None
 
@@ -377,7 +381,14 @@ def control_options(settings: Settings) -> runtime_env.ControlOptions:
 
 
 def _selection_kwargs(selection: ec2.SubnetSelection) -> dict[str, Any]:
-    fields = ("availability_zones", "one_per_az", "subnet_filters", "subnet_group_name", "subnets", "subnet_type")
+    fields = (
+        "availability_zones",
+        "one_per_az",
+        "subnet_filters",
+        "subnet_group_name",
+        "subnets",
+        "subnet_type",
+    )
     return {f: getattr(selection, f) for f in fields if getattr(selection, f, None) is not None}
 
 

@@ -29,6 +29,7 @@ from spotguard_cdk.tables import Tables
 DISPATCHER_TIMEOUT_SECONDS = 60
 WATCHDOG_TIMEOUT_SECONDS = 55
 
+
 class ControlPlane(Construct):
     """Signals in, decisions out: everything that acts on the fleet's instances."""
 

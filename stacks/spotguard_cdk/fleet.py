@@ -5,9 +5,9 @@
   Manager instead of SSH), shutdown behaviour *terminate* (a failed bootstrap shuts the
   instance down and that ends its billing without TerminateInstances permission).
 - ASG: mixed instances over several types, spot with price-capacity-optimized allocation,
-  on-demand only for the configured base, capacity rebalancing per ``capacity_rebalance``, a
-  launch lifecycle hook the bootstrap answers (ABANDON by default: silence means failure) and a terminate hook that
-  gives the agent time to drain on scale-in.
+  on-demand only for the configured base, capacity rebalancing per ``capacity_rebalance``,
+  a launch lifecycle hook the bootstrap answers (ABANDON by default: silence means failure)
+  and a terminate hook that gives the agent time to drain on scale-in.
 - Scaling on backlog per instance (see ``BacklogScaling``).
 """
 

@@ -22,6 +22,7 @@ from spotguard_cdk.assets import lambda_source_dir
 from spotguard_cdk.common import cfn_lint_ignore, retention
 from spotguard_cdk.nag import acknowledge
 from spotguard_cdk.settings import Settings
+
 ASSET_EXCLUDES = [
     "tests",
     "**/tests",

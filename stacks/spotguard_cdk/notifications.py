@@ -51,7 +51,9 @@ class Notifications(Construct):
             )
             self.webhook_secret = secret
 
-    def add_notifier(self, *, runtime: FunctionRuntime, environment: Mapping[str, str], settings: Settings) -> None:
+    def add_notifier(
+        self, *, runtime: FunctionRuntime, environment: Mapping[str, str], settings: Settings
+    ) -> None:
         """The notifier function (it shares the fleet's environment, built after the bus)."""
         self.notifier = ControlPlaneFunction(
             self,

@@ -17,10 +17,10 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
-from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_logs as logs
 from aws_cdk import aws_s3 as s3
 from aws_cdk import aws_s3_assets as s3_assets
+from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct, IConstruct
 from spotguard_core import contracts
@@ -237,6 +237,7 @@ class InstanceRole(Construct):
             iam5_resource(role, f"{log_group.log_group_arn}:log-stream:*"),
             "One log stream per instance (ids not known in advance), in this fleet's log group only.",
         )
+
 
 _INSTANCE_REASON = (
     "Instance ids are not known in advance; every statement on instance/* is conditioned on "

@@ -34,7 +34,9 @@ def secure_queue(scope: Construct, construct_id: str, **kwargs: object) -> sqs.Q
     )
 
 
-def consumer_queue(scope: Construct, name: str, *, consumer_timeout_seconds: int) -> tuple[sqs.Queue, sqs.Queue]:
+def consumer_queue(
+    scope: Construct, name: str, *, consumer_timeout_seconds: int
+) -> tuple[sqs.Queue, sqs.Queue]:
     """A queue a Lambda function consumes, and its DLQ. Visibility timeout = 6 x the function
     timeout (AWS guidance for SQS event sources: retries of a throttled batch do not redeliver
     while it still runs)."""
@@ -53,7 +55,7 @@ def _seconds_of(queue: sqs.IQueue, attribute: str) -> int | None:
     """A plain number set on a queue defined in this app (None for imported queues or tokens)."""
     cfn = queue.node.default_child if isinstance(queue, sqs.Queue) else None
     value = getattr(cfn, attribute, None) if isinstance(cfn, sqs.CfnQueue) else None
-    return value if isinstance(value, int | float) and not Token.is_unresolved(value) else None
+    return int(value) if isinstance(value, int | float) and not Token.is_unresolved(value) else None
 
 
 class WorkQueues(Construct):
@@ -111,7 +113,8 @@ class WorkQueues(Construct):
                     f"The work queue's redrive maxReceiveCount ({own_redrive.max_receive_count}) is "
                     "low: every interruption requeue is a receive, so SQS may move healthy tasks to "
                     "the DLQ. spotguard's poison rule counts genuine failures only; raise "
-                    f"maxReceiveCount to {contracts.REDRIVE_BACKSTOP_RECEIVE_COUNT} to leave it to that rule.",
+                    f"maxReceiveCount to {contracts.REDRIVE_BACKSTOP_RECEIVE_COUNT} to leave it to that "
+                    "rule.",
                 )
         else:
             self.work_dlq = secure_queue(
@@ -130,4 +133,6 @@ class WorkQueues(Construct):
         visibility = _seconds_of(queue, "visibility_timeout")
         self.visibility_timeout_seconds = int(visibility or settings.queue.visibility_timeout_seconds)
         retention = _seconds_of(queue, "message_retention_period")
-        self.retention_days = max(1, -(-int(retention) // 86_400)) if retention else settings.queue.retention_days
+        self.retention_days = (
+            max(1, -(-int(retention) // 86_400)) if retention else settings.queue.retention_days
+        )

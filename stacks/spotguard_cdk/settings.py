@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -172,9 +172,7 @@ class FleetSettings(_Section):
         workload = self.workload
         if workload.path is None:
             if workload.command is not None:
-                raise ValueError(
-                    "workload.command needs workload.path (the directory the command runs in)"
-                )
+                raise ValueError("workload.command needs workload.path (the directory the command runs in)")
             if self.handler not in (None, contracts.DEFAULT_HANDLER):
                 raise ValueError(
                     f"handler {self.handler!r} needs workload.path: the directory that holds its "
@@ -232,7 +230,9 @@ class FleetSettings(_Section):
 
 class QueueSettings(_Section):
     #: Initial visibility timeout; the worker extends it while a task runs.
-    visibility_timeout_seconds: int = Field(default=contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS, ge=30, le=43_200)
+    visibility_timeout_seconds: int = Field(
+        default=contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS, ge=30, le=43_200
+    )
     retention_days: int = Field(default=4, ge=1, le=14)
     #: Genuine processing failures before a message goes to the DLQ (interruptions do not count).
     max_failures: int = Field(default=contracts.DEFAULT_MAX_FAILURES, ge=1, le=50)

@@ -15,8 +15,8 @@ from aws_cdk import aws_iam as iam
 from constructs import Construct
 from spotguard_core import contracts
 
-from spotguard_cdk.permissions import instance_arn_pattern
 from spotguard_cdk.nag import acknowledge, iam5_resource
+from spotguard_cdk.permissions import instance_arn_pattern
 from spotguard_cdk.settings import Settings
 
 

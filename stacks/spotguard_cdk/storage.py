@@ -59,7 +59,13 @@ class FleetKey(Construct):
             iam.PolicyStatement(
                 sid="CloudWatchLogsInstanceLogs",
                 principals=[iam.ServicePrincipal(f"logs.{Aws.REGION}.amazonaws.com")],
-                actions=["kms:Encrypt*", "kms:Decrypt*", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:Describe*"],
+                actions=[
+                    "kms:Encrypt*",
+                    "kms:Decrypt*",
+                    "kms:ReEncrypt*",
+                    "kms:GenerateDataKey*",
+                    "kms:Describe*",
+                ],
                 resources=["*"],
                 conditions={"ArnEquals": {"kms:EncryptionContext:aws:logs:arn": log_group_arn}},
             )

@@ -44,7 +44,7 @@ class Workload:
     #: Python mode: ``module:function`` importable from ``path``; ``handler(body, context)``.
     handler: str | None = None
     #: Command mode: a shell command line run in ``path`` per message (body on stdin).
-    command: str | None = None
+    command_line: str | None = None
     #: SIGTERM -> SIGKILL grace when the agent gives a task back.
     stop_grace_seconds: int | None = None
     #: Largest checkpoint a task may save (bytes).
@@ -79,7 +79,7 @@ class Workload:
         """Run ``command`` in ``path`` for each message: exit 0 = done, anything else = failure."""
         return cls(
             path=os.fspath(path),
-            command=command,
+            command_line=command,
             stop_grace_seconds=stop_grace_seconds,
             checkpoint_max_bytes=checkpoint_max_bytes,
         )
@@ -89,7 +89,7 @@ class Workload:
         overrides: dict[str, Any] = {
             "fleet.workload.path": self.path,
             "fleet.handler": self.handler,
-            "fleet.workload.command": self.command,
+            "fleet.workload.command": self.command_line,
         }
         if self.stop_grace_seconds is not None:
             overrides["fleet.workload.stop_grace_seconds"] = self.stop_grace_seconds

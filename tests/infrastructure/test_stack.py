@@ -156,7 +156,10 @@ def test_instance_role_is_least_privilege(default_synth: Synth) -> None:
         contracts.BOOTSTRAP_REASON_TAG_KEY,
     }
     metrics = statements["PutAgentMetrics"]
-    assert metrics["Condition"] == {"StringEquals": {"cloudwatch:namespace": contracts.METRIC_NAMESPACE}}
+    # Agent metrics only into their own namespace: no worker can feed a control-plane alarm.
+    assert metrics["Condition"] == {
+        "StringEquals": {"cloudwatch:namespace": contracts.AGENT_METRIC_NAMESPACE}
+    }
     lifecycle = statements["AnswerOwnLifecycleHooks"]
     assert f"autoScalingGroupName/{contracts.asg_name('default')}" in json.dumps(lifecycle["Resource"])
     assert "parameter/spotguard/default/agent-config" in json.dumps(statements["ReadAgentConfig"]["Resource"])
@@ -169,7 +172,9 @@ def test_asg_mixed_instances_spot_with_hooks(any_synth: Synth) -> None:
     (group,) = any_synth.of_type("AWS::AutoScaling::AutoScalingGroup").values()
     props = group["Properties"]
     assert props["AutoScalingGroupName"] == contracts.asg_name(fleet)
-    assert props["CapacityRebalance"] is True
+    # spotguard's dispatcher is the one replacement path for every policy (see
+    # fleet.capacity_rebalance): the ASG's own Capacity Rebalancing stays off.
+    assert props["CapacityRebalance"] is False
     policy = props["MixedInstancesPolicy"]
     distribution = policy["InstancesDistribution"]
     assert distribution["SpotAllocationStrategy"] == "price-capacity-optimized"
@@ -231,7 +236,7 @@ def test_every_queue_is_encrypted_and_tls_only(any_synth: Synth) -> None:
 
 def test_work_queue_redrive_is_only_a_backstop(default_synth: Synth) -> None:
     queues = default_synth.of_type("AWS::SQS::Queue")
-    (work,) = [q["Properties"] for k, q in queues.items() if k.startswith("QueuesWorkQueue")]
+    (work,) = [q["Properties"] for k, q in queues.items() if k.startswith("FleetQueuesWorkQueue")]
     assert work["RedrivePolicy"]["maxReceiveCount"] == contracts.REDRIVE_BACKSTOP_RECEIVE_COUNT
     assert work["MessageRetentionPeriod"] == 4 * 24 * 3600
     assert work["VisibilityTimeout"] == 120
@@ -253,16 +258,16 @@ def test_tables_have_pitr_encryption_ttl_and_contract_keys(default_synth: Synth)
         schema = [(k["AttributeName"], k["KeyType"]) for k in props["KeySchema"]]
         return schema, props["TimeToLiveSpecification"]["AttributeName"]
 
-    assert keys("TablesLeases") == (
+    assert keys("FleetTablesLeases") == (
         [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")],
         contracts.TTL_ATTRIBUTE,
     )
-    assert keys("TablesFleet") == ([(contracts.FLEET_TABLE_PK, "HASH")], contracts.TTL_ATTRIBUTE)
-    assert keys("TablesJobs") == (
+    assert keys("FleetTablesFleet") == ([(contracts.FLEET_TABLE_PK, "HASH")], contracts.TTL_ATTRIBUTE)
+    assert keys("FleetTablesJobs") == (
         [(contracts.JOBS_TABLE_PK, "HASH"), (contracts.JOBS_TABLE_SK, "RANGE")],
         contracts.TTL_ATTRIBUTE,
     )
-    assert keys("TablesIdempotency") == (
+    assert keys("FleetTablesIdempotency") == (
         [(contracts.IDEMPOTENCY_TABLE_PK, "HASH")],
         contracts.IDEMPOTENCY_TTL_ATTRIBUTE,
     )
@@ -283,11 +288,22 @@ def test_kms_key_policy_root_admin_is_the_only_wildcard(any_synth: Synth) -> Non
     key stays manageable) and CloudWatch's publish permission; nothing else is broad."""
     (key,) = any_synth.of_type("AWS::KMS::Key").values()
     assert key["Properties"]["EnableKeyRotation"] is True
+    services = set()
     for statement in _statements(key["Properties"]["KeyPolicy"]):
         if "kms:*" in _as_list(statement["Action"]):
             assert ":root" in json.dumps(statement["Principal"])
+        elif statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}:
+            services.add("cloudwatch")
+            assert statement["Condition"] == {
+                "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+            }
         else:
-            assert statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+            # CloudWatch Logs, for the fleet's instance log group only.
+            assert "logs." in json.dumps(statement["Principal"])
+            services.add("logs")
+            context = statement["Condition"]["ArnEquals"]["kms:EncryptionContext:aws:logs:arn"]
+            assert "/spotguard/" in json.dumps(context)
+    assert services == {"cloudwatch", "logs"}
 
 
 DESTRUCTIVE = {
@@ -384,8 +400,8 @@ def test_queue_event_sources_report_batch_item_failures(any_synth: Synth) -> Non
     notifier = by_function[function_id(any_synth, "notifier")]
     for props in (dispatcher, notifier):
         assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("QueuesSignalQueue")
-    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("QueuesNotifyQueue")
+    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("FleetControlPlaneSignalQueue")
+    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("FleetNotificationsNotifyQueue")
 
 
 def signal_rules(synth: Synth) -> list[dict[str, Any]]:
@@ -411,8 +427,10 @@ def test_signal_rules_deliver_to_signal_queue_with_dlq(default_synth: Synth) -> 
     rules = signal_rules(default_synth)
     for rule in rules:
         (target,) = rule["Targets"]
-        assert target["Arn"]["Fn::GetAtt"][0].startswith("QueuesSignalQueue")
-        assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("QueuesSignalDeadLetterQueue")
+        assert target["Arn"]["Fn::GetAtt"][0].startswith("FleetControlPlaneSignalQueue")
+        assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith(
+            "FleetControlPlaneSignalDeadLetterQueue"
+        )
     # The queue policy lets EventBridge send only for these rules.
     allowed = []
     for policy in default_synth.of_type("AWS::SQS::QueuePolicy").values():
@@ -447,8 +465,10 @@ def test_notification_bus_routes_to_notify_queue_with_dlq(default_synth: Synth) 
     assert len(rules) == 1
     assert rules[0]["EventPattern"] == {"source": [contracts.NOTIFICATION_EVENT_SOURCE]}
     (target,) = rules[0]["Targets"]
-    assert target["Arn"]["Fn::GetAtt"][0].startswith("QueuesNotifyQueue")
-    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("QueuesNotifyDeadLetterQueue")
+    assert target["Arn"]["Fn::GetAtt"][0].startswith("FleetNotificationsNotifyQueue")
+    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith(
+        "FleetNotificationsNotifyDeadLetterQueue"
+    )
 
 
 # --------------------------------------------------------------------------- API
