@@ -26,16 +26,22 @@ from spotguard_cdk.tables import Tables
 API_TIMEOUT_SECONDS = 29
 
 
-_CLOUDWATCH_ROLE_MARKER = "SpotguardApiGatewayCloudWatchRoleOwner"
+_CLOUDWATCH_ROLE_OWNER = "SpotguardApiGatewayCloudWatchRoleOwner"
 
 
-def _first_api_in_stack(scope: Construct) -> bool:
-    """True for the first operations API of a stack (several fleets share the account setting)."""
+class _CloudWatchRoleOwner(Construct):
+    """Marks the stack's first operations API: the API Gateway CloudWatch role (an account-wide
+    setting) is created once per stack, by that API; the others wait for it."""
+
+    api: apigateway.RestApi | None = None
+
+
+def _cloudwatch_role_owner(scope: Construct) -> tuple[_CloudWatchRoleOwner, bool]:
     stack = Stack.of(scope)
-    if stack.node.try_find_child(_CLOUDWATCH_ROLE_MARKER) is not None:
-        return False
-    Construct(stack, _CLOUDWATCH_ROLE_MARKER)
-    return True
+    existing = stack.node.try_find_child(_CLOUDWATCH_ROLE_OWNER)
+    if isinstance(existing, _CloudWatchRoleOwner):
+        return existing, False
+    return _CloudWatchRoleOwner(stack, _CLOUDWATCH_ROLE_OWNER), True
 
 
 class OpsApi(Construct):
@@ -66,6 +72,7 @@ class OpsApi(Construct):
             self.function.role, jobs=tables.jobs, fleet_table=tables.fleet, reconciler=reconciler
         )
         handler = self.function.function
+        owner, first = _cloudwatch_role_owner(self)
         access_logs = logs.LogGroup(
             self, "AccessLogs", retention=retention(settings.control_plane.log_retention_days)
         )
@@ -81,8 +88,8 @@ class OpsApi(Construct):
             ),
             endpoint_types=[apigateway.EndpointType.REGIONAL],
             # The CloudWatch role is an account-wide API Gateway setting: one per stack.
-            cloud_watch_role=_first_api_in_stack(self),
-            cloud_watch_role_removal_policy=RemovalPolicy.RETAIN,
+            cloud_watch_role=first,
+            cloud_watch_role_removal_policy=RemovalPolicy.RETAIN if first else None,
             deploy_options=apigateway.StageOptions(
                 stage_name="v1",
                 access_log_destination=apigateway.LogGroupLogDestination(access_logs),
@@ -106,6 +113,13 @@ class OpsApi(Construct):
         # Routes and bodies are validated by the api function against its typed models (it
         # owns the routes behind the proxy, so there are no API Gateway models to check
         # bodies against); the validator still makes API Gateway check declared parameters.
+        if first:
+            owner.api = self.api
+        elif owner.api is not None:
+            # Execution logging needs the account's CloudWatch role set by the first API.
+            account = owner.api.node.try_find_child("Account")
+            if account is not None:
+                self.api.deployment_stage.node.add_dependency(account)
         validator = self.api.add_request_validator(
             "RequestValidator", validate_request_parameters=True, validate_request_body=True
         )
