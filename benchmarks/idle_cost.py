@@ -70,7 +70,9 @@ def fleet_costs(resources: dict[str, Any], prefix: str) -> dict[str, Any]:
     functions = [
         r for r in mine.values() if str(r["Properties"].get("Handler", "")).startswith("spotguard_functions.")
     ]
-    memory = {r["Properties"]["Handler"].split(".")[1]: r["Properties"].get("MemorySize", 128) for r in functions}
+    memory = {
+        r["Properties"]["Handler"].split(".")[1]: r["Properties"].get("MemorySize", 128) for r in functions
+    }
     schedules = {
         r["Properties"]["Description"]: r["Properties"]
         for r in mine.values()

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 
 from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_apigateway as apigateway
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
 from constructs import Construct
@@ -42,6 +43,31 @@ def _cloudwatch_role_owner(scope: Construct) -> tuple[_CloudWatchRoleOwner, bool
     if isinstance(existing, _CloudWatchRoleOwner):
         return existing, False
     return _CloudWatchRoleOwner(stack, _CLOUDWATCH_ROLE_OWNER), True
+
+
+def api_resource_policy(allowed_principal_arns: list[str]) -> iam.PolicyDocument:
+    """Only this account's IAM-authorised principals, or only the named ones."""
+    invoke = "execute-api:/*"
+    statements = [
+        iam.PolicyStatement(
+            sid="AccountPrincipalsOnly",
+            principals=[iam.AccountRootPrincipal()],
+            actions=["execute-api:Invoke"],
+            resources=[invoke],
+        )
+    ]
+    if allowed_principal_arns:
+        statements.append(
+            iam.PolicyStatement(
+                sid="OnlyTheNamedPrincipals",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["execute-api:Invoke"],
+                resources=[invoke],
+                conditions={"ArnNotLike": {"aws:PrincipalArn": list(allowed_principal_arns)}},
+            )
+        )
+    return iam.PolicyDocument(statements=statements)
 
 
 class OpsApi(Construct):
@@ -108,7 +134,10 @@ class OpsApi(Construct):
                 data_trace_enabled=False,
                 metrics_enabled=True,
                 tracing_enabled=True,
+                throttling_rate_limit=settings.api.throttle_rate_per_second,
+                throttling_burst_limit=settings.api.throttle_burst,
             ),
+            policy=api_resource_policy(settings.api.allowed_principal_arns),
         )
         # Routes and bodies are validated by the api function against its typed models (it
         # owns the routes behind the proxy, so there are no API Gateway models to check
@@ -130,8 +159,9 @@ class OpsApi(Construct):
         acknowledge(
             self.api,
             "AwsSolutions-APIG3",
-            "The API is for operators only, authorised with IAM (SigV4) on every method and "
-            "throttled by the stage; a WAF web ACL adds cost without protecting anything IAM does not.",
+            "The API is for operators only: IAM (SigV4) on every method, a resource policy limited to "
+            "this account's (or the named) principals, and stage throttling (api.throttle_*); a WAF "
+            "web ACL adds cost without protecting anything IAM does not.",
         )
         acknowledge(
             self.api,

@@ -285,6 +285,14 @@ class SpotWorkerFleet(Construct):
             novita_secret=novita_secret,
         )
         self.notifications.add_notifier(runtime=runtime, environment=environment, settings=resolved)
+        # Only the roles that publish notifications may put events on the fleet's bus.
+        self.notifications.bus_construct.allow_only(
+            [
+                self.control_plane.dispatcher.role,
+                self.control_plane.watchdog.role,
+                self.control_plane.reconciler.role,
+            ]
+        )
         self.ops_api = OpsApi(
             self,
             "OpsApi",
@@ -309,6 +317,7 @@ class SpotWorkerFleet(Construct):
                 "Work": self.work_dlq,
                 "Signal": self.control_plane.signal_dlq,
                 "Notify": self.notifications.notify_dlq,
+                "AsyncFailure": self.control_plane.async_failures,
             },
             functions={name: f.function for name, f in functions.items()},
             asg_name=self.fleet.asg.auto_scaling_group_name,

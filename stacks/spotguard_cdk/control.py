@@ -11,8 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from aws_cdk import Duration
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
+from aws_cdk import aws_lambda_destinations as destinations
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_secretsmanager as secretsmanager
 from aws_cdk import aws_sqs as sqs
@@ -22,7 +24,8 @@ from spotguard_core.contracts import Env
 from spotguard_cdk import permissions
 from spotguard_cdk.events import Schedules, SignalRules
 from spotguard_cdk.functions import ControlPlaneFunction, FunctionRuntime
-from spotguard_cdk.queues import consumer_queue
+from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.queues import DLQ_RETENTION, consumer_queue, secure_queue
 from spotguard_cdk.settings import Settings
 from spotguard_cdk.tables import Tables
 
@@ -74,7 +77,14 @@ class ControlPlane(Construct):
             bus=bus,
         )
         self.dispatcher.function.add_event_source(
-            event_sources.SqsEventSource(self.signal_queue, batch_size=10, report_batch_item_failures=True)
+            event_sources.SqsEventSource(
+                self.signal_queue,
+                batch_size=10,
+                report_batch_item_failures=True,
+                # Below the reserved concurrency: the poller never drives the function into
+                # throttling (throttled batches would come back and count toward the DLQ).
+                max_concurrency=max(2, min(settings.control_plane.reserved_concurrency, 1000)),
+            )
         )
         self.rules = SignalRules(
             self, "SignalRules", settings=settings, signal_queue=self.signal_queue, signal_dlq=self.signal_dlq
@@ -108,6 +118,8 @@ class ControlPlane(Construct):
             timeout_seconds=min(settings.migration.job_timeout_ms // 1000 + 60, 900),
             memory_mb=1024,
             environment={**environment, **reconciler_environment},
+            # One reconciler at a time (scheduled or triggered through the API).
+            reserved_concurrency=1,
         )
         permissions.grant_reconciler(
             self.reconciler.role,
@@ -118,6 +130,26 @@ class ControlPlane(Construct):
             instance_role=instance_role,
             bus=bus,
             novita_secret=novita_secret,
+        )
+        # Asynchronous invocations (schedules, API trigger), on purpose: the watchdog is not
+        # retried (the next sweep is a minute away), a failed reconciler job is retried once;
+        # what still fails lands in the fleet's async-failure queue (alarmed).
+        self.async_failures = secure_queue(self, "AsyncFailureQueue", retention_period=DLQ_RETENTION)
+        acknowledge(
+            self.async_failures,
+            "AwsSolutions-SQS3",
+            "This queue is itself a dead-letter destination (on-failure destination of the "
+            "watchdog's and reconciler's asynchronous invocations); it is alarmed when not empty.",
+        )
+        self.watchdog.function.configure_async_invoke(
+            retry_attempts=0,
+            max_event_age=Duration.minutes(5),
+            on_failure=destinations.SqsDestination(self.async_failures),
+        )
+        self.reconciler.function.configure_async_invoke(
+            retry_attempts=1,
+            max_event_age=Duration.hours(1),
+            on_failure=destinations.SqsDestination(self.async_failures),
         )
         self.schedules = Schedules(
             self,

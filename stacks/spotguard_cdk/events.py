@@ -13,6 +13,7 @@ from typing import Any
 from aws_cdk import Duration
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -111,7 +112,23 @@ class Schedules(Construct):
 
 
 class NotificationBus(Construct):
-    """spotguard's own bus: notifications from the control plane -> notify queue (webhooks)."""
+    """spotguard's own bus: notifications from the control plane -> notify queue (webhooks).
+
+    ``allow_only(roles)`` adds the bus policy: nobody but the control-plane roles may put
+    events on it (the notifier signs what arrives with the webhook key).
+    """
+
+    def allow_only(self, roles: list[iam.IRole]) -> None:
+        self.bus.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyControlPlaneRolesPutEvents",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["events:PutEvents"],
+                resources=[self.bus.event_bus_arn],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in roles]}},
+            )
+        )
 
     def __init__(
         self,

@@ -67,6 +67,7 @@ class FunctionRuntime(Construct):
             self, "Powertools", powertools_layer_arn(settings.control_plane.powertools_layer_version)
         )
         self.log_retention_days = settings.control_plane.log_retention_days
+        self.reserved_concurrency = settings.control_plane.reserved_concurrency
         self.fleet = settings.fleet.name
 
 
@@ -88,6 +89,7 @@ class ControlPlaneFunction(Construct):
         timeout_seconds: int,
         environment: Mapping[str, str],
         memory_mb: int = 512,
+        reserved_concurrency: int | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
         self.log_group = logs.LogGroup(self, "Logs", retention=retention(runtime.log_retention_days))
@@ -120,6 +122,9 @@ class ControlPlaneFunction(Construct):
             memory_size=memory_mb,
             tracing=lambda_.Tracing.ACTIVE,
             log_group=self.log_group,
+            # A bound per function: a signal storm or a burst of API calls cannot take the
+            # account's whole concurrency (or each other's).
+            reserved_concurrent_executions=reserved_concurrency or runtime.reserved_concurrency,
             environment={
                 "POWERTOOLS_METRICS_NAMESPACE": contracts.METRIC_NAMESPACE,
                 **environment,

@@ -259,6 +259,8 @@ class ControlPlaneSettings(_Section):
     #: Detach an instance from its ASG at the spot warning (desired capacity kept), so the
     #: replacement launches at once instead of after the old instance is gone.
     early_replacement: bool = True
+    #: Reserved concurrency of each function (the reconciler always has 1: one job at a time).
+    reserved_concurrency: int = Field(default=5, ge=1, le=1000)
     #: The watchdog ends instances whose agent has not heartbeated for this long.
     heartbeat_stale_minutes: int = Field(default=contracts.DEFAULT_HEARTBEAT_STALE_MINUTES, ge=2, le=120)
     #: CloudWatch Logs retention of every function, in days.
@@ -316,6 +318,27 @@ class NotificationSettings(_Section):
         return value
 
 
+class ApiSettings(_Section):
+    """The operations API: stage throttling and who may call it."""
+
+    #: Steady-state requests per second for the whole stage, and the burst above it.
+    throttle_rate_per_second: int = Field(default=10, ge=1, le=10_000)
+    throttle_burst: int = Field(default=20, ge=1, le=5_000)
+    #: IAM principal ARNs (roles, users) allowed to call the API. Empty: any IAM-authorised
+    #: principal of this account (its identity policy must allow execute-api:Invoke).
+    allowed_principal_arns: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_principal_arns")
+    @classmethod
+    def _arns(cls, value: list[str]) -> list[str]:
+        bad = [arn for arn in value if not re.match(r"^arn:aws[a-z-]*:(iam|sts)::\d{12}:\S+$", arn)]
+        if bad:
+            raise ValueError(
+                f"not IAM principal ARNs: {', '.join(bad)} (e.g. arn:aws:iam::123456789012:role/ops)"
+            )
+        return value
+
+
 class ObservabilitySettings(_Section):
     #: Subscribed to the alarm topic when set.
     alarm_email: str | None = None
@@ -345,6 +368,7 @@ class Settings(_Section):
     control_plane: ControlPlaneSettings = ControlPlaneSettings()
     migration: MigrationSettings = MigrationSettings()
     notifications: NotificationSettings = NotificationSettings()
+    api: ApiSettings = ApiSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     staging: StagingSettings = StagingSettings()
 

@@ -137,7 +137,9 @@ def test_wheel_has_the_library_and_its_assets_and_synthesizes_a_user_app(tmp_pat
     bundles = [p for p in outdir.glob("asset.*.tar.gz") if _has(p, "spotguard_agent/worker.py")]
     assert len(bundles) == 1
     assert _has(bundles[0], "spotguard_core/contracts.py") and _has(bundles[0], "bootstrap/user-data.sh")
-    lambda_assets = [p for p in outdir.glob("asset.*") if (p / "spotguard_functions" / "dispatcher.py").is_file()]
+    lambda_assets = [
+        p for p in outdir.glob("asset.*") if (p / "spotguard_functions" / "dispatcher.py").is_file()
+    ]
     assert len(lambda_assets) == 1
     assert not list(lambda_assets[0].rglob("__pycache__"))
     workloads = [p for p in outdir.glob("asset.*.tar.gz") if _has(p, "tasks.py") or _has(p, "encode.sh")]

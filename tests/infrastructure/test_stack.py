@@ -221,7 +221,7 @@ def test_backlog_scaling_can_reach_zero_and_start_from_it(default_synth: Synth) 
 # --------------------------------------------------------------------------- queues and tables
 def test_every_queue_is_encrypted_and_tls_only(any_synth: Synth) -> None:
     queues = any_synth.of_type("AWS::SQS::Queue")
-    assert len(queues) == 6  # work, signal, notify + a DLQ each
+    assert len(queues) == 7  # work, signal, notify + a DLQ each, and the async-failure queue
     assert all(q["Properties"].get("SqsManagedSseEnabled") is True for q in queues.values())
     tls_only: set[str] = set()
     for policy in any_synth.of_type("AWS::SQS::QueuePolicy").values():
@@ -491,7 +491,7 @@ def test_alarms_and_topic(any_synth: Synth) -> None:
     alarms = {k: v["Properties"] for k, v in any_synth.of_type("AWS::CloudWatch::Alarm").items()}
     described = {p.get("AlarmDescription", ""): p for p in alarms.values()}
     dlq = [d for d in described if "dead-letter queue" in d]
-    assert len(dlq) == 3
+    assert len(dlq) == 4  # work, signal, notify and the async-failure queue
     errors = [d for d in described if d.endswith("function errors")]
     assert len(errors) == 5
     (silent,) = [p for d, p in described.items() if "no watchdog heartbeat" in d]

@@ -64,7 +64,11 @@ def test_handler_module_not_in_the_directory(worker: Path) -> None:
 
 def test_both_or_neither_of_handler_and_command(worker: Path) -> None:
     both = error_of(
-        {"fleet.workload.path": str(worker), "fleet.handler": "tasks:handle", "fleet.workload.command": "./run"}
+        {
+            "fleet.workload.path": str(worker),
+            "fleet.handler": "tasks:handle",
+            "fleet.workload.command": "./run",
+        }
     )
     assert "exactly one of handler" in both and "both are" in both
     neither = error_of({"fleet.workload.path": str(worker)})
@@ -108,7 +112,7 @@ def test_construct_props_fail_at_construction_with_the_same_messages(worker: Pat
         SpotWorkerFleet(stack, "Bad", min_capacity=5, max_capacity=2)
     assert "min_capacity (5) must not exceed max_capacity (2)" in str(caught.value)
     assert "SpotWorkerFleet props" in str(caught.value)
-    with pytest.raises(ConfigurationError, match="handler module 'nothere' is not in workload.path"):
+    with pytest.raises(ConfigurationError, match=r"handler module 'nothere' is not in workload\.path"):
         SpotWorkerFleet(stack, "Bad2", workload=Workload.python(worker, handler="nothere:handle"))
     with pytest.raises(ConfigurationError, match="must be 'module:function'"):
         SpotWorkerFleet(stack, "Bad3", workload=Workload.python(worker, handler="tasks.handle"))
@@ -122,7 +126,9 @@ def test_fleet_names_default_from_the_construct_id_and_must_be_unique(worker: Pa
 
     assert fleet_name_from_id("RenderFleet") == "render-fleet"
     assert fleet_name_from_id("GPU2Workers") == "gpu2-workers"
-    settings = resolve_settings("RenderFleet", None, {"max_capacity": 3}, Workload.python(worker, handler="tasks:handle"))
+    settings = resolve_settings(
+        "RenderFleet", None, {"max_capacity": 3}, Workload.python(worker, handler="tasks:handle")
+    )
     assert settings.fleet.name == "render-fleet" and settings.fleet.max_capacity == 3
     # A name set in the settings wins over the construct id.
     named = resolve_settings("X", Settings.from_mapping({"fleet": {"name": "batch"}}), {}, None)
@@ -130,5 +136,5 @@ def test_fleet_names_default_from_the_construct_id_and_must_be_unique(worker: Pa
 
     stack = cdk.Stack(cdk.App(), "Names")
     SpotWorkerFleet(stack, "Render", name="same")
-    with pytest.raises(ConfigurationError, match="'same' is already used by Names/Render"):
+    with pytest.raises(ConfigurationError, match=r"'same' is already used by Names/Render"):
         SpotWorkerFleet(stack, "Other", name="same")
