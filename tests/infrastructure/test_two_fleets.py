@@ -89,9 +89,9 @@ def test_two_asgs_two_launch_templates_names_and_tags_do_not_collide(template: S
 
 def test_user_queues_are_used_as_given(template: Synth) -> None:
     queues = template.of_type("AWS::SQS::Queue")
-    # The user's 2 queues + 2 DLQs, and per fleet its signal and notify queues with DLQs:
-    # no work queue of its own.
-    assert len(queues) == 4 + 2 * 4
+    # The user's 2 queues + 2 DLQs, and per fleet its signal and notify queues with DLQs and
+    # its async-failure queue: no work queue of its own.
+    assert len(queues) == 4 + 2 * 5
     assert not [k for k in queues if "WorkQueue" in k or "PoisonDeadLetter" in k]
     for fleet, prefix in FLEETS.items():
         (parameter,) = owned_by(template, prefix, "AWS::SSM::Parameter").values()
