@@ -84,9 +84,31 @@ class InstanceRole(Construct):
             "Role",
             assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
             description=f"spotguard {fleet} worker instances",
-            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
         )
         role = self.role
+        # SSM Session Manager instead of SSH, without AmazonSSMManagedInstanceCore: that policy
+        # also grants ssm:GetParameter* on every parameter of the region (and documents,
+        # associations, inventory). Session Manager needs only these; none of them supports
+        # resource-level permissions.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SessionManagerOnly",
+                actions=[
+                    "ssm:UpdateInstanceInformation",
+                    "ssmmessages:CreateControlChannel",
+                    "ssmmessages:CreateDataChannel",
+                    "ssmmessages:OpenControlChannel",
+                    "ssmmessages:OpenDataChannel",
+                    "ec2messages:AcknowledgeMessage",
+                    "ec2messages:DeleteMessage",
+                    "ec2messages:FailMessage",
+                    "ec2messages:GetEndpoint",
+                    "ec2messages:GetMessages",
+                    "ec2messages:SendReply",
+                ],
+                resources=["*"],
+            )
+        )
         role.add_to_policy(
             iam.PolicyStatement(
                 sid="ConsumeWorkQueue",
@@ -205,15 +227,11 @@ class InstanceRole(Construct):
         )
         acknowledge(
             role,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
-            "SSM Session Manager replaces SSH (no key pair, no ingress); the AWS managed core policy "
-            "is the documented minimum for the SSM agent and tracks its API changes.",
-        )
-        acknowledge(
-            role,
             "AwsSolutions-IAM5[Resource::*]",
-            "cloudwatch:PutMetricData has no resource-level permissions; it is limited by the "
-            f"cloudwatch:namespace condition to {contracts.AGENT_METRIC_NAMESPACE}.",
+            "cloudwatch:PutMetricData (limited by the cloudwatch:namespace condition to "
+            f"{contracts.AGENT_METRIC_NAMESPACE}) and the Session Manager channel actions "
+            "(ssmmessages, ec2messages, ssm:UpdateInstanceInformation) have no resource-level "
+            "permissions.",
         )
         acknowledge(
             role,

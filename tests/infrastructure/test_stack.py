@@ -134,7 +134,22 @@ def test_instance_role_uses_ssm_not_ssh(default_synth: Synth) -> None:
         r for r in roles if "ec2.amazonaws.com" in json.dumps(r["Properties"]["AssumeRolePolicyDocument"])
     ]
     assert len(ec2_roles) == 1
-    assert "AmazonSSMManagedInstanceCore" in json.dumps(ec2_roles[0]["Properties"]["ManagedPolicyArns"])
+    # Session Manager through a scoped statement instead of AmazonSSMManagedInstanceCore (whose
+    # ssm:GetParameter* on "*" reads every parameter of the region): no managed policy at all.
+    assert "ManagedPolicyArns" not in ec2_roles[0]["Properties"]
+    (role_id,) = [k for k, r in default_synth.of_type("AWS::IAM::Role").items() if r in ec2_roles]
+    statements = {s.get("Sid"): s for s in role_policy_statements(default_synth, role_id)}
+    session = set(_as_list(statements["SessionManagerOnly"]["Action"]))
+    assert {
+        "ssmmessages:CreateControlChannel",
+        "ssmmessages:OpenDataChannel",
+        "ssm:UpdateInstanceInformation",
+    } <= session
+    ssm_reads = [
+        s for s in statements.values() if any(a.startswith("ssm:GetParameter") for a in _as_list(s["Action"]))
+    ]
+    assert [s.get("Sid") for s in ssm_reads] == ["ReadAgentConfig"]
+    assert "*" not in _as_list(statements["ReadAgentConfig"]["Resource"])
 
 
 def test_instance_role_is_least_privilege(default_synth: Synth) -> None:
