@@ -365,6 +365,7 @@ def grant_reconciler(
     instance_role: iam.IRole,
     bus: events.IEventBus,
     novita_secret: secretsmanager.ISecret | None,
+    instance_types: list[str],
 ) -> None:
     stack = Stack.of(role)
     jobs.grant_read_write_data(role)
@@ -387,12 +388,31 @@ def grant_reconciler(
             resources=[template_arn],
         )
     )
+    through_template = {"ArnLike": {"ec2:LaunchTemplate": template_arn}}
+    # The instance itself: only through the fleet's template, only the fleet's instance
+    # types, only with IMDSv2 required, so the role cannot launch anything else.
+    role.add_to_policy(
+        iam.PolicyStatement(
+            sid="LaunchOnlyFleetInstances",
+            actions=["ec2:RunInstances"],
+            resources=launched[:1],
+            conditions={
+                **through_template,
+                # (Not ec2:IsLaunchTemplateResource: the job passes the instance type and subnet
+                # of the pool it picks, which overrides the template's.)
+                "StringEquals": {
+                    "ec2:InstanceType": list(instance_types),
+                    "ec2:MetadataHttpTokens": "required",
+                },
+            },
+        )
+    )
     role.add_to_policy(
         iam.PolicyStatement(
             sid="LaunchOnlyThroughFleetTemplate",
             actions=["ec2:RunInstances"],
-            resources=launched,
-            conditions={"ArnLike": {"ec2:LaunchTemplate": template_arn}},
+            resources=launched[1:],
+            conditions=through_template,
         )
     )
     role.add_to_policy(

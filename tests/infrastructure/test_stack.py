@@ -386,6 +386,17 @@ def test_function_roles_least_privilege(default_synth: Synth) -> None:
     assert "secretsmanager:GetSecretValue" not in reconciler  # aws provider: no Novita secret
     run = [s for s in reconciler_statements if s.get("Sid") == "LaunchOnlyThroughFleetTemplate"]
     assert "ec2:LaunchTemplate" in json.dumps(run[0]["Condition"])
+    # The instance itself: the fleet's template, instance types and IMDSv2 only.
+    (instance,) = [s for s in reconciler_statements if s.get("Sid") == "LaunchOnlyFleetInstances"]
+    assert "ec2:LaunchTemplate" in json.dumps(instance["Condition"])
+    assert set(instance["Condition"]["StringEquals"]["ec2:InstanceType"]) == {
+        "m7i.large",
+        "m6i.large",
+        "m5.large",
+        "c6i.large",
+    }
+    assert instance["Condition"]["StringEquals"]["ec2:MetadataHttpTokens"] == "required"
+    assert ":instance/*" in json.dumps(instance["Resource"])
     api = actions_of(function_role_statements(default_synth, "api"))
     assert "lambda:InvokeFunction" in api
     assert not {a for a in api if a.startswith(("dynamodb:Put", "dynamodb:Update", "dynamodb:Delete"))}
