@@ -20,6 +20,7 @@ APP_FLEET_ID = "Fleet"
 
 
 def stack_environment(settings: Settings) -> Environment | None:
+    """The stack's account/region from ``settings.environment`` (None: environment-agnostic)."""
     env = settings.environment
     if env.account is None and env.region is None:
         return None  # environment-agnostic template

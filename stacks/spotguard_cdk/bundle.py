@@ -48,11 +48,14 @@ _PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
 @dataclass(frozen=True)
 class BundleInfo:
+    """Where the built bundle is, its sha256 (checked by the user data) and its size."""
+
     path: Path
     sha256: str
     size_bytes: int
 
     def to_json(self) -> dict[str, object]:
+        """As printed by ``python -m spotguard_cdk.bundle build``."""
         data = asdict(self)
         data["path"] = str(self.path)
         return data
@@ -102,6 +105,7 @@ def deterministic_tar_gz(entries: Iterable[tuple[str, Path, int]]) -> bytes:
 
 
 def bundle_bytes() -> bytes:
+    """The agent bundle's bytes (deterministic: same sources, same bytes)."""
     return deterministic_tar_gz(
         (name, source, 0o755 if name in _EXECUTABLE else 0o644) for name, source in bundle_entries()
     )
@@ -117,10 +121,12 @@ def build_bundle(output_dir: Path) -> BundleInfo:
 
 
 def user_data_template() -> str:
+    """The stage-1 user data template (``Fn::Sub`` placeholders)."""
     return (INSTANCE_ASSETS / contracts.USER_DATA_TEMPLATE).read_text()
 
 
 def template_placeholders(template: str) -> set[str]:
+    """The ``${Name}`` placeholders a template uses."""
     return set(_PLACEHOLDER.findall(template))
 
 
@@ -145,6 +151,7 @@ def render_user_data(values: Mapping[str, str], template: str | None = None) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``build OUTPUT_DIR``: write the bundle and print its description as JSON."""
     parser = argparse.ArgumentParser(description="Build the agent bundle.")
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write the bundle and print its path, sha256 and size")

@@ -360,6 +360,7 @@ class SpotWorkerFleet(Construct):
 
 
 def agent_options(settings: Settings, *, visibility_timeout_seconds: int) -> runtime_env.AgentOptions:
+    """The agent's options from the settings (``runtime_env.agent_config`` input)."""
     fleet = settings.fleet
     return runtime_env.AgentOptions(
         handler=fleet.effective_handler,
@@ -378,6 +379,7 @@ def agent_options(settings: Settings, *, visibility_timeout_seconds: int) -> run
 
 
 def control_options(settings: Settings) -> runtime_env.ControlOptions:
+    """The control plane's options from the settings (``runtime_env.control_plane_env`` input)."""
     control = settings.control_plane
     return runtime_env.ControlOptions(
         rebalance_policy=control.rebalance_policy,

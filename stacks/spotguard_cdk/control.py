@@ -162,4 +162,5 @@ class ControlPlane(Construct):
 
     @property
     def functions(self) -> dict[str, ControlPlaneFunction]:
+        """The control plane's functions by name (alarms, dashboard)."""
         return {"Dispatcher": self.dispatcher, "Watchdog": self.watchdog, "Reconciler": self.reconciler}

@@ -119,6 +119,7 @@ class NotificationBus(Construct):
     """
 
     def allow_only(self, roles: list[iam.IRole]) -> None:
+        """Deny ``events:PutEvents`` on the bus to every principal but ``roles``."""
         self.bus.add_to_resource_policy(
             iam.PolicyStatement(
                 sid="OnlyControlPlaneRolesPutEvents",

@@ -179,6 +179,7 @@ class _FixedImage(ec2.GenericLinuxImage):
         self._ami_id = ami_id
 
     def get_image(self, scope: Construct) -> ec2.MachineImageConfig:
+        """The fixed AMI id as a Linux image."""
         return ec2.MachineImageConfig(
             image_id=self._ami_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux()
         )

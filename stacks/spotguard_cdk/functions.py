@@ -51,6 +51,7 @@ RESOURCE_STAR_REASON = (
 
 
 def powertools_layer_arn(version: int) -> str:
+    """ARN of the public Powertools for AWS Lambda (Python) v3 layer in the deploy region."""
     return (
         f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:{POWERTOOLS_ACCOUNT}:layer:"
         f"AWSLambdaPowertoolsPythonV3-python313-x86_64:{version}"

@@ -24,6 +24,8 @@ NOTIFIER_BATCH_SIZE = 4
 
 
 class Notifications(Construct):
+    """The fleet's bus, notify queue + DLQ, webhook secret (when configured) and notifier."""
+
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
         super().__init__(scope, construct_id)
         self.notify_queue, self.notify_dlq = consumer_queue(

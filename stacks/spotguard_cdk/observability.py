@@ -36,6 +36,7 @@ AGENT_METRICS = frozenset(
 def spotguard_metric(
     fleet: str, name: Metric, *, statistic: str = "Sum", period: Duration = PERIOD, label: str | None = None
 ) -> cloudwatch.Metric:
+    """A spotguard metric of ``fleet`` (agent metrics from the agent namespace)."""
     namespace = contracts.AGENT_METRIC_NAMESPACE if name in AGENT_METRICS else contracts.METRIC_NAMESPACE
     return cloudwatch.Metric(
         namespace=namespace,
@@ -48,6 +49,8 @@ def spotguard_metric(
 
 
 class Observability(Construct):
+    """The fleet's alarm topic, alarms and dashboard."""
+
     def __init__(
         self,
         scope: Construct,

@@ -29,6 +29,7 @@ from spotguard_cdk.nag import acknowledge, iam5_resource
 
 
 def instance_arn_pattern(scope: IConstruct) -> str:
+    """``arn:…:ec2:<region>:<account>:instance/*`` of the stack's environment."""
     return Stack.of(scope).format_arn(service="ec2", resource="instance", resource_name="*")
 
 
@@ -302,6 +303,7 @@ def grant_dispatcher(
     work_queue: sqs.IQueue,
     bus: events.IEventBus,
 ) -> None:
+    """Requeue leases, record signals, detach its own fleet's instances, publish notices."""
     _lease_ops(role, leases)
     fleet_table.grant_read_write_data(role)
     idempotency.grant_read_write_data(role)
@@ -336,6 +338,7 @@ def grant_watchdog(
     work_queue: sqs.IQueue,
     bus: events.IEventBus,
 ) -> None:
+    """Requeue leases, end its own fleet's instances, publish notices."""
     _lease_ops(role, leases)
     fleet_table.grant_read_write_data(role)
     _change_visibility(role, work_queue)
@@ -367,6 +370,7 @@ def grant_reconciler(
     novita_secret: secretsmanager.ISecret | None,
     instance_types: list[str],
 ) -> None:
+    """Job records, replacements through the fleet's template only, its own fleet's instances."""
     stack = Stack.of(role)
     jobs.grant_read_write_data(role)
     fleet_table.grant_read_write_data(role)
@@ -478,6 +482,7 @@ def grant_api(
     fleet_table: dynamodb.ITable,
     reconciler: lambda_.IFunction,
 ) -> None:
+    """Read jobs and fleet records, trigger the reconciler."""
     jobs.grant_read_data(role)
     fleet_table.grant_read_data(role)
     reconciler.grant_invoke(role)
@@ -490,6 +495,7 @@ def grant_api(
 
 
 def grant_notifier(role: iam.IRole, *, webhook_secret: secretsmanager.ISecret | None) -> None:
+    """Read the webhook signing secret (when a webhook is configured)."""
     if webhook_secret is not None:
         webhook_secret.grant_read(role)
 

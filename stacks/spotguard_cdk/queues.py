@@ -25,6 +25,7 @@ DLQ_RETENTION = Duration.days(14)
 
 
 def secure_queue(scope: Construct, construct_id: str, **kwargs: object) -> sqs.Queue:
+    """An SQS queue with SQS-managed encryption that refuses non-TLS requests."""
     return sqs.Queue(
         scope,
         construct_id,

@@ -46,7 +46,10 @@ class _Section(BaseModel):
 
 
 class EnvironmentSettings(_Section):
+    """Account, region and availability zones of the ready app's stack."""
+
     #: Leave both empty for an environment-agnostic template (the default).
+
     account: str | None = None
     region: str | None = None
     #: With a region set, the AZs to use (so synth needs no AWS lookup).
@@ -68,7 +71,10 @@ class EnvironmentSettings(_Section):
 
 
 class NetworkSettings(_Section):
+    """The VPC: an existing one by id (looked up at synth, needs credentials) or a new one."""
+
     #: Use an existing VPC (its public subnets) instead of creating one.
+
     vpc_id: str | None = None
     max_azs: int = Field(default=2, ge=1, le=6)
 
@@ -106,6 +112,8 @@ class WorkloadSettings(_Section):
 
 
 class FleetSettings(_Section):
+    """The worker fleet: name, instance types, capacity, image, workload and agent port."""
+
     name: str = "default"
     #: Several types across families spread the fleet over more spot pools.
     instance_types: list[str] = Field(
@@ -229,7 +237,10 @@ class FleetSettings(_Section):
 
 
 class QueueSettings(_Section):
+    """The work queue the fleet creates (ready app) and the poison rule."""
+
     #: Initial visibility timeout; the worker extends it while a task runs.
+
     visibility_timeout_seconds: int = Field(
         default=contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS, ge=30, le=43_200
     )
@@ -244,17 +255,24 @@ class QueueSettings(_Section):
 
 
 class BootstrapSettings(_Section):
+    """How long an instance may take to become ready."""
+
     #: An instance not ready this long after boot terminates itself (seed: 20 minutes).
+
     deadline_minutes: int = Field(default=contracts.DEFAULT_BOOTSTRAP_DEADLINE_MINUTES, ge=3, le=120)
 
 
 class AgentSettings(_Section):
+    """The instance agent's polling and drain margin."""
+
     imds_poll_seconds: float = Field(default=contracts.DEFAULT_IMDS_POLL_SECONDS, ge=0.2, le=30)
     #: Tasks that cannot finish this long before the interruption deadline are released.
     drain_margin_seconds: int = Field(default=contracts.DEFAULT_DRAIN_MARGIN_SECONDS, ge=0, le=110)
 
 
 class ControlPlaneSettings(_Section):
+    """What the dispatcher and watchdog decide, and the functions' runtime."""
+
     rebalance_policy: contracts.RebalancePolicy = contracts.RebalancePolicy.REPLACE
     #: Detach an instance from its ASG at the spot warning (desired capacity kept), so the
     #: replacement launches at once instead of after the old instance is gone.
@@ -307,7 +325,10 @@ class MigrationSettings(_Section):
 
 
 class NotificationSettings(_Section):
+    """Signed webhooks."""
+
     #: HTTPS endpoint that receives signed webhooks; empty disables webhooks.
+
     webhook_url: str | None = None
 
     @field_validator("webhook_url")
@@ -340,7 +361,10 @@ class ApiSettings(_Section):
 
 
 class ObservabilitySettings(_Section):
+    """Where alarms are sent."""
+
     #: Subscribed to the alarm topic when set.
+
     alarm_email: str | None = None
 
     @field_validator("alarm_email")
@@ -352,13 +376,18 @@ class ObservabilitySettings(_Section):
 
 
 class StagingSettings(_Section):
+    """Test events and the AWS FIS experiment (staging only)."""
+
     #: Rules also accept source ``spotguard.test`` (``spotguard send-test-event``). Staging only.
+
     allow_test_events: bool = False
     #: Create the AWS FIS experiment template that interrupts the fleet's tagged instances.
     fis_experiment: bool = False
 
 
 class Settings(_Section):
+    """Every spotguard setting, typed: cdk.json's ``spotguard`` context and the construct's props."""
+
     environment: EnvironmentSettings = EnvironmentSettings()
     network: NetworkSettings = NetworkSettings()
     fleet: FleetSettings = FleetSettings()
@@ -389,6 +418,7 @@ class Settings(_Section):
 
     @property
     def stack_name(self) -> str:
+        """The ready app's stack name, ``Spotguard-<fleet>``."""
         return f"Spotguard-{self.fleet.name}"
 
     @classmethod
@@ -404,6 +434,7 @@ class Settings(_Section):
     def from_mapping(
         cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, hint: str = CONTEXT_HINT
     ) -> Settings:
+        """Validate ``data`` with dotted ``overrides``; a bad value raises ConfigurationError."""
         merged = _deep_copy(data)
         for dotted, value in (overrides or {}).items():
             _set_dotted(merged, dotted, value)

@@ -21,6 +21,8 @@ from spotguard_cdk.settings import Settings
 
 
 class SpotInterruptionExperiment(Construct):
+    """AWS FIS template: a spot interruption for one tagged fleet instance."""
+
     def __init__(
         self, scope: Construct, construct_id: str, *, settings: Settings, stop_alarm: cloudwatch.IAlarm
     ) -> None:

@@ -24,6 +24,7 @@ from spotguard_cdk.nag import acknowledge
 
 
 def instance_log_group_name(fleet: str) -> str:
+    """The fleet's instance log group, ``/spotguard/<fleet>/instances``."""
     return f"/spotguard/{fleet}/instances"
 
 

@@ -114,6 +114,7 @@ def workload_entries(directory: Path) -> Iterator[tuple[str, Path, int]]:
 
 
 def workload_bytes(directory: Path) -> bytes:
+    """The workload directory as a deterministic tar.gz."""
     return deterministic_tar_gz(workload_entries(directory))
 
 
