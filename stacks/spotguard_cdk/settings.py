@@ -49,7 +49,6 @@ class EnvironmentSettings(_Section):
     """Account, region and availability zones of the ready app's stack."""
 
     #: Leave both empty for an environment-agnostic template (the default).
-
     account: str | None = None
     region: str | None = None
     #: With a region set, the AZs to use (so synth needs no AWS lookup).
@@ -74,7 +73,6 @@ class NetworkSettings(_Section):
     """The VPC: an existing one by id (looked up at synth, needs credentials) or a new one."""
 
     #: Use an existing VPC (its public subnets) instead of creating one.
-
     vpc_id: str | None = None
     max_azs: int = Field(default=2, ge=1, le=6)
 
@@ -240,7 +238,6 @@ class QueueSettings(_Section):
     """The work queue the fleet creates (ready app) and the poison rule."""
 
     #: Initial visibility timeout; the worker extends it while a task runs.
-
     visibility_timeout_seconds: int = Field(
         default=contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS, ge=30, le=43_200
     )
@@ -258,7 +255,6 @@ class BootstrapSettings(_Section):
     """How long an instance may take to become ready."""
 
     #: An instance not ready this long after boot terminates itself (seed: 20 minutes).
-
     deadline_minutes: int = Field(default=contracts.DEFAULT_BOOTSTRAP_DEADLINE_MINUTES, ge=3, le=120)
 
 
@@ -328,7 +324,6 @@ class NotificationSettings(_Section):
     """Signed webhooks."""
 
     #: HTTPS endpoint that receives signed webhooks; empty disables webhooks.
-
     webhook_url: str | None = None
 
     @field_validator("webhook_url")
@@ -364,7 +359,6 @@ class ObservabilitySettings(_Section):
     """Where alarms are sent."""
 
     #: Subscribed to the alarm topic when set.
-
     alarm_email: str | None = None
 
     @field_validator("alarm_email")
@@ -379,7 +373,6 @@ class StagingSettings(_Section):
     """Test events and the AWS FIS experiment (staging only)."""
 
     #: Rules also accept source ``spotguard.test`` (``spotguard send-test-event``). Staging only.
-
     allow_test_events: bool = False
     #: Create the AWS FIS experiment template that interrupts the fleet's tagged instances.
     fis_experiment: bool = False
