@@ -7,9 +7,11 @@ environment-specific stack, the availability zones from settings (so synth needs
 
 from __future__ import annotations
 
+import hashlib
+import re
 from typing import Any
 
-from aws_cdk import Environment, Stack
+from aws_cdk import CfnElement, Environment, Stack
 from constructs import Construct
 
 from spotguard_cdk.construct import SpotWorkerFleet
@@ -41,7 +43,37 @@ class SpotguardStack(Stack):
         self._configured_azs = settings.environment.availability_zones
         self.fleet = SpotWorkerFleet(self, APP_FLEET_ID, settings=settings)
 
+    def _allocate_logical_id(self, cfn_element: CfnElement) -> str:
+        """Logical ids as if the fleet's resources were the stack's own (``Tables/Fleet``, not
+        ``Fleet/Tables/Fleet``): the ready app kept them when it became a user of
+        ``SpotWorkerFleet``, so an existing deployment keeps its tables and work queue."""
+        components = [c.node.id for c in cfn_element.node.scopes[len(self.node.scopes) :]]
+        if len(components) > 1 and components[0] == APP_FLEET_ID:
+            components = components[1:]
+        return cdk_unique_id(components)
+
     @property
     def availability_zones(self) -> list[str]:
         """AZs from settings when given: an environment-specific stack then needs no AZ lookup."""
         return list(self._configured_azs or super().availability_zones)
+
+
+def cdk_unique_id(components: list[str]) -> str:
+    """CDK's own logical id algorithm (``makeUniqueId``): the human-readable path plus an
+    8-character hash of the full path ("Default" hidden, "Resource" hidden from the human part)."""
+    path = [c for c in components if c != "Default"]
+    if len(path) == 1:
+        candidate = _alphanumeric(path[0])
+        if len(candidate) <= 255:
+            return candidate
+    digest = hashlib.md5("/".join(path).encode(), usedforsecurity=False).hexdigest()[:8].upper()
+    human: list[str] = []
+    for component in path:
+        if not human or not human[-1].endswith(component):
+            human.append(component)
+    readable = "".join(_alphanumeric(c) for c in human if c != "Resource")
+    return readable[:240] + digest
+
+
+def _alphanumeric(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]", "", text)

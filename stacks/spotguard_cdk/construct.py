@@ -286,7 +286,7 @@ class SpotWorkerFleet(Construct):
         )
         self.notifications.add_notifier(runtime=runtime, environment=environment, settings=resolved)
         # Only the roles that publish notifications may put events on the fleet's bus.
-        self.notifications.bus_construct.allow_only(
+        self.notifications.allow_only(
             [
                 self.control_plane.dispatcher.role,
                 self.control_plane.watchdog.role,

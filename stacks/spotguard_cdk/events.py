@@ -1,4 +1,5 @@
-"""EventBridge: interruption signal rules, schedules and the notification bus.
+"""EventBridge: interruption signal rules and schedules (the notification bus is in
+``notifications``).
 
 Signal rules use ``contracts.event_patterns`` verbatim (the same patterns the drill and
 ``spotguard explain`` use) and deliver to the signal queue; events EventBridge cannot
@@ -13,7 +14,6 @@ from typing import Any
 from aws_cdk import Duration
 from aws_cdk import aws_events as events
 from aws_cdk import aws_events_targets as targets
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
@@ -108,52 +108,4 @@ class Schedules(Construct):
                 event=events.RuleTargetInput.from_object({"source": "schedule", "trigger": "scheduled"}),
                 retry_attempts=0,
             )
-        )
-
-
-class NotificationBus(Construct):
-    """spotguard's own bus: notifications from the control plane -> notify queue (webhooks).
-
-    ``allow_only(roles)`` adds the bus policy: nobody but the control-plane roles may put
-    events on it (the notifier signs what arrives with the webhook key).
-    """
-
-    def allow_only(self, roles: list[iam.IRole]) -> None:
-        """Deny ``events:PutEvents`` on the bus to every principal but ``roles``."""
-        self.bus.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="OnlyControlPlaneRolesPutEvents",
-                effect=iam.Effect.DENY,
-                principals=[iam.AnyPrincipal()],
-                actions=["events:PutEvents"],
-                resources=[self.bus.event_bus_arn],
-                conditions={"ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in roles]}},
-            )
-        )
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        settings: Settings,
-        notify_queue: sqs.IQueue,
-        notify_dlq: sqs.IQueue,
-    ) -> None:
-        super().__init__(scope, construct_id)
-        self.bus = events.EventBus(
-            self,
-            "Bus",
-            event_bus_name=f"spotguard-{settings.fleet.name}",
-            description="spotguard notifications",
-        )
-        self.rule = events.Rule(
-            self,
-            "ToNotifyQueue",
-            event_bus=self.bus,
-            description="spotguard notifications to the webhook notifier",
-            event_pattern=events.EventPattern(source=[contracts.NOTIFICATION_EVENT_SOURCE]),
-        )
-        self.rule.add_target(
-            targets.SqsQueue(notify_queue, dead_letter_queue=notify_dlq, max_event_age=Duration.hours(24))
         )

@@ -1,17 +1,21 @@
-"""Notifications of one fleet: its EventBridge bus, the notify queue and the notifier
-function that signs and delivers webhooks (with the signing secret when a webhook is set)."""
+"""Notifications of one fleet: its EventBridge bus ``spotguard-<fleet>`` with a rule (source
+``spotguard``) to the notify queue, and the notifier function that signs and delivers webhooks
+(with the signing secret when a webhook is set)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
+from aws_cdk import Duration
+from aws_cdk import aws_events as events
+from aws_cdk import aws_events_targets as targets
+from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_secretsmanager as secretsmanager
 from constructs import Construct
-from spotguard_core import runtime_env
+from spotguard_core import contracts, runtime_env
 
 from spotguard_cdk import permissions
-from spotguard_cdk.events import NotificationBus
 from spotguard_cdk.functions import ControlPlaneFunction, FunctionRuntime
 from spotguard_cdk.nag import acknowledge
 from spotguard_cdk.queues import consumer_queue
@@ -31,10 +35,24 @@ class Notifications(Construct):
         self.notify_queue, self.notify_dlq = consumer_queue(
             self, "Notify", consumer_timeout_seconds=NOTIFIER_TIMEOUT_SECONDS
         )
-        self.bus_construct = NotificationBus(
-            self, "Bus", settings=settings, notify_queue=self.notify_queue, notify_dlq=self.notify_dlq
+        self.bus = events.EventBus(
+            self,
+            "Bus",
+            event_bus_name=f"spotguard-{settings.fleet.name}",
+            description="spotguard notifications",
         )
-        self.bus = self.bus_construct.bus
+        self.rule = events.Rule(
+            self,
+            "ToNotifyQueue",
+            event_bus=self.bus,
+            description="spotguard notifications to the webhook notifier",
+            event_pattern=events.EventPattern(source=[contracts.NOTIFICATION_EVENT_SOURCE]),
+        )
+        self.rule.add_target(
+            targets.SqsQueue(
+                self.notify_queue, dead_letter_queue=self.notify_dlq, max_event_age=Duration.hours(24)
+            )
+        )
         self.webhook_secret: secretsmanager.ISecret | None = None
         if settings.notifications.webhook_url:
             secret = secretsmanager.Secret(
@@ -52,6 +70,20 @@ class Notifications(Construct):
                 "would break every receiver. Rotate by updating the secret and the receivers together.",
             )
             self.webhook_secret = secret
+
+    def allow_only(self, roles: list[iam.IRole]) -> None:
+        """Deny ``events:PutEvents`` on the bus to every principal but ``roles`` (the notifier
+        signs what arrives with the webhook key)."""
+        self.bus.add_to_resource_policy(
+            iam.PolicyStatement(
+                sid="OnlyControlPlaneRolesPutEvents",
+                effect=iam.Effect.DENY,
+                principals=[iam.AnyPrincipal()],
+                actions=["events:PutEvents"],
+                resources=[self.bus.event_bus_arn],
+                conditions={"ArnNotEquals": {"aws:PrincipalArn": [role.role_arn for role in roles]}},
+            )
+        )
 
     def add_notifier(
         self, *, runtime: FunctionRuntime, environment: Mapping[str, str], settings: Settings

@@ -96,7 +96,7 @@ def test_dashboard_shows_agent_metrics_from_the_agent_namespace(default_synth: S
 
 def test_work_queue_and_dlq_are_retained_on_destroy(default_synth: Synth) -> None:
     queues = default_synth.of_type("AWS::SQS::Queue")
-    for prefix in ("FleetQueuesWorkQueue", "FleetQueuesWorkDeadLetterQueue"):
+    for prefix in ("QueuesWorkQueue", "QueuesWorkDeadLetterQueue"):
         (queue,) = [q for k, q in queues.items() if k.startswith(prefix)]
         assert queue["DeletionPolicy"] == "Retain" and queue["UpdateReplacePolicy"] == "Retain"
 
@@ -149,7 +149,7 @@ def test_watchdog_and_reconciler_async_retries_and_failure_destination(any_synth
     assert watchdog["MaximumRetryAttempts"] == 0 and reconciler["MaximumRetryAttempts"] == 1
     for config in (watchdog, reconciler):
         destination = config["DestinationConfig"]["OnFailure"]["Destination"]["Fn::GetAtt"][0]
-        assert destination.startswith("FleetControlPlaneAsyncFailureQueue")
+        assert destination.startswith("ControlPlaneAsyncFailureQueue")
     assert "sqs:SendMessage" in {
         a for s in function_role_statements(any_synth, "watchdog") for a in _as_list(s["Action"])
     }
@@ -166,3 +166,32 @@ def test_notification_bus_accepts_events_only_from_control_plane_roles(any_synth
         for m in ("dispatcher", "watchdog", "reconciler")
     }
     assert roles == expected
+
+
+#: Logical ids of the ready app's stateful (or physically named) resources before it became a
+#: user of SpotWorkerFleet (main at 7aafcc4): an existing deployment keeps them.
+PRE_CONSTRUCT_LOGICAL_IDS = {
+    "TablesLeases8A459FA5": "AWS::DynamoDB::Table",
+    "TablesFleet271300BB": "AWS::DynamoDB::Table",
+    "TablesJobs313634AE": "AWS::DynamoDB::Table",
+    "TablesIdempotency498FF680": "AWS::DynamoDB::Table",
+    "QueuesWorkQueue59050C56": "AWS::SQS::Queue",
+    "QueuesWorkDeadLetterQueue59E88B57": "AWS::SQS::Queue",
+    "NetworkVpc7FB7348F": "AWS::EC2::VPC",
+    "FleetGroupASGF037160E": "AWS::AutoScaling::AutoScalingGroup",
+    "FleetLaunchTemplate3FC2FEAE": "AWS::EC2::LaunchTemplate",
+    "AgentConfigParameterD053D782": "AWS::SSM::Parameter",
+    "NotificationsBusD6EAAED1": "AWS::Events::EventBus",
+}
+
+
+def test_the_ready_app_keeps_its_logical_ids(default_synth: Synth) -> None:
+    for logical_id, resource_type in PRE_CONSTRUCT_LOGICAL_IDS.items():
+        assert default_synth.resources[logical_id]["Type"] == resource_type, logical_id
+
+
+def test_the_logical_id_algorithm_is_cdks(two_fleets_synth: Synth) -> None:
+    from spotguard_cdk.app_stack import cdk_unique_id  # noqa: PLC0415
+
+    expected = cdk_unique_id(["RenderFleet", "Tables", "Leases", "Resource"])
+    assert two_fleets_synth.resources[expected]["Type"] == "AWS::DynamoDB::Table"

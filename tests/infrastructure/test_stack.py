@@ -251,7 +251,7 @@ def test_every_queue_is_encrypted_and_tls_only(any_synth: Synth) -> None:
 
 def test_work_queue_redrive_is_only_a_backstop(default_synth: Synth) -> None:
     queues = default_synth.of_type("AWS::SQS::Queue")
-    (work,) = [q["Properties"] for k, q in queues.items() if k.startswith("FleetQueuesWorkQueue")]
+    (work,) = [q["Properties"] for k, q in queues.items() if k.startswith("QueuesWorkQueue")]
     assert work["RedrivePolicy"]["maxReceiveCount"] == contracts.REDRIVE_BACKSTOP_RECEIVE_COUNT
     assert work["MessageRetentionPeriod"] == 4 * 24 * 3600
     assert work["VisibilityTimeout"] == 120
@@ -273,16 +273,16 @@ def test_tables_have_pitr_encryption_ttl_and_contract_keys(default_synth: Synth)
         schema = [(k["AttributeName"], k["KeyType"]) for k in props["KeySchema"]]
         return schema, props["TimeToLiveSpecification"]["AttributeName"]
 
-    assert keys("FleetTablesLeases") == (
+    assert keys("TablesLeases") == (
         [(contracts.LEASE_TABLE_PK, "HASH"), (contracts.LEASE_TABLE_SK, "RANGE")],
         contracts.TTL_ATTRIBUTE,
     )
-    assert keys("FleetTablesFleet") == ([(contracts.FLEET_TABLE_PK, "HASH")], contracts.TTL_ATTRIBUTE)
-    assert keys("FleetTablesJobs") == (
+    assert keys("TablesFleet") == ([(contracts.FLEET_TABLE_PK, "HASH")], contracts.TTL_ATTRIBUTE)
+    assert keys("TablesJobs") == (
         [(contracts.JOBS_TABLE_PK, "HASH"), (contracts.JOBS_TABLE_SK, "RANGE")],
         contracts.TTL_ATTRIBUTE,
     )
-    assert keys("FleetTablesIdempotency") == (
+    assert keys("TablesIdempotency") == (
         [(contracts.IDEMPOTENCY_TABLE_PK, "HASH")],
         contracts.IDEMPOTENCY_TTL_ATTRIBUTE,
     )
@@ -426,8 +426,8 @@ def test_queue_event_sources_report_batch_item_failures(any_synth: Synth) -> Non
     notifier = by_function[function_id(any_synth, "notifier")]
     for props in (dispatcher, notifier):
         assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("FleetControlPlaneSignalQueue")
-    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("FleetNotificationsNotifyQueue")
+    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("ControlPlaneSignalQueue")
+    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyQueue")
 
 
 def signal_rules(synth: Synth) -> list[dict[str, Any]]:
@@ -453,9 +453,9 @@ def test_signal_rules_deliver_to_signal_queue_with_dlq(default_synth: Synth) -> 
     rules = signal_rules(default_synth)
     for rule in rules:
         (target,) = rule["Targets"]
-        assert target["Arn"]["Fn::GetAtt"][0].startswith("FleetControlPlaneSignalQueue")
+        assert target["Arn"]["Fn::GetAtt"][0].startswith("ControlPlaneSignalQueue")
         assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith(
-            "FleetControlPlaneSignalDeadLetterQueue"
+            "ControlPlaneSignalDeadLetterQueue"
         )
     # The queue policy lets EventBridge send only for these rules.
     allowed = []
@@ -491,10 +491,8 @@ def test_notification_bus_routes_to_notify_queue_with_dlq(default_synth: Synth) 
     assert len(rules) == 1
     assert rules[0]["EventPattern"] == {"source": [contracts.NOTIFICATION_EVENT_SOURCE]}
     (target,) = rules[0]["Targets"]
-    assert target["Arn"]["Fn::GetAtt"][0].startswith("FleetNotificationsNotifyQueue")
-    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith(
-        "FleetNotificationsNotifyDeadLetterQueue"
-    )
+    assert target["Arn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyQueue")
+    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyDeadLetterQueue")
 
 
 # --------------------------------------------------------------------------- API
