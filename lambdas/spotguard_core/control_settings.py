@@ -77,13 +77,29 @@ class ControlSettings(BaseModel):
     requeue_enabled: bool = Field(default=True, validation_alias=Env.REQUEUE_ENABLED.value)
     #: Staging only: accept ``spotguard.test`` events (else the dispatcher rejects them).
     allow_test_events: bool = Field(default=False, validation_alias=Env.ALLOW_TEST_EVENTS.value)
+    #: Drain time of an instance replaced early.
+    retire_drain_seconds: int = Field(
+        default=contracts.DEFAULT_RETIRE_DRAIN_SECONDS, gt=0, validation_alias=Env.RETIRE_DRAIN_SECONDS.value
+    )
+    #: A detached instance drains after this long even if its replacement is not in service.
+    replacement_wait_seconds: int = Field(
+        default=contracts.DEFAULT_REPLACEMENT_WAIT_SECONDS,
+        gt=0,
+        validation_alias=Env.REPLACEMENT_WAIT_SECONDS.value,
+    )
 
     @field_validator("early_replacement", "requeue_enabled", "allow_test_events", mode="before")
     @classmethod
     def _flags(cls, value: Any) -> Any:
         return _parse_flag(value)
 
-    @field_validator("bootstrap_deadline_seconds", "heartbeat_stale_seconds", mode="before")
+    @field_validator(
+        "bootstrap_deadline_seconds",
+        "heartbeat_stale_seconds",
+        "retire_drain_seconds",
+        "replacement_wait_seconds",
+        mode="before",
+    )
     @classmethod
     def _seconds(cls, value: Any) -> Any:
         return _parse_seconds(value)

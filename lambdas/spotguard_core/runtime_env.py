@@ -56,6 +56,10 @@ class ControlOptions:
     requeue_enabled: bool = True
     #: Staging only: the dispatcher accepts ``spotguard.test`` events (else it rejects them).
     allow_test_events: bool = False
+    #: Drain time of an instance replaced early; how long a detached instance waits for its
+    #: replacement before it drains anyway.
+    retire_drain_seconds: int = contracts.DEFAULT_RETIRE_DRAIN_SECONDS
+    replacement_wait_seconds: int = contracts.DEFAULT_REPLACEMENT_WAIT_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +100,8 @@ def control_plane_env(resources: FleetResources, options: ControlOptions) -> dic
         Env.MAX_FAILURES: str(options.max_failures),
         Env.REQUEUE_ENABLED: flag(options.requeue_enabled),
         Env.ALLOW_TEST_EVENTS: flag(options.allow_test_events),
+        Env.RETIRE_DRAIN_SECONDS: str(options.retire_drain_seconds),
+        Env.REPLACEMENT_WAIT_SECONDS: str(options.replacement_wait_seconds),
     }
     return {str(key): value for key, value in env.items() if value != ""}
 

@@ -32,7 +32,7 @@ from pydantic.alias_generators import to_camel
 from spotguard_core import aws
 from spotguard_core.contracts import Env, FleetRecord, InstanceState
 from spotguard_core.fleet_store import FleetStore
-from spotguard_core.migration.models import JobRecord, JobStatus, JobTrigger, MigrationSettings
+from spotguard_core.migration.models import JobRecord, JobStatus, JobTrigger, MigrationJobSettings
 from spotguard_core.migration.store import JobStore, new_job_id
 
 from spotguard_functions.observability import powertools
@@ -200,7 +200,7 @@ def _bad_request(error: RequestValidationError) -> Response[str]:
 # ------------------------------------------------------------------------------ routes
 @app.get("/health", summary="Service health, including the migration service block")
 def get_health() -> HealthResponse:
-    settings = MigrationSettings()
+    settings = MigrationJobSettings()
     recent = JobStore().latest(RECENT_JOBS)
     last = recent[0] if recent else None
     recent_errors = sum(job.summary.error_count for job in recent)
@@ -232,7 +232,7 @@ def get_health() -> HealthResponse:
 
 @app.get("/migration/status", summary="Migration service status, statistics and configuration")
 def get_migration_status() -> MigrationStatusResponse:
-    settings = MigrationSettings()
+    settings = MigrationJobSettings()
     store = JobStore()
     stats = store.statistics()
     latest = store.latest(1)

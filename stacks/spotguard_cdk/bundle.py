@@ -35,8 +35,18 @@ from spotguard_cdk.assets import EXCLUDED_DIRS, core_package_dir, instance_asset
 
 INSTANCE_ASSETS = instance_assets_dir()
 CORE_PACKAGE = core_package_dir()
-#: The only core modules the agent needs; both use the standard library only.
-CORE_FILES = ("__init__.py", "contracts.py")
+#: The core modules the agent needs (standard library and boto3 only).
+CORE_FILES = (
+    "__init__.py",
+    "aws.py",
+    "contracts.py",
+    "dynamo.py",
+    "fault_injection.py",
+    "fleet_store.py",
+    "lease_store.py",
+    "ports.py",
+    "requeue.py",
+)
 BUNDLE_NAME = "spotguard-agent-bundle.tar.gz"
 #: 2000-01-01T00:00:00Z: a fixed, valid mtime for every entry.
 FIXED_MTIME = 946684800
