@@ -76,6 +76,8 @@ class MigrationOptions:
     provider: str = "aws"
     novita_api_key_secret_arn: str | None = None
     novita_api_url: str | None = None
+    #: Instance types the job may add to the ASG's pools when capacity is stuck.
+    fallback_instance_types: tuple[str, ...] = ()
 
 
 def control_plane_env(resources: FleetResources, options: ControlOptions) -> dict[str, str]:
@@ -132,6 +134,8 @@ def reconciler_env(options: MigrationOptions, *, launch_template_id: str, subnet
         Env.SUBNET_IDS.value: subnet_ids,
         "POWERTOOLS_LOG_LEVEL": _POWERTOOLS_LOG_LEVEL.get(options.log_level, options.log_level.upper()),
     }
+    if options.fallback_instance_types:
+        env[Env.FALLBACK_INSTANCE_TYPES.value] = ",".join(options.fallback_instance_types)
     if options.novita_api_key_secret_arn:
         env[Env.NOVITA_API_KEY_SECRET_ARN.value] = options.novita_api_key_secret_arn
         env[Env.NOVITA_API_URL.value] = options.novita_api_url or ""
@@ -151,6 +155,7 @@ class AgentOptions:
     handler: str | None = contracts.DEFAULT_HANDLER
     command: str | None = None
     concurrency: int = contracts.DEFAULT_CONCURRENCY
+    prefetch: int = contracts.DEFAULT_PREFETCH
     visibility_timeout_seconds: int = contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS
     imds_poll_seconds: float = contracts.DEFAULT_IMDS_POLL_SECONDS
     health_port: int = contracts.DEFAULT_HEALTH_PORT
@@ -195,6 +200,7 @@ def agent_config(resources: AgentResources, options: AgentOptions) -> dict[str, 
         Env.HANDLER: options.handler,
         Env.COMMAND: options.command,
         Env.CONCURRENCY: str(options.concurrency),
+        Env.PREFETCH: str(options.prefetch),
         Env.VISIBILITY_TIMEOUT_SECONDS: str(options.visibility_timeout_seconds),
         Env.IMDS_POLL_SECONDS: str(options.imds_poll_seconds),
         Env.HEALTH_PORT: str(options.health_port),

@@ -263,6 +263,7 @@ class SpotWorkerFleet(Construct):
             provider=migration.provider,
             novita_api_key_secret_arn=novita_secret.secret_arn if novita_secret else None,
             novita_api_url=migration.novita_api_url if novita_secret else None,
+            fallback_instance_types=tuple(resolved.fleet.fallback_instance_types),
         )
         runtime = FunctionRuntime(self, "Runtime", settings=resolved)
         subnets = self.network.vpc.select_subnets(**_selection_kwargs(self.network.subnets)).subnet_ids
@@ -366,6 +367,7 @@ def agent_options(settings: Settings, *, visibility_timeout_seconds: int) -> run
         handler=fleet.effective_handler,
         command=fleet.workload.command,
         concurrency=fleet.concurrency,
+        prefetch=settings.agent.prefetch,
         visibility_timeout_seconds=visibility_timeout_seconds,
         imds_poll_seconds=settings.agent.imds_poll_seconds,
         health_port=fleet.health_port,

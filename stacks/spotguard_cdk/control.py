@@ -130,7 +130,7 @@ class ControlPlane(Construct):
             instance_role=instance_role,
             bus=bus,
             novita_secret=novita_secret,
-            instance_types=settings.fleet.instance_types,
+            instance_types=[*settings.fleet.instance_types, *settings.fleet.fallback_instance_types],
         )
         # Asynchronous invocations (schedules, API trigger), on purpose: the watchdog is not
         # retried (the next sweep is a minute away), a failed reconciler job is retried once;

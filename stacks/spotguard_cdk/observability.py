@@ -132,6 +132,33 @@ class Observability(Construct):
             missing=cloudwatch.TreatMissingData.BREACHING,
             description="no watchdog heartbeat for 5 minutes",
         )
+        # One unreadable table item is skipped (never stops a sweep): counted, and alarmed here.
+        alarm(
+            "UnreadableTableItems",
+            cloudwatch.MathExpression(
+                expression="FILL(sweep, 0) + FILL(api, 0)",
+                using_metrics={
+                    "sweep": spotguard_metric(
+                        fleet, Metric.UNREADABLE_TABLE_ITEMS, period=Duration.minutes(5)
+                    ),
+                    "api": spotguard_metric(fleet, Metric.API_UNREADABLE_RECORDS, period=Duration.minutes(5)),
+                },
+                label="Unreadable table items skipped",
+                period=Duration.minutes(5),
+            ),
+            threshold=1,
+            comparison=above,
+            description="table items the control plane could not read (skipped)",
+        )
+        alarm(
+            "CapacityShortfall",
+            spotguard_metric(
+                fleet, Metric.CAPACITY_SHORTFALL, period=Duration.minutes(15), statistic="Maximum"
+            ),
+            threshold=1,
+            comparison=above,
+            description="the group is stuck below its desired capacity (no spot capacity in its pools)",
+        )
         alarm(
             "BootstrapFailures",
             spotguard_metric(fleet, Metric.BOOTSTRAP_FAILURES, period=Duration.minutes(5)),
@@ -300,6 +327,18 @@ class Observability(Construct):
                 left=[
                     cloudwatch.Metric(metric_name="4XXError", label="4xx", **api_metric),  # type: ignore[arg-type]
                     cloudwatch.Metric(metric_name="5XXError", label="5xx", **api_metric),  # type: ignore[arg-type]
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Capacity and table health",
+                left=[
+                    m(Metric.INSTANCES_RETIRED),
+                    m(Metric.CAPACITY_SHORTFALL, "Maximum"),
+                    m(Metric.UNREADABLE_TABLE_ITEMS),
+                    m(Metric.API_UNREADABLE_RECORDS),
+                    m(Metric.API_INTERNAL_ERRORS),
+                    m(Metric.MIGRATION_JOBS_ABANDONED),
                 ],
                 width=8,
             ),

@@ -142,6 +142,7 @@ class InstanceRole(Construct):
                     "dynamodb:DeleteItem",
                     "dynamodb:Query",
                     "dynamodb:BatchWriteItem",
+                    "dynamodb:BatchGetItem",  # interruption counters of a batch of messages
                 ],
                 resources=[leases.table_arn, fleet_table.table_arn],
             )
@@ -272,6 +273,7 @@ def _lease_ops(role: iam.IRole, leases: dynamodb.ITable) -> None:
             sid="LeasesReadDeleteRequeueCounter",
             actions=[
                 "dynamodb:GetItem",
+                "dynamodb:BatchGetItem",
                 "dynamodb:Query",
                 "dynamodb:Scan",
                 "dynamodb:DeleteItem",
@@ -384,6 +386,8 @@ def grant_reconciler(
         stack.format_arn(service="ec2", resource="subnet", resource_name="*"),
         stack.format_arn(service="ec2", resource="security-group", resource_name="*"),
         stack.format_arn(service="ec2", resource="image", resource_name="*", account=""),
+        # Replacements are launched as Spot (InstanceMarketOptions).
+        stack.format_arn(service="ec2", resource="spot-instances-request", resource_name="*"),
     ]
     role.add_to_policy(
         iam.PolicyStatement(
@@ -447,6 +451,16 @@ def grant_reconciler(
             resources=["*"],
         )
     )
+    # Capacity stuck below desired: add the fallback instance types to its own group's pools.
+    role.add_to_policy(
+        iam.PolicyStatement(
+            sid="WidenOwnFleetPools",
+            actions=["autoscaling:UpdateAutoScalingGroup"],
+            resources=[asg_arn(role, contracts.asg_name(fleet))],
+            conditions=fleet_tag_condition(fleet),
+        )
+    )
+    acknowledge(role, iam5_resource(role, asg_arn(role, contracts.asg_name(fleet))), _ASG_REASON)
     role.add_to_policy(
         iam.PolicyStatement(
             sid="PassInstanceRoleToEc2",

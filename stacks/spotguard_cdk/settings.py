@@ -137,6 +137,9 @@ class FleetSettings(_Section):
     health_port: int = Field(default=contracts.DEFAULT_HEALTH_PORT, ge=1, le=65_535)
     #: Tag instances for AWS FIS spot-interruption drills (staging).
     fis_target: bool = False
+    #: Instance types the reconciler may add to the group's pools when capacity is stuck below
+    #: desired (no spot capacity in the configured pools). Empty: it only reports.
+    fallback_instance_types: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -157,6 +160,14 @@ class FleetSettings(_Section):
             raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
         if len(set(value)) != len(value):
             raise ValueError("lists an instance type twice")
+        return value
+
+    @field_validator("fallback_instance_types")
+    @classmethod
+    def _fallback_types(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
+        if bad:
+            raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
         return value
 
     @field_validator("ami_id")
@@ -262,6 +273,8 @@ class AgentSettings(_Section):
     """The instance agent's polling and drain margin."""
 
     imds_poll_seconds: float = Field(default=contracts.DEFAULT_IMDS_POLL_SECONDS, ge=0.2, le=30)
+    #: Messages received ahead of free task slots while tasks are short (0 = none).
+    prefetch: int = Field(default=contracts.DEFAULT_PREFETCH, ge=0, le=100)
     #: Tasks that cannot finish this long before the interruption deadline are released.
     drain_margin_seconds: int = Field(default=contracts.DEFAULT_DRAIN_MARGIN_SECONDS, ge=0, le=110)
 
