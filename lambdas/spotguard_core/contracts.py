@@ -85,6 +85,9 @@ class Metric(StrEnum):
     CAPACITY_SHORTFALL = "CapacityShortfall"
     #: Migration jobs found stuck ``running`` (their reconciler crashed) and ended as failed.
     MIGRATION_JOBS_ABANDONED = "MigrationJobsAbandoned"
+    # api
+    API_UNREADABLE_RECORDS = "ApiUnreadableRecords"  # fleet table items a fleet view skipped
+    API_INTERNAL_ERRORS = "ApiInternalErrors"  # requests answered 500 (logged with the traceback)
     # notifier
     NOTIFICATIONS_PUBLISHED = "NotificationsPublished"
     WEBHOOK_DELIVERED = "WebhookDelivered"
@@ -595,6 +598,9 @@ class Env(StrEnum):
     WEBHOOK_SECRET_ARN = "SPOTGUARD_WEBHOOK_SECRET_ARN"  # noqa: S105 - a name, not a secret
     NOVITA_API_KEY_SECRET_ARN = "SPOTGUARD_NOVITA_API_KEY_SECRET_ARN"  # noqa: S105
     NOVITA_API_URL = "SPOTGUARD_NOVITA_API_URL"
+    #: Local runs and tests only (never set by the stack): webhook and Novita URLs may name
+    #: a loopback host over http (``spotguard_core.url_safety``).
+    ALLOW_LOOPBACK_URLS = "SPOTGUARD_ALLOW_LOOPBACK_URLS"
     ACCOUNT_ID = "SPOTGUARD_ACCOUNT_ID"
     REGION = "SPOTGUARD_REGION"
     REBALANCE_POLICY = "SPOTGUARD_REBALANCE_POLICY"
