@@ -195,3 +195,34 @@ def test_the_logical_id_algorithm_is_cdks(two_fleets_synth: Synth) -> None:
 
     expected = cdk_unique_id(["RenderFleet", "Tables", "Leases", "Resource"])
     assert two_fleets_synth.resources[expected]["Type"] == "AWS::DynamoDB::Table"
+
+
+def test_reconciler_widens_only_its_own_pools_and_launches_spot_through_the_template(
+    default_synth: Synth,
+) -> None:
+    statements = {s.get("Sid"): s for s in function_role_statements(default_synth, "reconciler")}
+    widen = statements["WidenOwnFleetPools"]
+    assert _as_list(widen["Action"]) == ["autoscaling:UpdateAutoScalingGroup"]
+    assert f"autoScalingGroupName/{contracts.asg_name('default')}" in json.dumps(widen["Resource"])
+    assert widen["Condition"]["StringEquals"] == {f"aws:ResourceTag/{contracts.FLEET_TAG_KEY}": "default"}
+    through = statements["LaunchOnlyThroughFleetTemplate"]
+    assert "spot-instances-request/*" in json.dumps(through["Resource"])
+    assert "ec2:LaunchTemplate" in json.dumps(through["Condition"])
+
+
+def test_batch_counter_reads_are_allowed_where_leases_are_requeued(default_synth: Synth) -> None:
+    assert "dynamodb:BatchGetItem" in _as_list(
+        instance_statements(default_synth)["LeaseAndFleetRecords"]["Action"]
+    )
+    for module in ("dispatcher", "watchdog"):
+        actions = {a for s in function_role_statements(default_synth, module) for a in _as_list(s["Action"])}
+        assert "dynamodb:BatchGetItem" in actions, module
+
+
+def test_unreadable_items_and_capacity_shortfall_alarm(any_synth: Synth) -> None:
+    described = [
+        a["Properties"].get("AlarmDescription", "")
+        for a in any_synth.of_type("AWS::CloudWatch::Alarm").values()
+    ]
+    assert any("could not read" in d for d in described)
+    assert any("stuck below its desired capacity" in d for d in described)
