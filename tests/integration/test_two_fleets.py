@@ -26,18 +26,25 @@ pytestmark = pytest.mark.integration
 def fleets(moto_server, monkeypatch) -> Iterator[tuple[ControlPlaneEnv, ControlPlaneEnv]]:
     monkeypatch.setenv("POWERTOOLS_METRICS_DISABLED", "false")
     saved = control_plane_env.environment_snapshot()
+    from spotguard_functions import dispatcher  # noqa: PLC0415
+
     try:
         render = control_plane_env.build(fleet="render")
         encode = control_plane_env.build(fleet="encode")
         yield render, encode
     finally:
         control_plane_env.restore_environment(saved)
+        dispatcher.reset_runtime()
 
 
 def use(cp: ControlPlaneEnv) -> None:
-    """Run the next handler call as this fleet's function (its own environment)."""
+    """Run the next handler call as this fleet's function: its own environment, and a fresh
+    dispatcher runtime (another fleet's function is another Lambda container)."""
+    from spotguard_functions import dispatcher  # noqa: PLC0415 - import after the env is set
+
     os.environ.update(cp.env)
     aws.reset_clients()
+    dispatcher.reset_runtime()
 
 
 def ready(cp: ControlPlaneEnv, instance_id: str, *, heartbeat_age: float = 0) -> None:
