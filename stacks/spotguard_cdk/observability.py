@@ -29,7 +29,16 @@ PERIOD = Duration.minutes(1)
 #: Metrics the instances publish (into ``contracts.AGENT_METRIC_NAMESPACE``, the only
 #: namespace the instance role may write); every other spotguard metric is the control plane's.
 AGENT_METRICS = frozenset(
-    {Metric.TASKS_COMPLETED, Metric.TASKS_FAILED, Metric.TASKS_RELEASED_ON_DRAIN, Metric.POISON_MESSAGES}
+    {
+        Metric.TASKS_COMPLETED,
+        Metric.TASKS_FAILED,
+        Metric.TASKS_RELEASED_ON_DRAIN,
+        Metric.POISON_MESSAGES,
+        Metric.CHECKPOINTS_SAVED,
+        Metric.CHECKPOINTS_REJECTED,
+        Metric.TASKS_RESUMED,
+        Metric.TASKS_KILLED,
+    }
 )
 
 
@@ -327,6 +336,16 @@ class Observability(Construct):
                 left=[
                     cloudwatch.Metric(metric_name="4XXError", label="4xx", **api_metric),  # type: ignore[arg-type]
                     cloudwatch.Metric(metric_name="5XXError", label="5xx", **api_metric),  # type: ignore[arg-type]
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Checkpoints and stopped tasks (agent)",
+                left=[
+                    m(Metric.CHECKPOINTS_SAVED),
+                    m(Metric.CHECKPOINTS_REJECTED),
+                    m(Metric.TASKS_RESUMED),
+                    m(Metric.TASKS_KILLED),
                 ],
                 width=8,
             ),
