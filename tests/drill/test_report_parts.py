@@ -8,16 +8,16 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 from spotguard_tools.drill.config import DrillConfig
-from spotguard_tools.drill.journal import Journal
-from spotguard_tools.drill.ledger import DONE, RELEASED, START, Ledger, append
-from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
-from spotguard_tools.drill.report import (
+from spotguard_tools.drill.drill_report import (
     Interruption,
     build_report,
     format_table,
     percentile,
     requeue_latencies,
 )
+from spotguard_tools.drill.journal import Journal
+from spotguard_tools.drill.ledger import DONE, RELEASED, START, Ledger, append
+from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
 
 
 def test_plan_is_reproducible_from_its_seed() -> None:

@@ -1,6 +1,6 @@
-"""The local control-plane runner: the real dispatcher and watchdog, driven like Lambda.
+"""The local Lambda host: the real dispatcher and watchdog, driven like Lambda.
 
-Runs as its own process (``python -m spotguard_tools.drill.control_plane``), one
+Runs as its own process (``python -m spotguard_tools.drill.lambda_host``), one
 invocation at a time like a Lambda function with reserved concurrency 1:
 
 - the signal queue is long-polled and each batch is handed to the real dispatcher as an
@@ -101,7 +101,7 @@ def _summary(body: str) -> dict[str, Any]:
         return {"detail_type": None}
 
 
-class Runner:
+class LambdaHost:
     def __init__(self, *, signal_queue_url: str, signal_queue_arn: str, watchdog_interval: float, log: Path):
         self.signal_queue_url = signal_queue_url
         self.signal_queue_arn = signal_queue_arn
@@ -178,8 +178,8 @@ class Runner:
                 continue
             try:
                 self.dispatch_once(wait_seconds=max(0, min(1, int(until_watchdog))))
-            except Exception as error:  # noqa: BLE001 - the emulator hiccuped; keep the runner alive
-                self._write({"fn": "runner", "t": time.time(), "error": f"{type(error).__name__}: {error}"})
+            except Exception as error:  # noqa: BLE001 - the emulator hiccuped; keep the host alive
+                self._write({"fn": "host", "t": time.time(), "error": f"{type(error).__name__}: {error}"})
                 time.sleep(0.2)
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--watchdog-interval", type=float, default=3.0)
     parser.add_argument("--log", type=Path, required=True)
     args = parser.parse_args(argv)
-    runner = Runner(
+    host = LambdaHost(
         signal_queue_url=args.signal_queue_url,
         signal_queue_arn=args.signal_queue_arn,
         watchdog_interval=args.watchdog_interval,
@@ -198,12 +198,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        runner.stopping = True
+        host.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    runner._write({"fn": "runner", "t": time.time(), "started": True})
-    runner.run()
+    host._write({"fn": "host", "t": time.time(), "started": True})
+    host.run()
     return 0
 
 
