@@ -19,8 +19,9 @@ from spotguard_tools.drill.instances import SimulatedInstance
 from spotguard_tools.drill.journal import Journal, Mark
 from spotguard_tools.drill.plan import ChaosAction, ChaosKind, choose
 
-#: Instance ids currently running one of the drill's long tasks (the run loop knows).
-LongTaskHolders = Callable[[], Set[str]]
+#: A set of instance ids the run loop knows from the ledger: those that have started a
+#: task (their agent takes work), those running one of the drill's long tasks.
+InstanceIds = Callable[[], Set[str]]
 
 #: Kinds that take the instance away: aimed at instances running long tasks when asked.
 _TAKING = frozenset({ChaosKind.SPOT_WARNING, ChaosKind.HARD_KILL})
@@ -34,11 +35,13 @@ class ChaosExecutor:
         aws: AwsStandIn,
         journal: Journal,
         *,
-        long_task_holders: LongTaskHolders | None = None,
+        at_work: InstanceIds,
+        long_task_holders: InstanceIds | None = None,
     ) -> None:
         self.config = config
         self.aws = aws
         self.journal = journal
+        self.at_work = at_work
         self.long_task_holders = long_task_holders
         #: Timed actions still to play; bootstrap failures are the stand-in's (at launch).
         self.pending: list[ChaosAction] = [a for a in plan if a.kind != ChaosKind.BOOTSTRAP_FAILURE]
@@ -50,12 +53,14 @@ class ChaosExecutor:
         return not self.pending
 
     def clock(self, now: float, tasks_queued_at: float) -> float | None:
-        """Seconds on the plan's clock; None until the initial fleet works (bounded:
-        ``CHAOS_CLOCK_FALLBACK_SECONDS`` after the tasks at the latest)."""
+        """Seconds on the plan's clock; None until the initial fleet works, every healthy
+        instance's agent running tasks (bounded: ``CHAOS_CLOCK_FALLBACK_SECONDS`` after the
+        tasks at the latest)."""
         if self.started_at is None:
             healthy = [i for i in self.aws.instances.values() if i.initial and not i.bootstrap_fails]
-            waited = now - tasks_queued_at
-            if (healthy and all(i.working for i in healthy)) or waited > CHAOS_CLOCK_FALLBACK_SECONDS:
+            at_work = self.at_work()
+            working = healthy and all(i.working and i.instance_id in at_work for i in healthy)
+            if working or now - tasks_queued_at > CHAOS_CLOCK_FALLBACK_SECONDS:
                 self.started_at = now
                 self.journal.record(Mark.CHAOS_STARTED, "-", at=now)
         return None if self.started_at is None else now - self.started_at

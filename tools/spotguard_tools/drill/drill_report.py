@@ -87,6 +87,41 @@ def requeue_latencies(ledger: Ledger, interruptions: Sequence[Interruption]) -> 
     return latencies
 
 
+#: Journal marks after which nothing runs on an instance any more.
+_INSTANCE_ENDS = (Mark.HARD_KILL, Mark.RECLAIMED, Mark.RETIRED, Mark.TERMINATED)
+
+
+def work_redone_seconds(ledger: Ledger, journal: Journal) -> float:
+    """Work executed again because an attempt did not finish, summed over the attempts.
+
+    An attempt that neither completed nor was its task's last ran from its start to its
+    release, or to its instance's end (kill, reclaim, termination); the next attempt
+    redoes all of that except what the attempt saved in a checkpoint.
+    """
+    ends: dict[str, list[float]] = {}
+    for mark in _INSTANCE_ENDS:
+        for entry in journal.entries(mark):
+            ends.setdefault(entry.instance_id, []).append(entry.t)
+    last_start: dict[str, float] = {}
+    for attempt in ledger.attempts:
+        last_start[attempt.task_id] = max(last_start.get(attempt.task_id, 0.0), attempt.started_at)
+    redone = 0.0
+    for attempt in ledger.attempts:
+        if attempt.finished_at is not None or attempt.started_at >= last_start[attempt.task_id]:
+            continue
+        if attempt.released_at is not None:
+            end = attempt.released_at
+        else:
+            later = [t for t in ends.get(attempt.instance_id, []) if t >= attempt.started_at]
+            end = min(later) if later else attempt.last_seen_at
+        redone += max(0.0, end - attempt.started_at - attempt.saved_seconds)
+    return round(redone, 1)
+
+
+def tasks_resumed_from_checkpoint(ledger: Ledger) -> int:
+    return len({a.task_id for a in ledger.attempts if a.resumed_from is not None})
+
+
 def latency_summary(latencies: Sequence[float]) -> dict[str, float]:
     return {
         "count": len(latencies),
@@ -125,6 +160,7 @@ def build_report(
     task_ids: Sequence[str],
     ledger: Ledger,
     journal: Journal,
+    completions: Ledger | None = None,
     interruptions: Sequence[Interruption],
     control_plane_log: Sequence[dict[str, Any]],
     initial_instances: int,
@@ -134,7 +170,10 @@ def build_report(
     wall_s: float,
     drill_s: float,
 ) -> dict[str, Any]:
-    done = ledger.done & set(task_ids)
+    # A task is done when an agent deleted its message after success (``completions``,
+    # the agents' record); without that record, when the handler recorded its completion.
+    counted = completions if completions is not None else ledger
+    done = counted.done & set(task_ids)
     by_kind = requeue_latencies(ledger, interruptions)
     latencies = [latency for _, latency in by_kind]
     kinds = Counter(i.kind for i in interruptions if i.kind != WATCHDOG_KIND)
@@ -156,14 +195,19 @@ def build_report(
         "tasks_total": len(task_ids),
         "tasks_done": len(done),
         "tasks_lost": len(task_ids) - len(done),
-        "tasks_duplicated": ledger.duplicated,
+        "tasks_duplicated": counted.duplicated,
         "tasks_in_dlq": tasks_in_dlq,
         "requeue_latency_s": latency_summary(latencies),
         "requeue_latency_by_kind_s": {
             kind: latency_summary([latency for k, latency in by_kind if k == kind])
             for kind in sorted({k for k, _ in by_kind})
         },
+        "harness_delay_s": latency_summary(
+            [i.harness_delay for i in interruptions if i.kind in _TAKING or i.kind == WATCHDOG_KIND]
+        ),
         "interruptions": dict(sorted(kinds.items())),
+        "tasks_resumed_from_checkpoint": tasks_resumed_from_checkpoint(ledger),
+        "work_redone_seconds": work_redone_seconds(ledger, journal),
         "hard_killed_in_flight": killed_in_flight,
         "reclaimed_in_flight": reclaimed_in_flight,
         "replacements": max(0, launched_instances - initial_instances),
@@ -196,6 +240,8 @@ def _rows() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
         ("tasks duplicated", lambda r: str(r["tasks_duplicated"])),
         ("tasks in DLQ", lambda r: str(r["tasks_in_dlq"])),
         ("requeued tasks", lambda r: str(r["requeue_latency_s"]["count"])),
+        ("tasks resumed from a checkpoint", lambda r: str(r.get("tasks_resumed_from_checkpoint", 0))),
+        ("work redone", lambda r: f"{r.get('work_redone_seconds', 0.0):.1f} s"),
         ("requeue latency p50", latency("p50")),
         ("requeue latency p95", latency("p95")),
         ("requeue latency p99", latency("p99")),
@@ -208,10 +254,13 @@ def _rows() -> list[tuple[str, Callable[[dict[str, Any]], str]]]:
             ),
         ),
         ("rebalance recommendations", lambda r: str(r["interruptions"].get("rebalance", 0))),
+        ("AWS Health scheduled changes", lambda r: str(r["interruptions"].get("health_event", 0))),
         ("bootstrap failures", lambda r: str(r["interruptions"].get("bootstrap_failure", 0))),
         ("terminated by watchdog", lambda r: str(r["terminated_by_watchdog"])),
         ("replacements joined", lambda r: str(r["replacements"])),
+        ("running outside the ASG at the end", lambda r: str(r.get("instances_running_outside_asg", 0))),
         ("signals dispatched", lambda r: str(r["control_plane"]["signals_handled"])),
+        ("AWS faults injected", lambda r: str(r.get("aws_faults_injected", 0))),
         ("wall time", lambda r: f"{r['wall_s']:.0f} s"),
     ]
 

@@ -17,10 +17,18 @@ from typing import Any
 #: Environment variables the drill gives each simulated instance's agent (drill-only).
 LEDGER_ENV = "SPOTGUARD_DRILL_LEDGER"
 INSTANCE_ENV = "SPOTGUARD_DRILL_INSTANCE_ID"
+#: The emulator's agent ledger (:mod:`spotguard_tools.drill.moto_main`): where, and which
+#: queue and lease table are the fleet's.
+AGENT_LEDGER_ENV = "SPOTGUARD_DRILL_AGENT_LEDGER"
+WORK_QUEUE_ENV = "SPOTGUARD_DRILL_WORK_QUEUE"
+LEASE_TABLE_ENV = "SPOTGUARD_DRILL_LEASE_TABLE"
 
 START = "start"
 DONE = "done"
 RELEASED = "released"  # the agent gave the message back during a drain; the task stopped
+CHECKPOINT = "checkpoint"  # the task saved its progress (``context.checkpoint``): ``done`` seconds
+#: "0" turns the drill task handler's checkpoints off (the comparison run of the drill test).
+CHECKPOINTS_ENV = "SPOTGUARD_DRILL_CHECKPOINTS"
 
 
 def append(path: str | Path, record: dict[str, Any], *, durable: bool) -> None:
@@ -45,6 +53,23 @@ class Attempt:
     #: When the task stopped because the agent released its message (drain).
     released_at: float | None = None
     receive_count: int = 0
+    #: Seconds of the task already done when this attempt started (from a checkpoint).
+    resumed_from: float | None = None
+    #: Seconds of the task done at this attempt's last saved checkpoint.
+    checkpointed: float | None = None
+    #: The last moment this attempt was seen alive in the ledger.
+    last_seen_at: float = 0.0
+
+    @property
+    def start_progress(self) -> float:
+        return self.resumed_from or 0.0
+
+    @property
+    def saved_seconds(self) -> float:
+        """Work of this attempt the next one does not redo (it resumes from the checkpoint)."""
+        if self.checkpointed is None:
+            return 0.0
+        return max(0.0, self.checkpointed - self.start_progress)
 
 
 @dataclass(slots=True)
@@ -65,14 +90,22 @@ class Ledger:
                 continue  # a line torn by a SIGKILL mid-write
             key = (str(record["task"]), str(record["instance"]))
             if record["ev"] == START:
+                resumed = record.get("from")
                 attempt = Attempt(
                     task_id=key[0],
                     instance_id=key[1],
                     started_at=float(record["t"]),
                     receive_count=int(record.get("rc", 0)),
+                    resumed_from=float(resumed) if resumed is not None else None,
+                    last_seen_at=float(record["t"]),
                 )
                 ledger.attempts.append(attempt)
                 open_attempts[key] = attempt
+            elif record["ev"] == CHECKPOINT:
+                running = open_attempts.get(key)
+                if running is not None:
+                    running.checkpointed = float(record["done"])
+                    running.last_seen_at = float(record["t"])
             elif record["ev"] == RELEASED:
                 released = open_attempts.pop(key, None)
                 if released is not None:

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Set
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from botocore.config import Config
 from spotguard_core import contracts
 from spotguard_core.contracts import Env, FleetRecord
 
+from spotguard_tools.drill import ledger
 from spotguard_tools.drill.aws_standin import AwsStandIn
 from spotguard_tools.drill.chaos import ChaosExecutor
 from spotguard_tools.drill.config import DrillConfig
@@ -37,27 +39,49 @@ from spotguard_tools.drill.constants import TICK_SECONDS, WATCHDOG_KIND
 from spotguard_tools.drill.drill_report import Interruption, build_report, read_control_plane_log
 from spotguard_tools.drill.instances import Phase
 from spotguard_tools.drill.journal import Journal
-from spotguard_tools.drill.ledger import DONE, Ledger
+from spotguard_tools.drill.ledger import (
+    AGENT_LEDGER_ENV,
+    DONE,
+    LEASE_TABLE_ENV,
+    RELEASED,
+    START,
+    WORK_QUEUE_ENV,
+    Ledger,
+)
 from spotguard_tools.drill.moto import ACCOUNT_ID, DEFAULT_REGION, MotoServer
 from spotguard_tools.drill.plan import ChaosKind, build_plan, task_durations
 from spotguard_tools.drill.progress import Progress, Snapshot
-from spotguard_tools.drill.resources import DrillResources, control_plane_environment, create_resources
+from spotguard_tools.drill.resources import (
+    DrillResources,
+    control_plane_environment,
+    create_resources,
+    lease_table_name,
+    work_queue_name,
+)
 
+#: How long the end of a run waits for instances replaced early to be retired.
+RETIREMENT_GRACE_SECONDS = 30.0
+RETIREMENT_POLL_SECONDS = 2.0
 #: The drill's own task handler (standard library only, like any handler on an instance).
 DRILL_HANDLER = "spotguard_tools.drill.task:handle"
 
 
 class LedgerTail:
-    """Counts completions as the ledger grows, without re-reading it."""
+    """Follows the ledger as it grows, without re-reading it: completions, and which
+    instance runs which task now (the chaos plan aims at those)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, long_tasks: Set[str] = frozenset()) -> None:
         self.path = path
+        self.long_tasks = long_tasks
         self.offset = 0
         self.done: set[str] = set()
+        self.running: dict[str, set[str]] = {}
+        #: Instances that have started at least one task: their agent takes work.
+        self.at_work: set[str] = set()
 
     def poll(self) -> int:
         if not self.path.exists():
-            return 0
+            return len(self.done)
         with self.path.open("rb") as handle:
             handle.seek(self.offset)
             chunk = handle.read()
@@ -68,9 +92,18 @@ class LedgerTail:
                 record = json.loads(raw)
             except ValueError:
                 continue
-            if record.get("ev") == DONE:
-                self.done.add(str(record["task"]))
+            task, instance, event = str(record.get("task")), str(record.get("instance")), record.get("ev")
+            if event == START:
+                self.running.setdefault(instance, set()).add(task)
+                self.at_work.add(instance)
+            elif event in (DONE, RELEASED):
+                self.running.get(instance, set()).discard(task)
+            if event == DONE:
+                self.done.add(task)
         return len(self.done)
+
+    def long_task_holders(self) -> set[str]:
+        return {instance for instance, tasks in self.running.items() if tasks & self.long_tasks}
 
 
 class Drill:
@@ -95,14 +128,17 @@ class Drill:
         config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=5, read_timeout=30)
         return {
             name: session.client(name, endpoint_url=endpoint, config=config)
-            for name in ("sqs", "dynamodb", "ec2", "autoscaling", "events")
+            for name in ("sqs", "dynamodb", "ec2", "autoscaling", "events", "s3")
         }
 
     def _prepare_out_dir(self) -> None:
         if self.out.exists():
             shutil.rmtree(self.out)
         (self.out / "instances").mkdir(parents=True)
+        #: What the drill's own task handler records (attempts, checkpoints, releases).
         self.ledger_path = self.out / "ledger.jsonl"
+        #: What the agents did to the work queue, as the emulator saw it: completions.
+        self.agent_ledger_path = self.out / "agent-ledger.jsonl"
         self.fault_log_dir = self.out / "aws-faults"
         self.fault_log_dir.mkdir()
         self.control_plane_log = self.out / "control-plane.jsonl"
@@ -120,6 +156,24 @@ class Drill:
             Env.AWS_FAULT_LOG_DIR.value: str(self.fault_log_dir),
         }
 
+    def _workload_environment(self, resources: DrillResources) -> dict[str, str]:
+        """What the agent runs: the drill's own task handler, or the user's directory."""
+        c = self.config
+        env: dict[str, str] = {}
+        if resources.checkpoint_bucket is not None:
+            env[Env.CHECKPOINT_BUCKET.value] = resources.checkpoint_bucket
+        if not c.checkpoints:
+            env[ledger.CHECKPOINTS_ENV] = "0"
+        if c.workload is None:
+            env[Env.HANDLER.value] = DRILL_HANDLER
+            return env
+        env[Env.WORKLOAD_DIR.value] = str(c.workload.resolve())
+        if c.handler:
+            env[Env.HANDLER.value] = c.handler
+        else:
+            env[Env.COMMAND.value] = str(c.command)
+        return env
+
     def _agent_environment(self, moto: MotoServer, resources: DrillResources) -> dict[str, str]:
         c = self.config
         return {
@@ -132,7 +186,7 @@ class Drill:
             Env.WORK_DLQ_URL.value: resources.work_dlq_url,
             Env.LEASE_TABLE.value: resources.lease_table,
             Env.FLEET_TABLE.value: resources.fleet_table,
-            Env.HANDLER.value: DRILL_HANDLER,
+            **self._workload_environment(resources),
             Env.CONCURRENCY.value: str(c.concurrency),
             Env.VISIBILITY_TIMEOUT_SECONDS.value: str(c.visibility_timeout_seconds),
             Env.IMDS_POLL_SECONDS.value: str(c.imds_poll_seconds),
@@ -185,12 +239,17 @@ class Drill:
             )
 
     def _prepare_tasks(self) -> list[str]:
-        durations = task_durations(self.config)
-        ids = [f"task-{index:05d}" for index in range(len(durations))]
-        self.unsent = [json.dumps({"task_id": ids[i], "seconds": durations[i]}) for i in range(len(ids))]
-        self.unsent.reverse()  # popped from the end: task-00000 first
+        """The seeded tasks, after the ``long_tasks`` (queued first: they must be running
+        when the plan's warnings and kills come)."""
+        c = self.config
+        durations = task_durations(c)
+        self.long_task_ids = [f"long-{index:03d}" for index in range(c.long_tasks)]
+        tasks = [(task_id, c.long_task_seconds) for task_id in self.long_task_ids]
+        tasks += [(f"task-{index:05d}", seconds) for index, seconds in enumerate(durations)]
+        self.unsent = [json.dumps({"task_id": task_id, "seconds": seconds}) for task_id, seconds in tasks]
+        self.unsent.reverse()  # popped from the end: the first task first
         self.sent = 0
-        return ids
+        return [task_id for task_id, _ in tasks]
 
     def _top_up(self, done: int) -> None:
         """Keep a bounded backlog on the work queue, like a producer submitting work.
@@ -226,6 +285,7 @@ class Drill:
             visibility_timeout_seconds=c.visibility_timeout_seconds,
             **clients,
         )
+        task_ids = self._prepare_tasks()
         plan = build_plan(c)
         self.aws = AwsStandIn(
             ec2=clients["ec2"],
@@ -239,9 +299,16 @@ class Drill:
             bootstrap_seconds=c.bootstrap_seconds,
             bootstrap_failure_picks=[a.pick for a in plan if a.kind == ChaosKind.BOOTSTRAP_FAILURE],
         )
-        self.chaos = ChaosExecutor(c, plan, self.aws, self.journal)
+        self.tail = LedgerTail(self.agent_ledger_path, long_tasks=frozenset(self.long_task_ids))
+        self.chaos = ChaosExecutor(
+            c,
+            plan,
+            self.aws,
+            self.journal,
+            at_work=lambda: self.tail.at_work,
+            long_task_holders=self.tail.long_task_holders if c.long_tasks else None,
+        )
         lambda_host = self._start_lambda_host(moto, self.resources)
-        task_ids = self._prepare_tasks()
         self._top_up(0)
         clients["autoscaling"].set_desired_capacity(
             AutoScalingGroupName=self.resources.asg_name, DesiredCapacity=c.instances
@@ -304,7 +371,7 @@ class Drill:
 
     def _loop(self, lambda_host: subprocess.Popen[bytes], total: int) -> bool:
         """Until every task is done and the plan has played out; True when it timed out."""
-        tail = LedgerTail(self.ledger_path)
+        tail = self.tail
         while True:
             now = time.time()
             done = tail.poll()
@@ -326,15 +393,38 @@ class Drill:
                 return True
             time.sleep(TICK_SECONDS)
 
+    def _await_retirements(self, timed_out: bool) -> list[str]:
+        """Instances EC2 still runs outside the ASG at the end of the run (must be none).
+
+        An instance replaced early drains and ends once its replacement is in service (or
+        at a deadline): one replaced just before the last task finished gets a bounded
+        grace to do so; one that is never retired is still counted.
+        """
+        outside = self.aws.running_outside_asg()
+        grace_until = time.time() + (0 if timed_out else RETIREMENT_GRACE_SECONDS)
+        while outside and time.time() < grace_until:
+            time.sleep(RETIREMENT_POLL_SECONDS)
+            self.aws.step(time.time())
+            outside = self.aws.running_outside_asg()
+        return outside
+
     def run(self) -> dict[str, Any]:
         c = self.config
         started = self.started = time.time()
         self._prepare_out_dir()
-        moto = MotoServer(log_path=self.out / "moto.log").start()
+        moto = MotoServer(
+            log_path=self.out / "moto.log",
+            environment={
+                AGENT_LEDGER_ENV: str(self.agent_ledger_path),
+                WORK_QUEUE_ENV: work_queue_name(c.fleet),
+                LEASE_TABLE_ENV: lease_table_name(c.fleet),
+            },
+        ).start()
         lambda_host: subprocess.Popen[bytes] | None = None
         try:
             lambda_host, task_ids = self._start(moto)
             timed_out = self._loop(lambda_host, len(task_ids))
+            outside_asg = self._await_retirements(timed_out)
             self.progress.close()
             if timed_out:
                 self.progress.message(f"drill timed out after {c.timeout_seconds:.0f} s")
@@ -353,12 +443,16 @@ class Drill:
             if lambda_host is not None:
                 _stop_process(lambda_host)
             moto.stop()
-        self.ledger = Ledger.read(self.ledger_path)
+        completions = Ledger.read(self.agent_ledger_path)
+        # The handler's ledger has the detail (checkpoints, exact start and end); the
+        # user's code keeps none: then the agents' record is all there is.
+        self.ledger = completions if c.workload is not None else Ledger.read(self.ledger_path)
         report = build_report(
             mode=c.mode,
             config=c.to_json(),
             task_ids=task_ids,
             ledger=self.ledger,
+            completions=completions,
             journal=self.journal,
             interruptions=self._interruptions(),
             control_plane_log=read_control_plane_log(self.control_plane_log),
@@ -369,6 +463,8 @@ class Drill:
             wall_s=time.time() - started,
             drill_s=self.ended - self.t0,
         )
+        report["instances_running_outside_asg"] = len(outside_asg)
+        report["instances_running_outside_asg_ids"] = outside_asg
         report["fleet_records"] = fleet_records
         report["timings_s"] = {k: round(v, 1) for k, v in self.timings.items()}
         report["timed_out"] = timed_out
