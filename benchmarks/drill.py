@@ -12,8 +12,10 @@ the interruption being observable (moto's ``TerminateInstances`` under load) is 
 apart (``harness_delay_s``).
 
 The plan must cut enough work short for a p99 to mean something (>= 30 requeued tasks per
-mode): eight workers per agent and a share of tasks longer than the warning, so every
-interrupted instance holds several tasks that cannot finish there.
+mode): eight workers per agent, tasks of seconds, and a fifth of them longer than the
+warning, so every interrupted instance holds several tasks that cannot finish there. The
+fleet's throughput on 2 cores is the emulator's (every task costs several AWS calls), so
+what is in flight at an interruption is throughput x duration, not the slot count.
 
     .venv/bin/python benchmarks/drill.py [--instances 20] [--tasks 2000] [--seed 7]
         [--aws-faults 0.05] [--aws-latency-ms 20]
@@ -51,10 +53,10 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         instances=args.instances,
         concurrency=args.concurrency,
         tasks=args.tasks,
-        task_min_seconds=0.5,
-        task_max_seconds=2.0,
-        long_task_fraction=0.15,
-        long_task_seconds=12.0,
+        task_min_seconds=1.0,
+        task_max_seconds=4.0,
+        long_task_fraction=0.2,
+        long_task_seconds=16.0,
         spot_warnings=interrupted - hard_kills,
         hard_kills=hard_kills,
         rebalances=0,
@@ -67,6 +69,7 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         heartbeat_stale_seconds=60,
         watchdog_interval_seconds=5.0,
         imds_poll_seconds=1.0,
+        dispatcher_concurrency=args.dispatchers,
         aws_faults=args.aws_faults,
         aws_latency_ms=args.aws_latency_ms,
         timeout_seconds=args.timeout,
@@ -93,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=8, help="workers per agent")
     parser.add_argument("--interrupted-fraction", type=float, default=0.3)
+    parser.add_argument(
+        "--dispatchers", type=int, default=4, help="concurrent dispatcher batches (Lambda's SQS event source)"
+    )
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--aws-faults", type=float, default=0.0, help="fraction of AWS calls failed")
     parser.add_argument("--aws-latency-ms", type=int, default=0, help="added before every AWS call")

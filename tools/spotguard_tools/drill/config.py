@@ -84,6 +84,9 @@ class DrillConfig:
     )
     imds_poll_seconds: float = field(default=0.5, metadata=cli("the agent's IMDS poll interval"))
     drain_margin_seconds: float = 1.0
+    dispatcher_concurrency: int = field(
+        default=2, metadata=cli("signal-queue batches dispatched at once (Lambda's SQS event source)")
+    )
     rebalance_policy: str = field(
         default=RebalancePolicy.REPLACE.value,
         metadata=cli(

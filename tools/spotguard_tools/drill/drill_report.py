@@ -196,6 +196,7 @@ def build_report(
         "tasks_done": len(done),
         "tasks_lost": len(task_ids) - len(done),
         "tasks_duplicated": counted.duplicated,
+        "tasks_sent_twice_by_producer": counted.sent_twice,
         "tasks_in_dlq": tasks_in_dlq,
         "requeue_latency_s": latency_summary(latencies),
         "requeue_latency_by_kind_s": {

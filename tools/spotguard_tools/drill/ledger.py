@@ -76,6 +76,11 @@ class Attempt:
 class Ledger:
     attempts: list[Attempt] = field(default_factory=list)
     completions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    #: Completions per SQS message, when the records name it (the agent ledger). A task
+    #: the producer sent twice (a retried SendMessageBatch whose first try had landed) is
+    #: two messages: two completions, neither a duplicate of the other.
+    message_completions: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    messages: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
     @classmethod
     def read(cls, path: Path) -> Ledger:
@@ -89,6 +94,8 @@ class Ledger:
             except json.JSONDecodeError:
                 continue  # a line torn by a SIGKILL mid-write
             key = (str(record["task"]), str(record["instance"]))
+            if "message" in record:
+                ledger.messages[key[0]].add(str(record["message"]))
             if record["ev"] == START:
                 resumed = record.get("from")
                 attempt = Attempt(
@@ -112,6 +119,8 @@ class Ledger:
                     released.released_at = float(record["t"])
             elif record["ev"] == DONE:
                 ledger.completions[key[0]] += 1
+                if "message" in record:
+                    ledger.message_completions[str(record["message"])] += 1
                 started = open_attempts.pop(key, None)
                 if started is not None:
                     started.finished_at = float(record["t"])
@@ -123,4 +132,11 @@ class Ledger:
 
     @property
     def duplicated(self) -> int:
-        return sum(count - 1 for count in self.completions.values() if count > 1)
+        """Completions beyond the first of one message (of one task, without message ids)."""
+        counts = self.message_completions or self.completions
+        return sum(count - 1 for count in counts.values() if count > 1)
+
+    @property
+    def sent_twice(self) -> int:
+        """Tasks that reached the queue as more than one message (the producer's retries)."""
+        return sum(1 for ids in self.messages.values() if len(ids) > 1)

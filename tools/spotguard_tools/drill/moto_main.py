@@ -97,7 +97,15 @@ class AgentLedger:
         with self.lock:
             task, receive_count = self.tasks.get(message_id, (f"message:{message_id}", 0))
             self.holders[message_id] = instance
-            self._append({"ev": ledger.START, "task": task, "instance": instance, "rc": receive_count})
+            self._append(
+                {
+                    "ev": ledger.START,
+                    "task": task,
+                    "instance": instance,
+                    "rc": receive_count,
+                    "message": message_id,
+                }
+            )
 
     def unleased(self, table: str, pk: str, sk: str) -> None:
         if table != self.lease_table or not sk.startswith(_LEASE_PREFIX):
@@ -108,7 +116,8 @@ class AgentLedger:
                 return
             del self.holders[message_id]
             task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
-            self._append({"ev": ledger.RELEASED, "task": task, "instance": pk[len(_INSTANCE_PREFIX) :]})
+            instance = pk[len(_INSTANCE_PREFIX) :]
+            self._append({"ev": ledger.RELEASED, "task": task, "instance": instance, "message": message_id})
 
     def deleting(self, queue_name: str, message_id: str) -> None:
         if queue_name != self.work_queue:
@@ -117,7 +126,7 @@ class AgentLedger:
             self.deleted.add(message_id)
             task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
             instance = self.holders.get(message_id, "unknown")
-            self._append({"ev": ledger.DONE, "task": task, "instance": instance})
+            self._append({"ev": ledger.DONE, "task": task, "instance": instance, "message": message_id})
 
 
 def _install_agent_ledger(agent_ledger: AgentLedger) -> None:

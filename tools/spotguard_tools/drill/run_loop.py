@@ -197,7 +197,19 @@ class Drill:
             Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(c.bootstrap_deadline_seconds),
         }
 
-    def _start_lambda_host(self, moto: MotoServer, resources: DrillResources) -> subprocess.Popen[bytes]:
+    def _start_lambda_hosts(
+        self, moto: MotoServer, resources: DrillResources
+    ) -> list[subprocess.Popen[bytes]]:
+        """``dispatcher_concurrency`` hosts dispatch the signal queue; the first one also
+        runs the watchdog (one schedule, as on AWS)."""
+        return [
+            self._start_lambda_host(moto, resources, runs_watchdog=index == 0)
+            for index in range(max(1, self.config.dispatcher_concurrency))
+        ]
+
+    def _start_lambda_host(
+        self, moto: MotoServer, resources: DrillResources, *, runs_watchdog: bool
+    ) -> subprocess.Popen[bytes]:
         c = self.config
         env = {
             **_inherited_environment(),
@@ -228,7 +240,7 @@ class Drill:
                     "--signal-queue-arn",
                     resources.signal_queue_arn,
                     "--watchdog-interval",
-                    str(c.watchdog_interval_seconds),
+                    str(c.watchdog_interval_seconds if runs_watchdog else 0),
                     "--log",
                     str(self.control_plane_log),
                 ],
@@ -266,7 +278,7 @@ class Drill:
             self.sqs.send_message_batch(QueueUrl=self.resources.work_queue_url, Entries=entries)
             self.sent += len(bodies)
 
-    def _start(self, moto: MotoServer) -> tuple[subprocess.Popen[bytes], list[str]]:
+    def _start(self, moto: MotoServer) -> tuple[list[subprocess.Popen[bytes]], list[str]]:
         c = self.config
         clients = self._clients(moto.endpoint)
         self.sqs, self.dynamodb = clients["sqs"], clients["dynamodb"]
@@ -308,7 +320,7 @@ class Drill:
             at_work=lambda: self.tail.at_work,
             long_task_holders=self.tail.long_task_holders if c.long_tasks else None,
         )
-        lambda_host = self._start_lambda_host(moto, self.resources)
+        lambda_hosts = self._start_lambda_hosts(moto, self.resources)
         self._top_up(0)
         clients["autoscaling"].set_desired_capacity(
             AutoScalingGroupName=self.resources.asg_name, DesiredCapacity=c.instances
@@ -319,7 +331,7 @@ class Drill:
             f"spotguard drill ({c.mode}): {c.instances} instances x {c.concurrency} workers, "
             f"{len(task_ids)} tasks, moto at {moto.endpoint}, logs in {self.out}"
         )
-        return lambda_host, task_ids
+        return lambda_hosts, task_ids
 
     # ------------------------------------------------------------------ run
     def _snapshot(self, now: float, done: int, total: int) -> Snapshot:
@@ -369,7 +381,7 @@ class Drill:
                 }
         return dict(sorted(records.items()))
 
-    def _loop(self, lambda_host: subprocess.Popen[bytes], total: int) -> bool:
+    def _loop(self, lambda_hosts: list[subprocess.Popen[bytes]], total: int) -> bool:
         """Until every task is done and the plan has played out; True when it timed out."""
         tail = self.tail
         while True:
@@ -379,10 +391,11 @@ class Drill:
             self.aws.step(now)
             self.chaos.step(time.time(), self.t0)
             self.progress.update(self._snapshot(now, done, total))
-            if lambda_host.poll() is not None:
-                raise RuntimeError(
-                    f"the Lambda host exited ({lambda_host.returncode}); see {self.out / 'control-plane.log'}"
-                )
+            for host in lambda_hosts:
+                if host.poll() is not None:
+                    raise RuntimeError(
+                        f"a Lambda host exited ({host.returncode}); see {self.out / 'control-plane.log'}"
+                    )
             if self._finished(now, done, total):
                 self.ended = time.time()
                 self.progress.update(self._snapshot(self.ended, done, total), force=True)
@@ -420,10 +433,10 @@ class Drill:
                 LEASE_TABLE_ENV: lease_table_name(c.fleet),
             },
         ).start()
-        lambda_host: subprocess.Popen[bytes] | None = None
+        lambda_hosts: list[subprocess.Popen[bytes]] = []
         try:
-            lambda_host, task_ids = self._start(moto)
-            timed_out = self._loop(lambda_host, len(task_ids))
+            lambda_hosts, task_ids = self._start(moto)
+            timed_out = self._loop(lambda_hosts, len(task_ids))
             outside_asg = self._await_retirements(timed_out)
             self.progress.close()
             if timed_out:
@@ -440,8 +453,8 @@ class Drill:
             self.progress.close()
             if hasattr(self, "aws"):
                 self.aws.kill_all()
-            if lambda_host is not None:
-                _stop_process(lambda_host)
+            for host in lambda_hosts:
+                _stop_process(host)
             moto.stop()
         completions = Ledger.read(self.agent_ledger_path)
         # The handler's ledger has the detail (checkpoints, exact start and end); the

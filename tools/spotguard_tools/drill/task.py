@@ -87,11 +87,12 @@ class _Run:
         if self.save is None:
             return
         try:
-            self.save(json.dumps({"done": round(self.done, 3)}).encode())
+            saved = self.save(json.dumps({"done": round(self.done, 3)}).encode())
         except Exception as error:  # noqa: BLE001 - a failed save only means more work redone
             LOG.warning("checkpoint of %s failed: %s", self.task_id, error)
             return
-        self.record(ledger.CHECKPOINT, done=round(self.done, 3))
+        if saved is not False:  # False: the agent keeps no checkpoints (no bucket)
+            self.record(ledger.CHECKPOINT, done=round(self.done, 3))
 
 
 def handle(body: str, context: Any) -> dict[str, Any]:
