@@ -12,10 +12,11 @@ the interruption being observable (moto's ``TerminateInstances`` under load) is 
 apart (``harness_delay_s``).
 
 The plan must cut enough work short for a p99 to mean something (>= 30 requeued tasks per
-mode): eight workers per agent, tasks of seconds, and a fifth of them longer than the
-warning, so every interrupted instance holds several tasks that cannot finish there. The
-fleet's throughput on 2 cores is the emulator's (every task costs several AWS calls), so
-what is in flight at an interruption is throughput x duration, not the slot count.
+mode): eight workers per agent, tasks of seconds, a fifth of them longer than the warning,
+and warnings and kills aimed at the busiest instances, so every interrupted instance holds
+several tasks that cannot finish there. The fleet's throughput on 2 cores is the emulator's
+(every task costs several AWS calls), so what is in flight at an interruption is throughput
+x duration, not the slot count.
 
     .venv/bin/python benchmarks/drill.py [--instances 20] [--tasks 2000] [--seed 7]
         [--aws-faults 0.05] [--aws-latency-ms 20]
@@ -53,10 +54,11 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         instances=args.instances,
         concurrency=args.concurrency,
         tasks=args.tasks,
-        task_min_seconds=1.0,
-        task_max_seconds=4.0,
+        task_min_seconds=2.0,
+        task_max_seconds=6.0,
         long_task_fraction=0.2,
-        long_task_seconds=16.0,
+        long_task_seconds=20.0,
+        aim_at_busiest=True,
         spot_warnings=interrupted - hard_kills,
         hard_kills=hard_kills,
         rebalances=0,

@@ -22,6 +22,8 @@ from spotguard_tools.drill.plan import ChaosAction, ChaosKind, choose
 #: A set of instance ids the run loop knows from the ledger: those that have started a
 #: task (their agent takes work), those running one of the drill's long tasks.
 InstanceIds = Callable[[], Set[str]]
+#: How many tasks an instance runs now (from the ledger).
+RunningCount = Callable[[str], int]
 
 #: Kinds that take the instance away: aimed at instances running long tasks when asked.
 _TAKING = frozenset({ChaosKind.SPOT_WARNING, ChaosKind.HARD_KILL})
@@ -37,12 +39,16 @@ class ChaosExecutor:
         *,
         at_work: InstanceIds,
         long_task_holders: InstanceIds | None = None,
+        running: RunningCount | None = None,
     ) -> None:
         self.config = config
         self.aws = aws
         self.journal = journal
         self.at_work = at_work
         self.long_task_holders = long_task_holders
+        #: Given: warnings and kills take the busiest instances (the benchmark's plan, so
+        #: that enough in-flight work is cut short for a p99 to mean something).
+        self.running = running
         #: Timed actions still to play; bootstrap failures are the stand-in's (at launch).
         self.pending: list[ChaosAction] = [a for a in plan if a.kind != ChaosKind.BOOTSTRAP_FAILURE]
         self.interruptions: list[Interruption] = []
@@ -82,6 +88,10 @@ class ChaosExecutor:
             aimed = [i for i in working if i.instance_id in holders]
             if aimed:
                 return choose(aimed, action.pick)
+        if action.kind in _TAKING and self.running is not None:
+            count = self.running
+            busiest = max(count(i.instance_id) for i in working)
+            return choose([i for i in working if count(i.instance_id) == busiest], action.pick)
         return choose(working, action.pick)
 
     def _act(self, action: ChaosAction) -> bool:

@@ -60,6 +60,9 @@ class DrillConfig:
     #: The start time of a Health scheduled change, after the event (AWS gives days).
     health_event_lead_seconds: float = 600.0
     bootstrap_failures: int = field(default=1, metadata=cli("instances whose bootstrap never finishes"))
+    aim_at_busiest: bool = field(
+        default=False, metadata=cli("spot warnings and hard kills take the instances running the most tasks")
+    )
     #: Interruptions happen at seeded times inside this window (seconds after the first task).
     chaos_start_seconds: float = field(
         default=8.0, metadata=cli("interruptions start this long after the fleet works ...")

@@ -102,6 +102,9 @@ class LedgerTail:
                 self.done.add(task)
         return len(self.done)
 
+    def running_count(self, instance_id: str) -> int:
+        return len(self.running.get(instance_id, ()))
+
     def long_task_holders(self) -> set[str]:
         return {instance for instance, tasks in self.running.items() if tasks & self.long_tasks}
 
@@ -319,6 +322,7 @@ class Drill:
             self.journal,
             at_work=lambda: self.tail.at_work,
             long_task_holders=self.tail.long_task_holders if c.long_tasks else None,
+            running=self.tail.running_count if c.aim_at_busiest else None,
         )
         lambda_hosts = self._start_lambda_hosts(moto, self.resources)
         self._top_up(0)
