@@ -74,6 +74,7 @@ class AgentLedger:
         self.tasks: dict[str, tuple[str, int]] = {}  # message id -> (task id, receive count)
         self.holders: dict[str, str] = {}  # message id -> instance holding its lease
         self.deleted: set[str] = set()
+        self.completed_receipts: set[str] = set()
 
     def _append(self, record: dict[str, Any]) -> None:
         ledger.append(self.path, {**record, "t": time.time()}, durable=record["ev"] == ledger.DONE)
@@ -119,10 +120,13 @@ class AgentLedger:
             instance = pk[len(_INSTANCE_PREFIX) :]
             self._append({"ev": ledger.RELEASED, "task": task, "instance": instance, "message": message_id})
 
-    def deleting(self, queue_name: str, message_id: str) -> None:
+    def deleting(self, queue_name: str, message_id: str, receipt_handle: str) -> None:
         if queue_name != self.work_queue:
             return
         with self.lock:
+            if receipt_handle in self.completed_receipts:
+                return
+            self.completed_receipts.add(receipt_handle)
             self.deleted.add(message_id)
             task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
             instance = self.holders.get(message_id, "unknown")
@@ -143,14 +147,14 @@ def _install_agent_ledger(agent_ledger: AgentLedger) -> None:
         return messages
 
     def delete_message(self: Any, receipt_handle: str) -> None:
-        # Which message: the one that had this receipt handle (a repeated delete of a
-        # message already gone is the same completion, not a new one).
-        if receipt_handle not in self.deleted_messages:
-            for message in self._messages:
-                if message.had_receipt_handle(receipt_handle):
-                    agent_ledger.deleting(self.name, message.id)
-                    break
-        original_delete(self, receipt_handle)
+        # Under the queue's own (re-entrant) lock, so the message found is the one deleted.
+        # One completion per receive: a retried delete of the same receipt handle (the
+        # client timed out, botocore sent it again) is the same completion, not a new one.
+        with self._messages_lock:
+            message = next((m for m in self._messages if m.had_receipt_handle(receipt_handle)), None)
+            original_delete(self, receipt_handle)
+            if message is not None:
+                agent_ledger.deleting(self.name, message.id, receipt_handle)
 
     def put_item(self: Any, item_attrs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         item = original_put(self, item_attrs, *args, **kwargs)
