@@ -58,6 +58,7 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         task_max_seconds=6.0,
         long_task_fraction=0.2,
         long_task_seconds=20.0,
+        long_tasks=0,
         aim_at_busiest=True,
         spot_warnings=interrupted - hard_kills,
         hard_kills=hard_kills,

@@ -17,6 +17,7 @@ def short_config(out_dir: Path, **overrides: object) -> DrillConfig:
         "task_max_seconds": 2.0,
         "long_task_fraction": 0.15,
         "long_task_seconds": 9.0,
+        "long_tasks": 0,
         "spot_warnings": 1,
         "hard_kills": 2,
         "rebalances": 1,

@@ -38,8 +38,9 @@ class DrillConfig:
     long_task_seconds: float = field(
         default=18.0, metadata=cli("duration of a long task (the fraction's and --long-tasks')")
     )
+    #: Two by default, so the demo shows an interrupted long task resumed from its checkpoint.
     long_tasks: int = field(
-        default=0,
+        default=2,
         metadata=cli(
             "add N long tasks and aim spot warnings and hard kills at instances running them "
             "(exercises checkpoints)",
