@@ -17,6 +17,7 @@ either.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 from datetime import timedelta
@@ -67,6 +68,7 @@ class AwsStandIn:
         self.initial_count = 0
         self.events_emitted = 0
         self._next_sync = 0.0
+        self._lock = threading.RLock()
 
     # ------------------------------------------------------------------ the event source
     def emit(self, event: dict[str, Any]) -> float:
@@ -74,38 +76,59 @@ class AwsStandIn:
         be observed: the call delivers it to the signal queue)."""
         sent = time.time()
         self.events.put_events(Entries=[aws_events.to_put_events_entry(event)])
-        self.events_emitted += 1
+        with self._lock:
+            self.events_emitted += 1
         return sent
 
     # ------------------------------------------------------------------ the run loop's view
     def step(self, now: float) -> None:
-        """Follow the ASG, advance every simulated bootstrap, take what is due."""
+        """Follow the ASG and advance every simulated bootstrap (the run loop's thread)."""
         if now >= self._next_sync:
             self._sync_fleet(now)
             self._next_sync = now + FLEET_POLL_SECONDS
-        for instance in list(self.instances.values()):
+        for instance in self._all():
             mark = instance.step(now, self.agent_environment, self.ledger_path)
             if mark is not None:
                 self.journal.record(Mark(mark), instance.instance_id, at=now)
-        self._reclaim_due(now)
+
+    def take_due(self, now: float) -> None:
+        """Take the instances whose spot deadline or Health start time has come. Called
+        from the drill's clock thread, so a slow emulator call elsewhere (the producer, the
+        fleet sync) never makes EC2 late."""
+        for instance in self._all():
+            if instance.retire_at is not None and now >= instance.retire_at:
+                instance.retire_at = None
+                if instance.ec2_state not in ENDING_STATES:
+                    self.journal.record(Mark.RETIRED, instance.instance_id, at=now)
+                    instance.kill()
+                    self.terminate(instance)
+            if instance.reclaim_at is not None and now >= instance.reclaim_at:
+                instance.reclaim_at = None
+                alive = instance.kill()
+                self.journal.record(Mark.RECLAIMED, instance.instance_id, agent_alive=alive)
+                if instance.ec2_state not in ENDING_STATES:
+                    self.terminate(instance)
+
+    def _all(self) -> list[SimulatedInstance]:
+        """A copy: the run loop's thread adds instances while the clock thread reads."""
+        with self._lock:
+            return list(self.instances.values())
 
     def working(self) -> list[SimulatedInstance]:
         """Instances whose agent takes work and that no interruption is under way for."""
-        return sorted(
-            (i for i in self.instances.values() if i.working), key=lambda i: (i.launched_at, i.instance_id)
-        )
+        return sorted((i for i in self._all() if i.working), key=lambda i: (i.launched_at, i.instance_id))
 
     def alive(self) -> list[SimulatedInstance]:
-        return [i for i in self.instances.values() if i.phase != Phase.GONE]
+        return [i for i in self._all() if i.phase != Phase.GONE]
 
     @property
     def reclaims_pending(self) -> bool:
-        return any(i.reclaim_at is not None for i in self.instances.values())
+        return any(i.reclaim_at is not None for i in self._all())
 
     def running_outside_asg(self) -> list[str]:
         """Instances EC2 runs that are no members of the group (detached, never ended)."""
         group = self._group_members()
-        ids = list(self.instances)
+        ids = [i.instance_id for i in self._all()]
         running = []
         for start in range(0, len(ids), 100):
             reply = self.ec2.describe_instances(InstanceIds=ids[start : start + 100])
@@ -181,14 +204,14 @@ class AwsStandIn:
     def stop_agents(self) -> None:
         """End of the drill: SIGTERM every agent at once, then wait (one slow agent must
         not serialise the rest)."""
-        instances = list(self.instances.values())
+        instances = self._all()
         for instance in instances:
             instance.terminate_processes()
         for instance in instances:
             instance.stop(timeout=3.0)
 
     def kill_all(self) -> None:
-        for instance in self.instances.values():
+        for instance in self._all():
             instance.kill()
             instance.imds.stop()
 
@@ -217,7 +240,8 @@ class AwsStandIn:
             )
         self._sync_states()
         # Left the group while still running: detached, its replacement requested early.
-        for instance_id, instance in self.instances.items():
+        for instance in self._all():
+            instance_id = instance.instance_id
             if instance.in_asg and instance_id not in members:
                 instance.in_asg = False
                 if instance.ec2_state == "running":
@@ -233,7 +257,8 @@ class AwsStandIn:
             log_dir=self.log_dir,
             initial=initial,
         )
-        self.instances[instance_id] = instance
+        with self._lock:
+            self.instances[instance_id] = instance
         self.journal.record(Mark.LAUNCHED, instance_id, at=now, initial=initial, bootstrap_fails=fails)
         when = contracts.utc_from_epoch(now)
         self.emit(aws_events.state_change(instance_id, "pending", time=when))
@@ -269,7 +294,14 @@ class AwsStandIn:
     def _transition(self, instance: SimulatedInstance, state: str) -> float | None:
         """An EC2 state change: publish it as EC2 does and, if the instance is gone, take
         its agent with it. Returns when the first event was published (None: no event)."""
-        previous, instance.ec2_state = instance.ec2_state, state
+        with self._lock:  # the clock thread and the fleet sync may both see the change
+            previous = instance.ec2_state
+            # A state read before a termination the other thread already published must
+            # not take the instance back (EC2 states only move forward).
+            going_back = previous in ENDING_STATES and state not in ENDING_STATES
+            if previous == state or previous in GONE_STATES or going_back:
+                return None
+            instance.ec2_state = state
         if state not in ENDING_STATES:
             return None
         if state in GONE_STATES:
@@ -291,18 +323,3 @@ class AwsStandIn:
                 self.interruptions.append(Interruption(instance.instance_id, WATCHDOG_KIND, now, published))
             self.journal.record(Mark.TERMINATED, instance.instance_id, at=now, state=state)
         return first if first is not None else published
-
-    def _reclaim_due(self, now: float) -> None:
-        for instance in self.instances.values():
-            if instance.retire_at is not None and now >= instance.retire_at:
-                instance.retire_at = None
-                if instance.ec2_state not in ENDING_STATES:
-                    self.journal.record(Mark.RETIRED, instance.instance_id, at=now)
-                    instance.kill()
-                    self.terminate(instance)
-            if instance.reclaim_at is not None and now >= instance.reclaim_at:
-                instance.reclaim_at = None
-                alive = instance.kill()
-                self.journal.record(Mark.RECLAIMED, instance.instance_id, agent_alive=alive)
-                if instance.ec2_state not in ENDING_STATES:
-                    self.terminate(instance)

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Set
 from datetime import UTC, datetime
@@ -78,6 +79,8 @@ class LedgerTail:
         self.running: dict[str, set[str]] = {}
         #: Instances that have started at least one task: their agent takes work.
         self.at_work: set[str] = set()
+        #: The clock thread reads what the run loop's thread updates.
+        self._lock = threading.Lock()
 
     def poll(self) -> int:
         if not self.path.exists():
@@ -87,7 +90,12 @@ class LedgerTail:
             chunk = handle.read()
         end = chunk.rfind(b"\n") + 1
         self.offset += end
-        for raw in chunk[:end].splitlines():
+        with self._lock:
+            self._apply(chunk[:end])
+        return len(self.done)
+
+    def _apply(self, chunk: bytes) -> None:
+        for raw in chunk.splitlines():
             try:
                 record = json.loads(raw)
             except ValueError:
@@ -100,13 +108,18 @@ class LedgerTail:
                 self.running.get(instance, set()).discard(task)
             if event == DONE:
                 self.done.add(task)
-        return len(self.done)
+
+    def instances_at_work(self) -> set[str]:
+        with self._lock:
+            return set(self.at_work)
 
     def running_count(self, instance_id: str) -> int:
-        return len(self.running.get(instance_id, ()))
+        with self._lock:
+            return len(self.running.get(instance_id, ()))
 
     def long_task_holders(self) -> set[str]:
-        return {instance for instance, tasks in self.running.items() if tasks & self.long_tasks}
+        with self._lock:
+            return {instance for instance, tasks in self.running.items() if tasks & self.long_tasks}
 
 
 class Drill:
@@ -320,7 +333,7 @@ class Drill:
             plan,
             self.aws,
             self.journal,
-            at_work=lambda: self.tail.at_work,
+            at_work=self.tail.instances_at_work,
             long_task_holders=self.tail.long_task_holders if c.long_tasks else None,
             running=self.tail.running_count if c.aim_at_busiest else None,
         )
@@ -385,15 +398,42 @@ class Drill:
                 }
         return dict(sorted(records.items()))
 
+    def _clock(self, stop: threading.Event, failures: list[BaseException]) -> None:
+        """The time-critical part on its own thread: the plan's actions and EC2's
+        deadlines. On a loaded emulator one AWS call of the run loop (the producer, the
+        fleet sync) can take seconds; a warning or a reclaim must not wait for it."""
+        while not stop.is_set():
+            try:
+                self.chaos.step(time.time(), self.t0)
+                self.aws.take_due(time.time())
+            except Exception as error:  # noqa: BLE001 - handed to the run loop, which stops the drill
+                failures.append(error)
+                return
+            stop.wait(TICK_SECONDS)
+
     def _loop(self, lambda_hosts: list[subprocess.Popen[bytes]], total: int) -> bool:
         """Until every task is done and the plan has played out; True when it timed out."""
+        stop = threading.Event()
+        failures: list[BaseException] = []
+        clock = threading.Thread(target=self._clock, args=(stop, failures), name="drill-clock", daemon=True)
+        clock.start()
+        try:
+            return self._until_done(lambda_hosts, total, failures)
+        finally:
+            stop.set()
+            clock.join(timeout=30)
+
+    def _until_done(
+        self, lambda_hosts: list[subprocess.Popen[bytes]], total: int, failures: list[BaseException]
+    ) -> bool:
         tail = self.tail
         while True:
             now = time.time()
             done = tail.poll()
             self._top_up(done)
             self.aws.step(now)
-            self.chaos.step(time.time(), self.t0)
+            if failures:
+                raise RuntimeError("the drill's clock thread failed") from failures[0]
             self.progress.update(self._snapshot(now, done, total))
             for host in lambda_hosts:
                 if host.poll() is not None:
@@ -422,6 +462,7 @@ class Drill:
         while outside and time.time() < grace_until:
             time.sleep(RETIREMENT_POLL_SECONDS)
             self.aws.step(time.time())
+            self.aws.take_due(time.time())
             outside = self.aws.running_outside_asg()
         return outside
 
