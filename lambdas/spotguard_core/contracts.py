@@ -115,6 +115,12 @@ class SignalSource(StrEnum):
 #: How long before the reclaim AWS sends a spot interruption warning (``terminate``/``stop``;
 #: a ``hibernate`` action starts at once: its deadline is the event time itself).
 SPOT_WARNING_LEAD: Final = timedelta(minutes=2)
+#: IMDS ``events/maintenance/scheduled`` codes after which the instance is gone (stopped or
+#: retired at ``NotBefore``): the agent drains by then. ``system-reboot``, ``instance-reboot``
+#: and ``system-maintenance`` keep the instance (and its disk): logged and recorded, no drain.
+MAINTENANCE_DRAIN_CODES: Final = frozenset({"instance-stop", "instance-retirement"})
+#: Scheduled-event states that are history, not a notice.
+MAINTENANCE_PAST_STATES: Final = frozenset({"completed", "canceled"})
 #: EC2 instance ids: ``i-`` and 8 or 17 hex digits.
 INSTANCE_ID_PATTERN: Final = r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})"
 
@@ -274,6 +280,11 @@ class Lease:
     leased_at: float  # epoch seconds
     heartbeat_at: float  # epoch seconds; refreshed while the task runs
     expires_at: int = 0  # TTL, epoch seconds
+    #: The message's interruption requeue count when this lease was taken (the worker knows
+    #: it: 0 on a first receive, else it read the counter). Whoever requeues the lease then
+    #: *writes* ``count + 1`` (a batch put, idempotent when agent and control plane both
+    #: requeue it) instead of one ``ADD`` per message. ``None``: unknown, ``ADD`` is used.
+    interruption_requeues: int | None = None
 
     def key(self) -> dict[str, str]:
         return {LEASE_TABLE_PK: lease_pk(self.instance_id), LEASE_TABLE_SK: lease_sk(self.message_id)}
@@ -290,6 +301,11 @@ class Lease:
             "leased_at": _decimal_safe(self.leased_at),
             "heartbeat_at": _decimal_safe(self.heartbeat_at),
             TTL_ATTRIBUTE: expires_at,
+            **(
+                {"interruption_requeues": self.interruption_requeues}
+                if self.interruption_requeues is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -302,6 +318,9 @@ class Lease:
             leased_at=float(item["leased_at"]),
             heartbeat_at=float(item["heartbeat_at"]),
             expires_at=int(item.get(TTL_ATTRIBUTE, 0)),
+            interruption_requeues=(
+                int(item["interruption_requeues"]) if item.get("interruption_requeues") is not None else None
+            ),
         )
 
 
@@ -505,6 +524,9 @@ DEFAULT_HANDLER: Final = "spotguard_agent.sample_handler:handle"
 DEFAULT_CONCURRENCY: Final = 2
 DEFAULT_VISIBILITY_TIMEOUT_SECONDS: Final = 120
 DEFAULT_MAX_FAILURES: Final = 5
+#: Messages the worker may receive ahead of its free task slots (so one receive and one
+#: lease batch serve up to ten messages), used only while recent tasks are short.
+DEFAULT_PREFETCH: Final = 9
 DEFAULT_IMDS_POLL_SECONDS: Final = 1.0
 DEFAULT_DRAIN_MARGIN_SECONDS: Final = 15
 #: The agent's own health endpoint, which the installer verifies is listening.
@@ -555,6 +577,7 @@ class Env(StrEnum):
     # instance agent (written to /etc/spotguard/agent.env by the installer)
     HANDLER = "SPOTGUARD_HANDLER"  # module:function run for each message
     CONCURRENCY = "SPOTGUARD_CONCURRENCY"
+    PREFETCH = "SPOTGUARD_PREFETCH"  # messages received ahead of free slots (0 = none)
     VISIBILITY_TIMEOUT_SECONDS = "SPOTGUARD_VISIBILITY_TIMEOUT_SECONDS"
     IMDS_URL = "SPOTGUARD_IMDS_URL"
     IMDS_POLL_SECONDS = "SPOTGUARD_IMDS_POLL_SECONDS"
