@@ -12,7 +12,7 @@ the interruption being observable (moto's ``TerminateInstances`` under load) is 
 apart (``harness_delay_s``).
 
 The plan must cut enough work short for a p99 to mean something (>= 30 requeued tasks per
-mode): eight workers per agent, tasks of seconds, a fifth of them longer than the warning,
+mode): eight workers per agent, tasks of seconds, three in ten of them longer than the warning,
 and warnings and kills aimed at the busiest instances, so every interrupted instance holds
 several tasks that cannot finish there. The fleet's throughput on 2 cores is the emulator's
 (every task costs several AWS calls), so what is in flight at an interruption is throughput
@@ -56,7 +56,7 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         tasks=args.tasks,
         task_min_seconds=2.0,
         task_max_seconds=6.0,
-        long_task_fraction=0.2,
+        long_task_fraction=0.3,
         long_task_seconds=20.0,
         long_tasks=0,
         aim_at_busiest=True,
