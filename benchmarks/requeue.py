@@ -139,7 +139,8 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
         aws.reset_clients()
         from spotguard_functions import dispatcher  # noqa: PLC0415
 
-        dispatcher._runtime.get()  # build the clients outside the measurement (warm container)
+        dispatcher.reset_runtime()  # this run's tables: a new container
+        dispatcher.runtime()  # build the clients outside the measurement (warm container)
         counter = CallCounter()
         for service in ("sqs", "dynamodb", "ec2", "autoscaling", "events"):
             counter.attach(aws.client(service))

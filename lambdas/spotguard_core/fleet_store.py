@@ -115,7 +115,8 @@ class FleetStore:
             self.table.update_item(
                 Key={FLEET_TABLE_PK: instance_id},
                 UpdateExpression=expression,
-                # A record without a rank was created by a heartbeat alone: no state yet.
+                # No rank yet: the record was created by a heartbeat alone, or by the bootstrap's
+                # failure report (user data writes only its status): the lowest rank, not above all.
                 ConditionExpression=(
                     f"attribute_not_exists(#pk) OR attribute_not_exists(#rank) OR #rank {comparison} :rank"
                 ),

@@ -123,17 +123,29 @@ class Requeuer:
         self.clock = clock
         self.sleep = sleep
 
-    def requeue_instance(self, instance_id: str, *, event_time: datetime | None = None) -> RequeueResult:
+    def requeue_instance(
+        self, instance_id: str, *, event_time: datetime | None = None, count_interruption: bool = True
+    ) -> RequeueResult:
         """Requeue every lease ``instance_id`` still holds. Raises ``RequeueIncompleteError``
-        if some messages stayed invisible after retries (their leases are kept)."""
+        if some messages stayed invisible after retries (their leases are kept).
+        ``count_interruption=False``: the instance went away without notice (the message may
+        be the cause), so the receive is not subtracted from the poison count."""
         leases = self.lease_store.for_instance(instance_id)
-        return self.requeue_leases(instance_id, leases, event_time=event_time)
+        return self.requeue_leases(
+            instance_id, leases, event_time=event_time, count_interruption=count_interruption
+        )
 
     def requeue_leases(
-        self, instance_id: str, leases: Sequence[Lease], *, event_time: datetime | None = None
+        self,
+        instance_id: str,
+        leases: Sequence[Lease],
+        *,
+        event_time: datetime | None = None,
+        count_interruption: bool = True,
     ) -> RequeueResult:
-        """Make ``leases``' messages visible now, counted as interruptions."""
-        return self.release(instance_id, leases, event_time=event_time)
+        """Make ``leases``' messages visible now, counted as interruptions unless
+        ``count_interruption`` is False (no notice came first: the message may be the cause)."""
+        return self.release(instance_id, leases, interruption=count_interruption, event_time=event_time)
 
     def release(
         self,
@@ -177,8 +189,10 @@ class Requeuer:
                 run(lambda chunk: self._change_visibility(chunk[0], chunk[1], visibility_timeout), chunks)
             )
             done = [lease for visible, gone, _, _ in outcomes for lease in visible + gone]
+            undeleted: list[Lease] = []
             if leased and done:
-                list(run(self._delete, _batches(done, BATCH_WRITE_LIMIT)))
+                kept = run(self._delete, _batches(done, BATCH_WRITE_LIMIT))
+                undeleted = [lease for chunk in kept for lease in chunk]
         finally:
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -190,10 +204,19 @@ class Requeuer:
             failed.extend(still_failed)
             if at is not None:
                 visible_at.append(at)
-        self._record(result, failed, interruption=interruption, visible_at=visible_at, event_time=event_time)
+        self._record(
+            result, failed, requeued_now=visibility_timeout == 0, visible_at=visible_at, event_time=event_time
+        )
         if failed:
             raise RequeueIncompleteError(
                 f"{len(failed)} of {len(leases)} messages of {instance_id} are still invisible after retries"
+            )
+        if undeleted:
+            # The messages are back on the queue, but a lease left behind would let a later
+            # sweep change the visibility of a copy someone else now holds: retry the signal
+            # (the retry finds those messages visible or gone, and deletes the leases).
+            raise RequeueIncompleteError(
+                f"{len(undeleted)} released leases of {instance_id} could not be deleted after retries"
             )
         return result
 
@@ -205,20 +228,21 @@ class Requeuer:
             # messages counts as one genuine failure; nothing is lost.
             LOGGER.warning("counting %d interruption requeues failed: %s", len(chunk), error)
 
-    def _delete(self, chunk: Sequence[Lease]) -> None:
+    def _delete(self, chunk: Sequence[Lease]) -> list[Lease]:
+        """Delete released leases; the ones that could not be deleted are returned."""
         try:
             self.lease_store.delete(chunk)
         except BOOKKEEPING_ERRORS as error:
-            # The messages are back on the queue; a lease left behind points at a message
-            # that is gone or visible, which every later requeue treats as done.
             LOGGER.warning("deleting %d released leases failed: %s", len(chunk), error)
+            return list(chunk)
+        return []
 
     def _record(
         self,
         result: RequeueResult,
         failed: list[Lease],
         *,
-        interruption: bool,
+        requeued_now: bool,
         visible_at: list[float],
         event_time: datetime | None,
     ) -> None:
@@ -229,7 +253,7 @@ class Requeuer:
             result.failed = [lease.message_id for lease in failed]
         if metrics is None:
             return
-        if result.requeued and interruption:
+        if result.requeued and requeued_now:  # made visible at once (not a failure's back-off)
             metrics.add_metric(Metric.MESSAGES_REQUEUED, "Count", result.requeued)
         if result.latency_ms is not None:
             metrics.add_metric(Metric.REQUEUE_LATENCY, "Milliseconds", result.latency_ms)
