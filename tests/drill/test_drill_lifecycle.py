@@ -17,6 +17,15 @@ from tests.drill.configs import short_config
 pytestmark = [pytest.mark.drill, pytest.mark.xdist_group("drill")]
 
 
+#: The agent's checkpoint API (context.checkpoint / context.resumed, the checkpoint bucket)
+#: is the "workload" engineer's (issue 10); these tests pass on main + wip/workload.
+NEEDS_WORKLOAD = pytest.mark.xfail(
+    strict=True,
+    reason="needs the agent's checkpoint API from wip/workload; remove this mark when it is merged",
+)
+
+
+@NEEDS_WORKLOAD
 def test_long_tasks_resume_from_their_checkpoints(tmp_path: Path) -> None:
     """The same plan twice: with checkpoints an interrupted long task continues where it
     stopped; without, its work is done again."""
@@ -48,11 +57,6 @@ def test_long_tasks_resume_from_their_checkpoints(tmp_path: Path) -> None:
     assert with_checkpoints["work_redone_seconds"] < without["work_redone_seconds"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 12: the control plane does not retire detached instances yet (the 'control' "
-    "engineer's fix); remove this mark when it is merged",
-)
 def test_early_replacements_leave_nothing_running_outside_the_asg(tmp_path: Path) -> None:
     """Rebalance recommendations under the default policy (replace) and AWS Health
     scheduled changes: each replaced instance drains and ends; nothing is lost."""

@@ -44,6 +44,11 @@ def _workload(tmp_path: Path) -> Path:
     return directory
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the agent's workload execution (SPOTGUARD_WORKLOAD_DIR, SPOTGUARD_COMMAND) from "
+    "wip/workload; remove this mark when it is merged",
+)
 @pytest.mark.parametrize("mode", ["handler", "command"])
 def test_the_users_workload_runs_and_nothing_is_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
