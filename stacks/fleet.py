@@ -27,7 +27,7 @@ from spotguard_core import contracts
 from stacks.agent_bundle import AgentBundle
 from stacks.nag import acknowledge, iam5_resource
 from stacks.network import Network
-from stacks.settings import Settings
+from stacks.settings import EmulatorGap, Settings
 
 #: How long the ASG waits for the agent to drain on scale-in before terminating anyway.
 #: The agent records heartbeats on the hook when it needs longer (up to 48 hours).
@@ -413,6 +413,9 @@ class BacklogScaling(Construct):
                 ),
             ),
         )
+
+        if not settings.supports(EmulatorGap.METRIC_MATH_SCALING_ALARMS):
+            return
 
         desired = cloudwatch.Metric(
             namespace="AWS/AutoScaling",

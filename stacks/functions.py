@@ -21,6 +21,7 @@ from spotguard_core import contracts
 
 from stacks.common import cfn_lint_ignore, retention
 from stacks.nag import acknowledge
+from stacks.powertools_layer import LayerSpec, build_layer
 from stacks.settings import Settings
 
 LAMBDA_SOURCE = Path(__file__).resolve().parents[1] / "lambdas"
@@ -55,6 +56,26 @@ def powertools_layer_arn(version: int) -> str:
     return (
         f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:{POWERTOOLS_ACCOUNT}:layer:"
         f"AWSLambdaPowertoolsPythonV3-python313-x86_64:{version}"
+    )
+
+
+FUNCTION_RUNTIME = lambda_.Runtime.PYTHON_3_13
+
+
+def powertools_layer(scope: Construct, settings: Settings) -> lambda_.ILayerVersion:
+    """The public Powertools layer, or one bundled from requirements.lock (``powertools_layer``)."""
+    if settings.control_plane.powertools_layer == "public":
+        return lambda_.LayerVersion.from_layer_version_arn(
+            scope, "Powertools", powertools_layer_arn(settings.control_plane.powertools_layer_version)
+        )
+    spec = LayerSpec.from_lock(python_version=FUNCTION_RUNTIME.name.removeprefix("python"))
+    return lambda_.LayerVersion(
+        scope,
+        "Powertools",
+        code=lambda_.Code.from_asset(str(build_layer(spec))),
+        compatible_runtimes=[FUNCTION_RUNTIME],
+        compatible_architectures=[lambda_.Architecture.X86_64],
+        description="Powertools, pydantic and the X-Ray SDK pinned by spotguard's requirements.lock",
     )
 
 
@@ -104,7 +125,7 @@ class ControlPlaneFunction(Construct):
             self,
             "Function",
             description=spec.description,
-            runtime=lambda_.Runtime.PYTHON_3_13,
+            runtime=FUNCTION_RUNTIME,
             architecture=lambda_.Architecture.X86_64,
             handler=f"spotguard_functions.{spec.module}.handler",
             code=code,
@@ -146,9 +167,7 @@ class Functions(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         code = lambda_.Code.from_asset(str(LAMBDA_SOURCE), exclude=ASSET_EXCLUDES)
-        layer = lambda_.LayerVersion.from_layer_version_arn(
-            self, "Powertools", powertools_layer_arn(settings.control_plane.powertools_layer_version)
-        )
+        layer = powertools_layer(self, settings)
         self.by_name: dict[str, ControlPlaneFunction] = {}
         for spec in self.SPECS:
             timeout = spec.timeout_seconds

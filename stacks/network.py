@@ -14,7 +14,7 @@ from constructs import Construct
 
 from stacks.common import cfn_lint_ignore, retention
 from stacks.nag import acknowledge
-from stacks.settings import Settings
+from stacks.settings import EmulatorGap, Settings
 
 
 class Network(Construct):
@@ -34,6 +34,9 @@ class Network(Construct):
                 max_azs=None if settings.environment.availability_zones else settings.network.max_azs,
                 availability_zones=settings.environment.availability_zones,
                 nat_gateways=0,
+                restrict_default_security_group=settings.supports(
+                    EmulatorGap.DEFAULT_SECURITY_GROUP_RESTRICTION
+                ),
                 subnet_configuration=[
                     ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=20)
                 ],
@@ -44,16 +47,19 @@ class Network(Construct):
                     ),
                 },
             )
-            flow_log_group = logs.LogGroup(
-                self,
-                "FlowLogs",
-                retention=retention(settings.control_plane.log_retention_days),
-            )
-            vpc.add_flow_log(
-                "FlowLog",
-                destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
-                traffic_type=ec2.FlowLogTrafficType.REJECT,
-            )
+            if settings.supports(EmulatorGap.VPC_FLOW_LOGS):
+                flow_log_group = logs.LogGroup(
+                    self,
+                    "FlowLogs",
+                    retention=retention(settings.control_plane.log_retention_days),
+                )
+                vpc.add_flow_log(
+                    "FlowLog",
+                    destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
+                    traffic_type=ec2.FlowLogTrafficType.REJECT,
+                )
+            else:
+                acknowledge(vpc, "AwsSolutions-VPC7", "profile 'emulator': the emulator has no flow logs")
             self.vpc = vpc
             if settings.environment.availability_zones:
                 self._accept_configured_azs(vpc)
