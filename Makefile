@@ -73,7 +73,7 @@ $(E2E_STAMP): requirements-e2e.lock
 
 e2e: setup $(E2E_STAMP)
 	rm -rf e2e-out && mkdir e2e-out
-	SPOTGUARD_E2E=1 SPOTGUARD_E2E_VENV=$(CURDIR)/$(E2E_VENV) SPOTGUARD_E2E_DIR=$(CURDIR)/e2e-out $(PY) -m pytest tests/e2e \
+	SPOTGUARD_E2E=1 SPOTGUARD_E2E_VENV=$(CURDIR)/$(E2E_VENV) SPOTGUARD_E2E_DIR=$(CURDIR)/e2e-out $(PY) -m pytest tests/e2e/test_deployed_stack.py \
 		-p no:cacheprovider $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.emulator import REPO_ROOT, STACK_NAME, Cdk, MiniStack, aws_environment
+from tests.e2e.emulator import ACCOUNT, REGION, REPO_ROOT, STACK_NAME, Cdk, MiniStack, aws_environment
 
 E2E_ENABLED = os.environ.get("SPOTGUARD_E2E") == "1"
 
@@ -66,7 +66,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
     cdk = Cdk(env=env, outdir=workdir / "cdk.out")
     try:
         t0 = time.monotonic()
-        boot = cdk.run("bootstrap", "aws://000000000000/us-east-1")
+        boot = cdk.run("bootstrap", f"aws://{ACCOUNT}/{REGION}", app=False)
         timings["bootstrap_s"] = time.monotonic() - t0
         assert boot.returncode == 0, f"cdk bootstrap failed:\n{boot.stderr[-3000:]}"
         outputs_file = workdir / "outputs.json"

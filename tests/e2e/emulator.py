@@ -178,28 +178,23 @@ class Cdk:
     outdir: Path
     context: Mapping[str, str] = field(default_factory=lambda: dict(DEPLOY_CONTEXT))
 
-    def command(self, *args: str) -> list[str]:
+    def command(self, *args: str, app: bool = True) -> list[str]:
+        """``cdk <args>``; with ``app`` the spotguard app and the deploy context (bootstrap
+        needs neither: it deploys CDK's own template to the given environment)."""
         cli = REPO_ROOT / "node_modules" / ".bin" / "cdk"
         python = REPO_ROOT / ".venv" / "bin" / "python"
-        context_args: list[str] = []
-        for key, value in self.context.items():
-            context_args += ["-c", f"{key}={value}"]
-        return [
-            str(cli),
-            *args,
-            "--app",
-            f"{python} app.py",
-            "--output",
-            str(self.outdir),
-            "--no-notices",
-            "--no-version-reporting",
-            *context_args,
-        ]
+        app_args: list[str] = []
+        if app:
+            app_args = ["--app", f"{python} app.py", "--output", str(self.outdir)]
+            for key, value in self.context.items():
+                app_args += ["-c", f"{key}={value}"]
+        return [str(cli), *args, "--no-notices", "--no-version-reporting", *app_args]
 
-    def run(self, *args: str, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    def run(self, *args: str, app: bool = True, timeout: float = 420) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.command(*args),
-            cwd=REPO_ROOT,
+            self.command(*args, app=app),
+            # Without the app: away from cdk.json, whose "app" the CLI would synthesize.
+            cwd=REPO_ROOT if app else self.outdir.parent,
             env=dict(self.env),
             capture_output=True,
             text=True,

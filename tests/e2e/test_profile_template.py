@@ -76,21 +76,45 @@ def _refs(value: Any) -> set[str]:
     return found
 
 
-def _gap_of(logical_id: str, removed: dict[str, dict[str, Any]]) -> EmulatorGap | None:
-    """Which gap explains a removed resource: it is the gap's own resource, or something only
-    such a resource uses (its role, policy, log group, provider, step policy)."""
-    resource = removed[logical_id]
-    kind = resource["Type"]
-    props = resource.get("Properties", {})
+def _anchor_gap(resource: dict[str, Any]) -> EmulatorGap | None:
+    """The gap a resource *is* (the one the emulator cannot deploy), if any."""
+    kind, props = resource["Type"], resource.get("Properties", {})
     if kind == "AWS::EC2::FlowLog":
         return EmulatorGap.VPC_FLOW_LOGS
     if kind == "Custom::VpcRestrictDefaultSG":
         return EmulatorGap.DEFAULT_SECURITY_GROUP_RESTRICTION
     if kind == "AWS::CloudWatch::Alarm" and any("Expression" in m for m in props.get("Metrics", [])):
         return EmulatorGap.METRIC_MATH_SCALING_ALARMS
-    users = [other for other, res in removed.items() if other != logical_id and logical_id in _refs(res)]
-    gaps = {_gap_of(user, removed) for user in users}
-    return gaps.pop() if len(gaps) == 1 else None
+    return None
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def gaps_of_removed(removed: dict[str, dict[str, Any]]) -> dict[str, EmulatorGap | None]:
+    """Each removed resource's gap: resources connected (Ref, GetAtt, DependsOn, either way)
+    only among themselves form a group, explained by the one gap resource in it (a flow log
+    with its role, policy and log group; an alarm with its step policy). A group with no gap
+    resource, or two, maps to None."""
+    edges: dict[str, set[str]] = {k: set() for k in removed}
+    for logical_id, resource in removed.items():
+        for other in (_refs(resource) | set(_as_list(resource.get("DependsOn", [])))) & set(removed):
+            edges[logical_id].add(other)
+            edges[other].add(logical_id)
+    result: dict[str, EmulatorGap | None] = {}
+    for start in removed:
+        if start in result:
+            continue
+        group, stack = {start}, [start]
+        while stack:
+            for other in edges[stack.pop()] - group:
+                group.add(other)
+                stack.append(other)
+        anchors = [g for g in (_anchor_gap(removed[k]) for k in sorted(group)) if g is not None]
+        gap = anchors[0] if anchors and len(set(anchors)) == 1 else None
+        result.update(dict.fromkeys(group, gap))
+    return result
 
 
 def test_the_emulator_profile_removes_exactly_the_named_gaps(profile_synths: dict[str, dict[str, Any]]) -> None:
@@ -98,8 +122,8 @@ def test_the_emulator_profile_removes_exactly_the_named_gaps(profile_synths: dic
     assert not set(emulator) - set(normal), "the emulator profile must not add resources"
     removed = {k: normal[k] for k in set(normal) - set(emulator)}
     by_gap: dict[EmulatorGap | None, Counter[str]] = {}
-    for logical_id, resource in removed.items():
-        by_gap.setdefault(_gap_of(logical_id, removed), Counter())[resource["Type"]] += 1
+    for logical_id, gap in gaps_of_removed(removed).items():
+        by_gap.setdefault(gap, Counter())[removed[logical_id]["Type"]] += 1
     assert by_gap == {
         EmulatorGap.VPC_FLOW_LOGS: Counter(
             {"AWS::EC2::FlowLog": 1, "AWS::Logs::LogGroup": 1, "AWS::IAM::Role": 1, "AWS::IAM::Policy": 1}
