@@ -27,6 +27,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from packaging.requirements import Requirement
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LOCK_FILE = REPO_ROOT / "requirements.lock"
 
@@ -158,7 +160,8 @@ def build_layer(spec: LayerSpec, *, cache: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{spec.digest}-", dir=root))
     try:
         target = staging / "python"
-        result = subprocess.run(pip_command(spec, target), capture_output=True, text=True, check=False)
+        command = pip_command(spec, target)  # this interpreter's pip, pinned requirements only
+        result = subprocess.run(command, capture_output=True, text=True, check=False)  # noqa: S603
         if result.returncode != 0:
             raise LayerBuildError(
                 "building the bundled Powertools layer failed (pip needs the package index the "
@@ -196,8 +199,6 @@ def closure_gaps(
     """For each layer distribution, the requirements (by normalised name) that neither the
     layer nor the runtime provides. ``requires`` maps a distribution to its requirement
     strings (``importlib.metadata.requires``); ``extras`` the extras the layer enables."""
-    from packaging.requirements import Requirement
-
     provided = {normalize(n) for n in LAYER_DISTRIBUTIONS} | set(RUNTIME_PROVIDED)
     gaps: dict[str, set[str]] = {}
     for dist, lines in requires.items():

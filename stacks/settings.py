@@ -261,7 +261,7 @@ class StagingSettings(_Section):
 
 
 # --- emulator profile (e2e) -------------------------------------------------------------
-class EmulatorGap(str, enum.Enum):
+class EmulatorGap(enum.StrEnum):
     """One thing a local CloudFormation emulator (MiniStack, ``make e2e``) cannot deploy. The
     ``emulator`` profile leaves out exactly these (``Settings.supports``) and nothing else;
     ``tests/infrastructure/test_emulator_profile.py`` lists the resulting template differences."""

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from stacks import powertools_layer
 from stacks.powertools_layer import (
     LAYER_DISTRIBUTIONS,
@@ -38,9 +39,10 @@ def test_the_layer_set_is_closed_under_the_installed_requirements() -> None:
     requires = {name: importlib.metadata.requires(name) or [] for name in LAYER_DISTRIBUTIONS}
     assert closure_gaps(requires, {"aws-lambda-powertools": POWERTOOLS_EXTRAS}) == {}
     # and the check itself notices a missing dependency
-    assert closure_gaps({"aws-lambda-powertools": ["redis>=4; extra == 'redis'", "jmespath"]}, {
-        "aws-lambda-powertools": ("redis",)
-    }) == {"aws-lambda-powertools": {"redis"}}
+    assert closure_gaps(
+        {"aws-lambda-powertools": ["redis>=4; extra == 'redis'", "jmespath"]},
+        {"aws-lambda-powertools": ("redis",)},
+    ) == {"aws-lambda-powertools": {"redis"}}
 
 
 def test_what_the_functions_import_is_in_the_layer() -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from stacks.settings import EmulatorGap, Settings, SettingsError
 
+from stacks.settings import EmulatorGap, Settings, SettingsError
 from tests.e2e.emulator import DEPLOY_CONTEXT, REPO_ROOT, STACK_NAME
 from tests.infrastructure.conftest import Synth, default_synth, synth_environment, synths  # noqa: F401
 
@@ -117,7 +117,9 @@ def gaps_of_removed(removed: dict[str, dict[str, Any]]) -> dict[str, EmulatorGap
     return result
 
 
-def test_the_emulator_profile_removes_exactly_the_named_gaps(profile_synths: dict[str, dict[str, Any]]) -> None:
+def test_the_emulator_profile_removes_exactly_the_named_gaps(
+    profile_synths: dict[str, dict[str, Any]],
+) -> None:
     normal, emulator = profile_synths["aws"]["Resources"], profile_synths["emulator"]["Resources"]
     assert not set(emulator) - set(normal), "the emulator profile must not add resources"
     removed = {k: normal[k] for k in set(normal) - set(emulator)}
@@ -192,9 +194,9 @@ def test_the_public_layer_is_the_default(default_synth: Synth) -> None:  # noqa:
 
 
 def test_the_emulator_profile_needs_the_bundled_layer_and_no_fis() -> None:
-    with pytest.raises(SettingsError, match="powertools_layer = bundled"):
+    with pytest.raises(SettingsError, match=r"powertools_layer = bundled"):
         Settings.from_mapping({"profile": "emulator"})
-    with pytest.raises(SettingsError, match="staging.fis_experiment = false"):
+    with pytest.raises(SettingsError, match=r"staging\.fis_experiment = false"):
         Settings.from_mapping(
             {
                 "profile": "emulator",
@@ -209,7 +211,9 @@ def test_the_emulator_profile_needs_the_bundled_layer_and_no_fis() -> None:
 
 def test_supports_is_true_for_every_gap_on_aws() -> None:
     aws = Settings.from_mapping({})
-    emulator = Settings.from_mapping({"profile": "emulator", "control_plane": {"powertools_layer": "bundled"}})
+    emulator = Settings.from_mapping(
+        {"profile": "emulator", "control_plane": {"powertools_layer": "bundled"}}
+    )
     assert all(aws.supports(gap) for gap in EmulatorGap)
     assert not any(emulator.supports(gap) for gap in EmulatorGap)
 
