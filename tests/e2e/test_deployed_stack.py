@@ -303,6 +303,27 @@ def test_termination_after_the_warning_requeues_the_leases_at_once(
     assert fleet.leases.for_instance(a.instance_id) == []
 
 
+def test_a_duplicate_delivery_is_handled_once(deployment: Deployment, fleet: Fleet) -> None:
+    """EventBridge delivers at least once: the same event (same id) twice on the signal
+    queue. The second is answered from the idempotency table, not acted on again."""
+    a = fleet.managed[0]
+    dry_run = run_cli(
+        ["send-test-event", "spot-interruption", "--instance", a.instance_id, "--dry-run"], deployment.env
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    event = json.loads(dry_run.stdout)
+    signal_queue = _signal_queue_url(deployment)
+    before = record_of(fleet, a.instance_id)
+    fleet.sqs.send_message(QueueUrl=signal_queue, MessageBody=json.dumps(event))
+    first = processed(deployment, event["id"])
+    assert first["managed"] is True
+    fleet.sqs.send_message(QueueUrl=signal_queue, MessageBody=json.dumps(event))
+    group = _log_group(deployment, "Dispatcher")
+    duplicate = f"duplicate spot_interruption for {a.instance_id}: already handled"
+    wait_for("the duplicate to be recognised", lambda: any(duplicate in m for m in log_messages(group)))
+    assert record_of(fleet, a.instance_id) == before  # an ended instance stays as it was
+
+
 def test_rebalance_and_health_events_request_a_replacement(deployment: Deployment, fleet: Fleet) -> None:
     b = fleet.managed[1]
     for kind in ("rebalance", "health"):
@@ -344,11 +365,13 @@ def test_no_signal_was_dead_lettered(deployment: Deployment, fleet: Fleet) -> No
     received = sum(_emf_value(m, contracts.Metric.SIGNALS_RECEIVED.value) for m in messages)
     unmanaged = sum(_emf_value(m, contracts.Metric.SIGNALS_UNMANAGED.value) for m in messages)
     rejected = sum(_emf_value(m, contracts.Metric.SIGNALS_REJECTED.value) for m in messages)
+    duplicates = sum(_emf_value(m, contracts.Metric.SIGNALS_DUPLICATE.value) for m in messages)
     deployment.facts["dispatcher_signals"] = (
         f"received {received}, unmanaged {unmanaged}, rejected {rejected}"
     )
-    assert received >= 11
+    assert received == 13  # 11 test events + one event delivered twice
     assert unmanaged == 2
+    assert duplicates == 1
     assert rejected == 0
 
 
