@@ -25,7 +25,7 @@ from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
 from tests.e2e.conftest import Deployment
-from tests.e2e.emulator import FLEET, STACK_NAME, run_cli
+from tests.e2e.emulator import ACCOUNT, FLEET, REGION, STACK_NAME, run_cli
 
 pytestmark = pytest.mark.e2e
 
@@ -308,7 +308,11 @@ def test_a_duplicate_delivery_is_handled_once(deployment: Deployment, fleet: Fle
     queue. The second is answered from the idempotency table, not acted on again."""
     a = fleet.managed[0]
     dry_run = run_cli(
-        ["send-test-event", "spot-interruption", "--instance", a.instance_id, "--dry-run"], deployment.env
+        [
+            *("send-test-event", "spot-interruption", "--instance", a.instance_id),
+            *("--dry-run", "--account", ACCOUNT, "--region", REGION),
+        ],
+        deployment.env,
     )
     assert dry_run.returncode == 0, dry_run.stderr
     event = json.loads(dry_run.stdout)
