@@ -109,7 +109,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         _REPORT["deployment"] = deployment
         yield deployment
         if not deployment.destroyed:
-            cdk.run("destroy", STACK_NAME, "--force")
+            cdk.run("destroy", STACK_NAME, "--force", synthesized=True)
     finally:
         emulator.stop()
         for key, value in saved.items():

@@ -184,21 +184,26 @@ class Cdk:
     outdir: Path
     context: Mapping[str, str] = field(default_factory=lambda: dict(DEPLOY_CONTEXT))
 
-    def command(self, *args: str, app: bool = True) -> list[str]:
+    def command(self, *args: str, app: bool = True, synthesized: bool = False) -> list[str]:
         """``cdk <args>``; with ``app`` the spotguard app and the deploy context (bootstrap
-        needs neither: it deploys CDK's own template to the given environment)."""
+        needs neither: it deploys CDK's own template to the given environment); with
+        ``synthesized`` the cloud assembly the deploy wrote (destroy needs no new synth)."""
         cli = REPO_ROOT / "node_modules" / ".bin" / "cdk"
         python = REPO_ROOT / ".venv" / "bin" / "python"
         app_args: list[str] = []
-        if app:
+        if synthesized:
+            app_args = ["--app", str(self.outdir)]
+        elif app:
             app_args = ["--app", f"{python} app.py", "--output", str(self.outdir)]
             for key, value in self.context.items():
                 app_args += ["-c", f"{key}={value}"]
         return [str(cli), *args, "--no-notices", "--no-version-reporting", *app_args]
 
-    def run(self, *args: str, app: bool = True, timeout: float = 420) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, *args: str, app: bool = True, synthesized: bool = False, timeout: float = 420
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            self.command(*args, app=app),
+            self.command(*args, app=app, synthesized=synthesized),
             # Without the app: away from cdk.json, whose "app" the CLI would synthesize.
             cwd=REPO_ROOT if app else self.outdir.parent,
             env=dict(self.env),

@@ -429,7 +429,7 @@ def test_the_watchdog_runs_on_its_schedule_and_heartbeats(deployment: Deployment
 # ------------------------------------------------------------------------------ destroy
 def test_destroy_removes_the_stack(deployment: Deployment) -> None:
     t0 = time.monotonic()
-    result = deployment.cdk.run("destroy", STACK_NAME, "--force")
+    result = deployment.cdk.run("destroy", STACK_NAME, "--force", synthesized=True)
     deployment.timings["destroy_s"] = time.monotonic() - t0
     deployment.destroyed = True
     assert result.returncode == 0, result.stderr[-3000:]
