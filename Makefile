@@ -16,13 +16,14 @@ export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 # Nothing here may reach AWS: no credentials are needed to synth or test.
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo drill test test-unit test-integration test-infra test-drill e2e lint typecheck synth bench clean
+.PHONY: help setup demo drill test test-unit test-integration test-infra test-drill fuzz e2e lint typecheck synth bench clean
 
 help:
 	@echo "make demo    run the local drill (no AWS account needed)"
 	@echo "make test    run every test (unit, integration on moto, infrastructure, drill)"
 	@echo "make e2e     deploy the staging stack to a local emulator (MiniStack) and drive it"
 	@echo "make synth   synthesize cdk.out/ offline, with cdk-nag and cfn-lint"
+	@echo "make fuzz    property-based fuzzing, 10,000 inputs per target (parse_event, api, verify)"
 	@echo "make lint    ruff + mypy"
 	@echo "make bench   run the benchmarks (JSON on stdout)"
 
@@ -55,6 +56,10 @@ test-infra: setup
 
 test-drill: $(STAMP)
 	$(PY) -m pytest tests/drill $(PYTEST_ARGS)
+
+# tests/fuzz runs in `make test` with the small "ci" profile (200 inputs per target).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/fuzz -p no:cacheprovider -q $(PYTEST_ARGS)
 
 # --- e2e: cdk deploy to MiniStack (a local AWS emulator) ------------------------------
 # Its own venv on Python 3.13 (the functions' runtime: MiniStack runs them with its own

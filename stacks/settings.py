@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from spotguard_core import contracts
+from spotguard_core import contracts, url_safety
 
 CONTEXT_KEY = "spotguard"
 
@@ -219,6 +219,13 @@ class MigrationSettings(_Section):
     novita_api_key_secret_name: str | None = None
     novita_api_url: str = "https://api.novita.ai"
 
+    @field_validator("novita_api_url")
+    @classmethod
+    def _novita_url(cls, value: str) -> str:
+        # The Bearer key goes there: https, a public host (spotguard_core.url_safety).
+        url_safety.check_outbound_url(value, allow_loopback=False)
+        return value
+
     @model_validator(mode="after")
     def _novita(self) -> MigrationSettings:
         if self.provider == "novita" and not self.novita_api_key_secret_name:
@@ -236,8 +243,9 @@ class NotificationSettings(_Section):
     @field_validator("webhook_url")
     @classmethod
     def _https(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https://[^\s/]+(/\S*)?$", value):
-            raise ValueError("must be an https:// URL (webhooks are only sent over TLS)")
+        # Signed requests go there: https, a public host, no userinfo (spotguard_core.url_safety).
+        if value is not None:
+            url_safety.check_outbound_url(value, allow_loopback=False)
         return value
 
 

@@ -25,6 +25,9 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 # Powertools: metrics print EMF to stdout; keep that out of test output.
 os.environ.setdefault("POWERTOOLS_METRICS_DISABLED", "true")
 os.environ.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
+# Webhook receivers and the Novita contract server listen on http://127.0.0.1: let the
+# outbound URL check admit loopback (only loopback; tests of the default unset it).
+os.environ.setdefault("SPOTGUARD_ALLOW_LOOPBACK_URLS", "true")
 
 
 @pytest.fixture(scope="session")

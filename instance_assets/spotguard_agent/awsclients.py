@@ -1,41 +1,16 @@
-"""boto3 clients for the agent: standard retries, short timeouts, one place.
+"""The agent's AWS clients: ``spotguard_core.aws``'s one factory, for the instance's region.
 
-boto3 honours ``AWS_ENDPOINT_URL`` itself (the drill and the tests point it at moto)."""
+Standard retries (not adaptive: a drain's few calls must never wait on a client-side rate
+limiter), the fault-injection hook when its variables are set, ``AWS_ENDPOINT_URL``
+honoured by boto3 itself (the drill and the tests point it at moto)."""
 
 from __future__ import annotations
 
-import threading
-from typing import Any
-
-import boto3
-from botocore.config import Config
-
-_CONFIG = Config(
-    retries={"mode": "standard", "max_attempts": 5},
-    connect_timeout=5,
-    read_timeout=25,
-    max_pool_connections=50,
-)
+from spotguard_core.aws import ClientFactory
 
 
-class AwsClients:
-    """Lazily created, thread-safe (boto3 clients are) clients for one region."""
+class AwsClients(ClientFactory):
+    """Lazily created, thread-safe clients for one region (``client(service)``, ``sqs``, ``dynamodb``)."""
 
     def __init__(self, region: str = "") -> None:
-        self._session = boto3.session.Session(region_name=region or None)
-        self._clients: dict[str, Any] = {}
-        self._lock = threading.Lock()
-
-    def client(self, service: str) -> Any:
-        with self._lock:
-            if service not in self._clients:
-                self._clients[service] = self._session.client(service, config=_CONFIG)  # type: ignore[call-overload]
-            return self._clients[service]
-
-    @property
-    def sqs(self) -> Any:
-        return self.client("sqs")
-
-    @property
-    def dynamodb(self) -> Any:
-        return self.client("dynamodb")
+        super().__init__(region or None, retry_mode="standard")

@@ -33,6 +33,7 @@ from spotguard_core.contracts import (
 
 from spotguard_agent.awsclients import AwsClients
 from spotguard_agent.config import AgentConfig, ConfigError, load_config
+from spotguard_agent.fleet_reporter import FleetReporter
 from spotguard_agent.health import HealthServer
 from spotguard_agent.imds import (
     AVAILABILITY_ZONE_PATH,
@@ -40,7 +41,6 @@ from spotguard_agent.imds import (
     ImdsClient,
     ImdsError,
 )
-from spotguard_agent.report import Reporter
 from spotguard_agent.watcher import Watcher
 from spotguard_agent.worker import Worker
 
@@ -106,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         instance_id=instance_id,
         poll_seconds=config.imds_poll_seconds,
         rebalance_policy=config.rebalance_policy,
+        on_notice=worker.reporter.notice,
     ).start()
 
     def on_sigterm(signum: int, _frame: Any) -> None:
@@ -169,6 +170,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         instance_id=config.instance_id or None,
         poll_seconds=config.imds_poll_seconds,
         rebalance_policy=policy,
+        on_notice=emit,
     ).start()
     with contextlib.suppress(KeyboardInterrupt):
         seen.wait(args.timeout if args.timeout else None)
@@ -186,7 +188,9 @@ def cmd_report(args: argparse.Namespace) -> int:
         sys.stderr.write(json.dumps({"error": f"no instance id: {error}"}) + "\n")
         return 2
     clients = AwsClients(config.region)
-    reporter = Reporter(clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table)
+    reporter = FleetReporter(
+        clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
+    )
     if args.outcome == "ready":
         try:
             instance_type = imds.optional_text(INSTANCE_TYPE_PATH)

@@ -1,57 +1,108 @@
-"""Agent configuration: ``contracts.Env`` variables (the installer writes them to
-``/etc/spotguard/agent.env``), overridden by command-line flags."""
+"""Agent settings: one typed class, read from ``contracts.Env`` variables (the installer writes
+them to ``/etc/spotguard/agent.env``), overridden by command-line flags.
+
+Each field names its variable once (``env=``) and takes its default from ``contracts``
+(``DEFAULT_*``), the same constants the CDK settings use, so the stack, the drill and an
+agent started by hand agree. The agent stays standard library + boto3 (no pydantic on the
+instance): parsing is driven by the field types, and a bad value raises ``ConfigError``
+naming the variable and what it accepts.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from spotguard_core.contracts import (
+    DEFAULT_CHECKPOINT_MAX_BYTES,
+    DEFAULT_CONCURRENCY,
+    DEFAULT_DRAIN_MARGIN_SECONDS,
+    DEFAULT_HANDLER,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_IMDS_POLL_SECONDS,
+    DEFAULT_MAX_FAILURES,
+    DEFAULT_PREFETCH,
+    DEFAULT_STOP_GRACE_SECONDS,
+    DEFAULT_VISIBILITY_TIMEOUT_SECONDS,
     LAUNCH_HOOK_NAME,
     TERMINATE_HOOK_NAME,
+    WORKLOAD_DIR,
     Env,
     RebalancePolicy,
 )
 
 from spotguard_agent.imds import DEFAULT_IMDS_URL
 
-DEFAULT_HANDLER = "spotguard_agent.sample_handler:handle"
+__all__ = ["DEFAULT_HANDLER", "AgentConfig", "ConfigError", "load_config"]
+#: SQS allows visibility timeouts up to 12 hours.
+MAX_VISIBILITY_TIMEOUT_SECONDS = 43200
 
 
 class ConfigError(ValueError):
     """Invalid agent configuration; the message says which variable to change."""
 
 
+def _env(name: Env, default: Any, *, minimum: float | None = None, maximum: float | None = None) -> Any:
+    return field(default=default, metadata={"env": name, "min": minimum, "max": maximum})
+
+
+def _flag(default: Any) -> Any:
+    """A setting with no variable of its own (command-line flags and tests set it)."""
+    return field(default=default, metadata={})
+
+
 @dataclass(frozen=True)
 class AgentConfig:
-    fleet: str = ""
-    region: str = ""
-    work_queue_url: str = ""
-    work_dlq_url: str = ""
-    lease_table: str = ""
-    fleet_table: str = ""
-    asg_name: str = ""
-    launch_hook_name: str = LAUNCH_HOOK_NAME
-    terminate_hook_name: str = TERMINATE_HOOK_NAME
-    handler: str = DEFAULT_HANDLER
-    concurrency: int = 1
-    visibility_timeout_seconds: int = 60
-    imds_url: str = DEFAULT_IMDS_URL
-    imds_poll_seconds: float = 1.0
-    health_port: int = 8080
-    drain_margin_seconds: float = 10.0
-    requeue_enabled: bool = True
-    max_failures: int = 3
-    rebalance_policy: RebalancePolicy = RebalancePolicy.REPLACE
+    fleet: str = _env(Env.FLEET_NAME, "")
+    region: str = _env(Env.REGION, "")
+    work_queue_url: str = _env(Env.WORK_QUEUE_URL, "")
+    work_dlq_url: str = _env(Env.WORK_DLQ_URL, "")
+    lease_table: str = _env(Env.LEASE_TABLE, "")
+    fleet_table: str = _env(Env.FLEET_TABLE, "")
+    asg_name: str = _env(Env.ASG_NAME, "")
+    launch_hook_name: str = _env(Env.LAUNCH_HOOK_NAME, LAUNCH_HOOK_NAME)
+    terminate_hook_name: str = _env(Env.TERMINATE_HOOK_NAME, TERMINATE_HOOK_NAME)
+    handler: str = _env(Env.HANDLER, DEFAULT_HANDLER)
+    #: Command mode (exclusive with an explicit handler): run in ``workload_dir`` per message.
+    command: str = _env(Env.COMMAND, "")
+    workload_dir: str = _env(Env.WORKLOAD_DIR, WORKLOAD_DIR)
+    #: The workload venv's python; empty: the agent's own.
+    workload_python: str = _env(Env.WORKLOAD_PYTHON, "")
+    stop_grace_seconds: float = _env(Env.STOP_GRACE_SECONDS, float(DEFAULT_STOP_GRACE_SECONDS), minimum=0)
+    checkpoint_bucket: str = _env(Env.CHECKPOINT_BUCKET, "")
+    checkpoint_max_bytes: int = _env(Env.CHECKPOINT_MAX_BYTES, DEFAULT_CHECKPOINT_MAX_BYTES, minimum=0)
+    log_group: str = _env(Env.LOG_GROUP, "")
+    concurrency: int = _env(Env.CONCURRENCY, DEFAULT_CONCURRENCY, minimum=1, maximum=1000)
+    #: Messages received ahead of the free task slots while tasks are short (0: none).
+    prefetch: int = _env(Env.PREFETCH, DEFAULT_PREFETCH, minimum=0, maximum=100)
+    visibility_timeout_seconds: int = _env(
+        Env.VISIBILITY_TIMEOUT_SECONDS,
+        DEFAULT_VISIBILITY_TIMEOUT_SECONDS,
+        minimum=0,
+        maximum=MAX_VISIBILITY_TIMEOUT_SECONDS,
+    )
+    imds_url: str = _env(Env.IMDS_URL, DEFAULT_IMDS_URL)
+    imds_poll_seconds: float = _env(Env.IMDS_POLL_SECONDS, DEFAULT_IMDS_POLL_SECONDS, minimum=0.05)
+    #: 0 picks a free port (tests, the drill).
+    health_port: int = _env(Env.HEALTH_PORT, DEFAULT_HEALTH_PORT, minimum=0, maximum=65535)
+    drain_margin_seconds: float = _env(
+        Env.DRAIN_MARGIN_SECONDS, float(DEFAULT_DRAIN_MARGIN_SECONDS), minimum=0
+    )
+    requeue_enabled: bool = _env(Env.REQUEUE_ENABLED, True)
+    max_failures: int = _env(Env.MAX_FAILURES, DEFAULT_MAX_FAILURES, minimum=1)
+    rebalance_policy: RebalancePolicy = _env(Env.REBALANCE_POLICY, RebalancePolicy.REPLACE)  # noqa: RUF009 - a field()
     #: Long-poll wait per receive. Short, so a drain never waits long for a receive to return.
-    receive_wait_seconds: int = 1
+    receive_wait_seconds: int = _flag(1)
     #: First release delay after a failure; doubles per genuine failure, capped at 15 min.
-    failure_backoff_seconds: float = 10.0
-    fleet_heartbeat_seconds: float = 5.0
+    failure_backoff_seconds: float = _flag(10.0)
+    #: Fleet record heartbeat, which also carries the control plane's drain order back.
+    fleet_heartbeat_seconds: float = _flag(5.0)
+    #: Scale-in protection is cleared only after this long without a lease (no flapping).
+    protection_idle_seconds: float = _flag(10.0)
     #: Set on ``report``/``run`` from IMDS when not given.
-    instance_id: str = ""
+    instance_id: str = _flag("")
 
     def with_overrides(self, **overrides: Any) -> AgentConfig:
         known = {f.name for f in fields(self)}
@@ -60,78 +111,88 @@ class AgentConfig:
     def validate_worker(self) -> None:
         missing = [
             env.value
-            for env, value in (
-                (Env.WORK_QUEUE_URL, self.work_queue_url),
-                (Env.LEASE_TABLE, self.lease_table),
-            )
+            for env, value in ((Env.WORK_QUEUE_URL, self.work_queue_url), (Env.LEASE_TABLE, self.lease_table))
             if not value
         ]
         if missing:
             raise ConfigError(
                 f"set {', '.join(missing)} (in {Env.AGENT_CONFIG_PARAMETER} or the environment)"
             )
-        if ":" not in self.handler:
+        if not self.command and ":" not in self.handler:
             raise ConfigError(f"{Env.HANDLER} must be 'module:function', got {self.handler!r}")
-        if self.concurrency < 1:
-            raise ConfigError(f"{Env.CONCURRENCY} must be >= 1, got {self.concurrency}")
-        if not 0 <= self.visibility_timeout_seconds <= 43200:
-            raise ConfigError(f"{Env.VISIBILITY_TIMEOUT_SECONDS} must be 0..43200")
+        for spec in fields(self):
+            _check_range(spec.name, spec.metadata, getattr(self, spec.name))
 
 
-def _parse_bool(name: str, value: str) -> bool:
-    lowered = value.strip().lower()
+def _check_range(name: str, metadata: Mapping[str, Any], value: Any) -> None:
+    label = metadata["env"].value if metadata.get("env") else name
+    low, high = metadata.get("min"), metadata.get("max")
+    if low is not None and value < low:
+        raise ConfigError(f"{label} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ConfigError(f"{label} must be <= {high}, got {value}")
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
     if lowered in {"1", "true", "yes", "on"}:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ConfigError(f"{name} must be true or false, got {value!r}")
+    raise ValueError("true or false")
+
+
+def _parse_policy(raw: str) -> RebalancePolicy:
+    try:
+        return RebalancePolicy(raw.strip())
+    except ValueError:
+        raise ValueError("one of " + ", ".join(p.value for p in RebalancePolicy)) from None
+
+
+def _parse_int(raw: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError("a whole number") from None
+
+
+def _parse_float(raw: str) -> float:
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError("a number") from None
+
+
+#: Parsers by field annotation (``from __future__ import annotations``: they are strings).
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "str": str,
+    "int": _parse_int,
+    "float": _parse_float,
+    "bool": _parse_bool,
+    "RebalancePolicy": _parse_policy,
+}
 
 
 def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     env = os.environ if environ is None else environ
-
-    def text(name: Env, default: str) -> str:
-        value = env.get(name.value, "")
-        return value if value != "" else default
-
-    def number(name: Env, default: float, kind: type = float) -> Any:
+    values: dict[str, Any] = {}
+    for spec in fields(AgentConfig):
+        name: Env | None = spec.metadata.get("env")
+        if name is None:
+            continue
         raw = env.get(name.value, "")
         if raw == "":
-            return default
+            continue
         try:
-            return kind(raw)
-        except ValueError:
-            raise ConfigError(f"{name.value} must be a number, got {raw!r}") from None
-
-    policy_raw = text(Env.REBALANCE_POLICY, RebalancePolicy.REPLACE.value)
-    try:
-        policy = RebalancePolicy(policy_raw)
-    except ValueError:
-        choices = ", ".join(p.value for p in RebalancePolicy)
-        raise ConfigError(
-            f"{Env.REBALANCE_POLICY.value} must be one of {choices}, got {policy_raw!r}"
-        ) from None
-    defaults = AgentConfig()
-    return AgentConfig(
-        fleet=text(Env.FLEET_NAME, ""),
-        region=text(Env.REGION, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""),
-        work_queue_url=text(Env.WORK_QUEUE_URL, ""),
-        work_dlq_url=text(Env.WORK_DLQ_URL, ""),
-        lease_table=text(Env.LEASE_TABLE, ""),
-        fleet_table=text(Env.FLEET_TABLE, ""),
-        asg_name=text(Env.ASG_NAME, ""),
-        launch_hook_name=text(Env.LAUNCH_HOOK_NAME, defaults.launch_hook_name),
-        terminate_hook_name=text(Env.TERMINATE_HOOK_NAME, defaults.terminate_hook_name),
-        handler=text(Env.HANDLER, defaults.handler),
-        concurrency=number(Env.CONCURRENCY, defaults.concurrency, int),
-        visibility_timeout_seconds=number(
-            Env.VISIBILITY_TIMEOUT_SECONDS, defaults.visibility_timeout_seconds, int
-        ),
-        imds_url=text(Env.IMDS_URL, defaults.imds_url),
-        imds_poll_seconds=number(Env.IMDS_POLL_SECONDS, defaults.imds_poll_seconds),
-        health_port=number(Env.HEALTH_PORT, defaults.health_port, int),
-        drain_margin_seconds=number(Env.DRAIN_MARGIN_SECONDS, defaults.drain_margin_seconds),
-        requeue_enabled=_parse_bool(Env.REQUEUE_ENABLED.value, text(Env.REQUEUE_ENABLED, "true")),
-        max_failures=number(Env.MAX_FAILURES, defaults.max_failures, int),
-        rebalance_policy=policy,
-    )
+            values[spec.name] = _PARSERS[str(spec.type)](raw)
+        except ValueError as error:
+            raise ConfigError(f"{name.value} must be {error}, got {raw!r}") from None
+    if "region" not in values:
+        values["region"] = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or ""
+    if values.get("command") and values.get("handler"):
+        raise ConfigError(f"set {Env.HANDLER.value} or {Env.COMMAND.value}, not both")
+    config = AgentConfig(**values)
+    for spec in fields(config):
+        if spec.metadata.get("env") is not None:
+            _check_range(spec.name, spec.metadata, getattr(config, spec.name))
+    return config

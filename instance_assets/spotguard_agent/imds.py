@@ -28,6 +28,7 @@ AVAILABILITY_ZONE_PATH = "/latest/meta-data/placement/availability-zone"
 SPOT_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 TARGET_LIFECYCLE_STATE_PATH = "/latest/meta-data/autoscaling/target-lifecycle-state"
+MAINTENANCE_SCHEDULED_PATH = "/latest/meta-data/events/maintenance/scheduled"
 IDENTITY_DOCUMENT_PATH = "/latest/dynamic/instance-identity/document"
 
 
@@ -142,6 +143,22 @@ class ImdsClient:
     def target_lifecycle_state(self) -> str | None:
         """``InService``, ``Terminated``, … or None outside an ASG."""
         return self.optional_text(TARGET_LIFECYCLE_STATE_PATH)
+
+    def scheduled_maintenance(self) -> list[dict[str, Any]]:
+        """``[{"Code", "Description", "EventId", "NotBefore", "NotAfter", "State"}, …]``
+        (``[]`` when nothing is scheduled)."""
+        response = self.get(MAINTENANCE_SCHEDULED_PATH)
+        if not response.found or not response.body.strip():
+            return []
+        try:
+            document = response.json()
+        except ValueError as error:
+            raise ImdsError(f"IMDS {MAINTENANCE_SCHEDULED_PATH} returned invalid JSON") from error
+        if not isinstance(document, list) or not all(isinstance(event, dict) for event in document):
+            raise ImdsError(
+                f"IMDS {MAINTENANCE_SCHEDULED_PATH} returned {type(document).__name__}, not a list"
+            )
+        return document
 
     def _json_or_none(self, path: str) -> dict[str, Any] | None:
         response = self.get(path)

@@ -1,17 +1,35 @@
 """The draining SQS worker.
 
-Per message: poison check -> lease written -> handler runs (visibility extended and lease
-heartbeat refreshed while it runs) -> delete on success / release with backoff on failure
--> lease removed. A drain (IMDS notice, SIGTERM) stops receiving, lets tasks finish that
-fit before ``deadline - drain_margin`` and releases the rest at once (visibility 0, lease
-removed), then ``run()`` returns 0.
+Per receive (up to ten messages): poison check (the requeue counters are read in one
+BatchGetItem, and only for messages received before) -> leases written in one
+BatchWriteItem -> each handler runs (visibility extended and lease heartbeat refreshed while
+it runs) -> deletes batched (DeleteMessageBatch, then the leases in one BatchWriteItem) /
+release with backoff on failure. A message whose lease could not be written is never
+started. While recent tasks are short the worker receives up to ``prefetch`` messages
+ahead of its free slots (leased like the others), so one receive and one lease batch serve
+up to ten messages.
+
+A drain (IMDS notice, the control plane's order in the fleet record, SIGTERM) stops
+receiving, hands back at once what was received but not started, lets tasks finish that fit
+before ``deadline - drain_margin`` and releases the rest at once, then ``run()`` records
+``drained_at`` and returns 0. On start, the agent first releases the leases its instance
+still holds (a crash and a systemd restart): their messages are not worth a visibility
+timeout.
+
+Every give-back goes through ``spotguard_core.requeue.Requeuer.release``, the control
+plane's own release path: count the interruption requeue, make the message visible, delete
+the lease. Handing back (drain, arrived during a drain, lease write failed, left by a
+crashed predecessor) counts as an interruption; a handler failure does not.
 
 Poison rule: SQS's ``ApproximateReceiveCount`` also counts receives that ended because an
-instance went away. The control plane counts those interruption requeues per message
+instance went away. Interruption requeues are counted per message
 (``contracts.requeue_counter_key``); only ``contracts.genuine_failures(receive_count,
 requeues)`` count toward ``max_failures``. When it is reached the worker moves the message
 to the DLQ itself (send a copy, delete), so interruptions never push healthy tasks there.
 The queue's redrive policy stays as a backstop far above that threshold.
+
+While it holds leases the instance is protected from scale-in (ASG instance protection,
+best effort, set at once, cleared after ``protection_idle_seconds`` idle).
 """
 
 from __future__ import annotations
@@ -23,47 +41,60 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from boto3.dynamodb.types import TypeSerializer
-from botocore.exceptions import BotoCoreError, ClientError
-from botocore.parsers import ResponseParserError
+from spotguard_core.aws import AWS_ERRORS
 from spotguard_core.contracts import (
+    AGENT_METRIC_NAMESPACE,
     METRIC_DIMENSION_FLEET,
-    METRIC_NAMESPACE,
     RECEIVE_COUNT_ATTRIBUTE,
-    REQUEUE_COUNTER_ATTRIBUTE,
-    REQUEUE_COUNTER_TTL_SECONDS,
-    TTL_ATTRIBUTE,
+    FleetRecord,
+    InstanceState,
     Lease,
     Metric,
     Signal,
     SignalKind,
+    SignalSource,
     genuine_failures,
     now,
-    requeue_counter_key,
+    utc_from_epoch,
 )
+from spotguard_core.lease_store import LeaseStore
+from spotguard_core.requeue import BOOKKEEPING_ERRORS, RequeueIncompleteError, Requeuer
 
 from spotguard_agent.awsclients import AwsClients
 from spotguard_agent.config import AgentConfig
-from spotguard_agent.report import Reporter
+from spotguard_agent.fleet_reporter import FleetReporter
 
 LOG = logging.getLogger("spotguard.worker")
-#: botocore raises ResponseParserError (not a BotoCoreError) for a garbled 5xx body.
-AWS_ERRORS = (BotoCoreError, ClientError, ResponseParserError)
 MAX_BACKOFF_SECONDS = 900
-_SERIALIZER = TypeSerializer()
+SQS_BATCH_LIMIT = 10
+#: A message whose lease could not be written comes back after this long (not at once: the
+#: table may be throttling, and an immediate redelivery would only fail the same way).
+LEASE_FAILURE_VISIBILITY_SECONDS = 5
+#: Prefetch only while the mean task takes at most this long: a prefetched message then
+#: waits a few seconds at most, and long tasks never hoard messages other instances could run.
+PREFETCH_MAX_TASK_SECONDS = 0.5
+#: Weight of the newest task in the running mean of task durations.
+DURATION_SMOOTHING = 0.2
+#: ``Signal.attributes["origin"]`` of a drain ordered through the fleet record.
+FLEET_RECORD_ORIGIN = "fleet_record"
+RELEASE_ERRORS: tuple[type[Exception], ...] = (RequeueIncompleteError, *BOOKKEEPING_ERRORS)
 
 
 class TaskState(enum.Enum):
+    QUEUED = "queued"  # received and leased, not started yet
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
     RELEASED = "released"
+
+
+HELD_STATES = frozenset({TaskState.QUEUED, TaskState.RUNNING})
 
 
 @dataclass
@@ -86,7 +117,7 @@ class Task:
     started: float  # monotonic
     expected_seconds: float | None
     context: TaskContext
-    state: TaskState = TaskState.RUNNING
+    state: TaskState = TaskState.QUEUED
     lock: threading.Lock = field(default_factory=threading.Lock)
     last_extended: float = 0.0  # monotonic
 
@@ -128,28 +159,35 @@ class Worker:
         *,
         instance_id: str,
         clients: AwsClients | None = None,
-        reporter: Reporter | None = None,
+        reporter: FleetReporter | None = None,
     ) -> None:
         config.validate_worker()
         self.config = config
         self.instance_id = instance_id
         self.clients = clients or AwsClients(config.region)
-        self.reporter = reporter or Reporter(
+        self.reporter = reporter or FleetReporter(
             self.clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
         )
         self.handler, self.expected_seconds = load_handler(config.handler)
         self.sqs = self.clients.sqs
-        self.dynamodb = self.clients.dynamodb
+        self.leases = LeaseStore(config.lease_table, clients=self.clients)
+        self.requeuer = Requeuer(lease_store=self.leases, sqs=self.sqs)
         self._tasks: dict[str, Task] = {}
         self._tasks_lock = threading.Lock()
-        self._slots = threading.Semaphore(config.concurrency)
+        #: Notified whenever a task ends or a delete batch finishes (the receive loop waits on it).
+        self._changed = threading.Condition(self._tasks_lock)
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="task")
+        self._deletes = DeleteBatcher(self)
+        self._protection = ScaleInProtection(self)
         self._stop = threading.Event()  # stop receiving
         self._drain_lock = threading.Lock()
         self.drain_signal: Signal | None = None
         self.drain_started_at: float | None = None  # epoch seconds
         self._deadline_monotonic: float | None = None
+        self._deadline_epoch: float | None = None
         self._lifecycle_terminating = False
+        self._drain_report: threading.Thread | None = None
+        self._mean_task_seconds: float | None = None
         self.counters: dict[Metric, int] = dict.fromkeys(
             (
                 Metric.TASKS_COMPLETED,
@@ -171,12 +209,23 @@ class Worker:
         with self._tasks_lock:
             return [t for t in self._tasks.values() if t.state is TaskState.RUNNING]
 
+    def held_tasks(self) -> list[Task]:
+        """Tasks whose lease this worker holds: running or received and waiting for a slot."""
+        with self._tasks_lock:
+            return [t for t in self._tasks.values() if t.state in HELD_STATES]
+
+    def holds_leases(self) -> bool:
+        with self._tasks_lock:
+            held = any(t.state is not TaskState.RELEASED for t in self._tasks.values())
+        return held or not self._deletes.idle()
+
     def status(self) -> dict[str, Any]:
         return {
             "instance_id": self.instance_id,
             "draining": self.draining,
             "drain_kind": self.drain_signal.kind.value if self.drain_signal else None,
             "running_tasks": len(self.running_tasks()),
+            "held_tasks": len(self.held_tasks()),
             "counters": {m.value: n for m, n in self.counters.items()},
         }
 
@@ -188,8 +237,8 @@ class Worker:
     def drain(self, signal: Signal) -> None:
         """Stop taking work; finish what fits before the deadline, release the rest now.
 
-        Called by the IMDS watcher, by SIGTERM and by the CLI; a later signal can only make
-        the deadline earlier.
+        Called by the IMDS watcher, by the fleet record's drain order, by SIGTERM and by the
+        CLI; a later signal can only make the deadline earlier.
         """
         with self._drain_lock:
             first = self.drain_signal is None
@@ -201,10 +250,12 @@ class Worker:
                 self.drain_signal = signal
                 self.drain_started_at = now()
                 self._deadline_monotonic = deadline_monotonic
+                self._deadline_epoch = signal.deadline.timestamp() if signal.deadline else None
             elif deadline_monotonic is not None and (
                 self._deadline_monotonic is None or deadline_monotonic < self._deadline_monotonic
             ):
                 self._deadline_monotonic = deadline_monotonic
+                self._deadline_epoch = signal.deadline.timestamp() if signal.deadline else None
             if signal.kind is SignalKind.LIFECYCLE_TERMINATE:
                 self._lifecycle_terminating = True
             self._stop.set()
@@ -214,32 +265,92 @@ class Worker:
             signal.deadline.isoformat() if signal.deadline else "none",
             "on" if self.config.requeue_enabled else "off",
         )
+        with self._tasks_lock:
+            self._changed.notify_all()
         self._release_what_does_not_fit()
-        if first:
+        if first and signal.attributes.get("origin") != FLEET_RECORD_ORIGIN:
+            # The control plane already wrote its own order; record only what we saw first.
             deadline_epoch = signal.deadline.timestamp() if signal.deadline else None
-            threading.Thread(
-                target=self.reporter.draining, args=(deadline_epoch, signal.kind.value), daemon=True
-            ).start()
+            self._drain_report = threading.Thread(
+                target=self.reporter.draining, args=(deadline_epoch, signal), daemon=True
+            )
+            self._drain_report.start()
+
+    def follow_fleet_record(self, record: FleetRecord | None) -> None:
+        """The control plane's drain channel: ``state == draining`` in our own record means
+        drain by ``drain_deadline_at`` (whatever decided it: Health event, early
+        replacement, an operator). Read on every fleet heartbeat."""
+        if record is None or record.state is not InstanceState.DRAINING:
+            return
+        deadline = utc_from_epoch(record.drain_deadline_at) if record.drain_deadline_at else None
+        if self.drain_signal is not None and (
+            deadline is None
+            or (self._deadline_epoch is not None and deadline.timestamp() >= self._deadline_epoch)
+        ):
+            return  # already draining, and the record does not bring the deadline forward
+        last = record.last_signal or {}
+        try:
+            kind = SignalKind(last.get("kind", ""))
+        except ValueError:
+            kind = SignalKind.DRAIN_DEADLINE
+        try:
+            source = SignalSource(last.get("source", ""))
+        except ValueError:
+            source = SignalSource.EVENTBRIDGE
+        received = datetime.now(UTC)
+        LOG.warning("the fleet record orders a drain (%s)", kind.value)
+        self.drain(
+            Signal(
+                instance_id=self.instance_id,
+                kind=kind,
+                source=source,
+                event_id=str(last.get("event_id") or f"fleet-record:{self.instance_id}"),
+                received_at=received,
+                deadline=deadline,
+                state=last.get("state"),
+                event_time=received,
+                attributes={"origin": FLEET_RECORD_ORIGIN},
+            )
+        )
 
     def _release_what_does_not_fit(self) -> None:
         if not self.config.requeue_enabled:
-            return  # baseline mode: running tasks go on, nothing is released early
+            return  # baseline mode: received tasks go on, nothing is released early
+        queued = [task for task in self.held_tasks() if task.state is TaskState.QUEUED]
+        if queued:
+            self._hand_back(queued, reason="drain: received, not started")
         deadline = self._deadline_monotonic
         late = [task for task in self.running_tasks() if not task.fits(deadline)]
         if deadline is not None and time.monotonic() >= deadline:
             late = self.running_tasks()
-        for task in late:
+        if not late:
+            return
+
+        def release(task: Task) -> None:
             if self._release(task, visibility=0, reason="drain"):
                 self._count(Metric.TASKS_RELEASED_ON_DRAIN)
+
+        if len(late) == 1:
+            release(late[0])
+            return
+        with ThreadPoolExecutor(max_workers=min(len(late), 16), thread_name_prefix="release") as pool:
+            list(pool.map(release, late))
 
     # ------------------------------------------------------------------ main loop
     def request_stop(self) -> None:
         """Stop without a notice (tests, ``KeyboardInterrupt``): running tasks finish."""
         self._stop.set()
+        with self._tasks_lock:
+            self._changed.notify_all()
 
     def run(self) -> int:
+        # A drain ordered while this agent was not running (or before it started) applies now.
+        self.follow_fleet_record(self.reporter.heartbeat())
+        self._release_leftover_leases()
         heartbeat = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         heartbeat.start()
+        self._deletes.start()
+        self._protection.start()
         LOG.info(
             "worker started: queue %s, handler %s, concurrency %d",
             self.config.work_queue_url,
@@ -248,42 +359,65 @@ class Worker:
         )
         try:
             while not self._stop.is_set():
-                if not self._slots.acquire(timeout=0.2):
+                room = self._room()
+                if room <= 0:
+                    with self._tasks_lock:
+                        self._changed.wait(0.2)
                     continue
-                free = 1
-                while free < min(self.config.concurrency, 10) and self._slots.acquire(blocking=False):
-                    free += 1
                 try:
-                    messages = self._receive(free)
+                    messages = self._receive(min(SQS_BATCH_LIMIT, room))
                 except AWS_ERRORS as error:
                     LOG.warning("receive failed: %s", error)
-                    messages = []
                     self._stop.wait(1.0)
-                for message in messages:
-                    free -= 1
-                    if not self._start(message):
-                        self._slots.release()
-                for _ in range(free):
-                    self._slots.release()
+                    continue
+                if messages:
+                    self._take(messages)
             self._wait_for_tasks()
         finally:
             self._pool.shutdown(wait=False)
+            self._deletes.close()
             self._flush_metrics()
         if self._lifecycle_terminating:
             self.reporter.complete_lifecycle(
                 self.config.asg_name, self.config.terminate_hook_name, "CONTINUE"
             )
+        if self._drain_report is not None:
+            self._drain_report.join(timeout=10)  # the process exits right after run()
+        if self.drain_signal is not None and not self.holds_leases():
+            self.reporter.drained()
+        self._protection.stop()
         LOG.info("worker stopped: %s", json.dumps(self.status()["counters"]))
         return 0
 
+    def _room(self) -> int:
+        """How many more messages to receive now: free slots, plus the prefetch while tasks are short."""
+        limit = self.config.concurrency
+        mean = self._mean_task_seconds
+        if self.config.prefetch and mean is not None and mean <= PREFETCH_MAX_TASK_SECONDS:
+            limit += self.config.prefetch
+        with self._tasks_lock:
+            return limit - len(self._tasks)
+
     def _wait_for_tasks(self) -> None:
-        """Until no task is RUNNING. Released tasks whose handler has not noticed yet do not
-        hold the exit up: their messages are already back on the queue."""
-        while True:
-            with self._tasks_lock:
-                if all(t.state is TaskState.RELEASED for t in self._tasks.values()):
-                    return
+        """Until no task is held and every delete is done. Released tasks whose handler has
+        not noticed yet do not hold the exit up: their messages are already back on the queue."""
+        while self.holds_leases():
             time.sleep(0.05)
+
+    def _release_leftover_leases(self) -> None:
+        """Leases this instance still holds at start belong to a crashed predecessor (systemd
+        restarted us): their messages go back now, counted as interruptions."""
+        try:
+            leftover = self.leases.for_instance(self.instance_id)
+            if leftover:
+                result = self.requeuer.release(self.instance_id, leftover, interruption=True)
+                LOG.warning(
+                    "released %d leases left by a previous run (%d already gone)",
+                    result.requeued,
+                    result.already_gone,
+                )
+        except RELEASE_ERRORS as error:
+            LOG.warning("releasing leases left by a previous run failed: %s", error)
 
     def _receive(self, count: int) -> list[dict[str, Any]]:
         response = self.sqs.receive_message(
@@ -296,34 +430,72 @@ class Worker:
         )
         return list(response.get("Messages", []))
 
-    def _start(self, message: dict[str, Any]) -> bool:
-        """Take one received message. True when a task was started (it holds a slot)."""
-        message_id = str(message["MessageId"])
-        if self._stop.is_set():
-            # Arrived after the drain (or stop) began and not started: give it straight back.
-            self._change_visibility(message["ReceiptHandle"], 0)
-            return False
-        receive_count = int(message.get("Attributes", {}).get(RECEIVE_COUNT_ATTRIBUTE, "1"))
-        requeues = self._interruption_requeues(message_id) if receive_count > 1 else 0
-        if requeues is not None and self._is_poison(message, receive_count, requeues):
-            return False
+    def _lease_for(self, message: dict[str, Any], requeues: int | None) -> Lease:
         at = now()
-        lease = Lease(
+        return Lease(
             instance_id=self.instance_id,
-            message_id=message_id,
+            message_id=str(message["MessageId"]),
             receipt_handle=str(message["ReceiptHandle"]),
             queue_url=self.config.work_queue_url,
             leased_at=at,
             heartbeat_at=at,
+            interruption_requeues=requeues,
         )
+
+    def _take(self, messages: list[dict[str, Any]]) -> None:
+        """Take one receive: poison checks, one lease batch, then the tasks are queued."""
+        if self._stop.is_set():
+            # Arrived after the drain (or stop) began and not started: give it straight back.
+            leases = [self._lease_for(m, 0 if _receive_count(m) == 1 else None) for m in messages]
+            self._give_back(leases, leased=False, reason="received after the drain began")
+            return
+        receive_counts = {str(m["MessageId"]): _receive_count(m) for m in messages}
+        # A first receive cannot have been requeued: read counters only for the others.
+        again = [message_id for message_id, count in receive_counts.items() if count > 1]
+        known: dict[str, int] | None = {}
+        if again:
+            try:
+                known = self.leases.requeue_counts(again)
+            except BOOKKEEPING_ERRORS as error:
+                # Unknown: do not risk sending a healthy message to the DLQ.
+                LOG.warning("requeue counters unreadable, skipping the poison check: %s", error)
+                known = None
+        tasks: list[Task] = []
+        for message in messages:
+            message_id = str(message["MessageId"])
+            receive_count = receive_counts[message_id]
+            requeues: int | None = 0
+            if receive_count > 1:
+                requeues = known.get(message_id, 0) if known is not None else None
+            if requeues is not None and self._is_poison(message, receive_count, requeues):
+                continue
+            tasks.append(self._task_for(message, receive_count, requeues))
+        if not tasks:
+            return
         try:
-            self._put_lease(lease)
+            unwritten = self.leases.put_many([task.lease for task in tasks])
         except AWS_ERRORS as error:
-            # Without a lease nobody could requeue the message if this instance vanished:
-            # do not start it; let another attempt (here or elsewhere) take it shortly.
-            LOG.warning("lease write failed for %s, not starting it: %s", message_id, error)
-            self._change_visibility(lease.receipt_handle, 5)
-            return False
+            LOG.warning("lease write failed for %d messages, not starting them: %s", len(tasks), error)
+            unwritten = [task.lease for task in tasks]
+        if unwritten:
+            # Without a lease nobody could requeue the message if this instance vanished: do
+            # not start it. Not the message's fault: counted as an interruption.
+            failed_ids = {lease.message_id for lease in unwritten}
+            self._give_back(
+                unwritten,
+                leased=False,
+                visibility=LEASE_FAILURE_VISIBILITY_SECONDS,
+                reason="lease write failed",
+            )
+            tasks = [task for task in tasks if task.message_id not in failed_ids]
+        with self._tasks_lock:
+            for task in tasks:
+                self._tasks[task.message_id] = task
+        for task in tasks:
+            self._pool.submit(self._execute, task)
+
+    def _task_for(self, message: dict[str, Any], receive_count: int, requeues: int | None) -> Task:
+        message_id = str(message["MessageId"])
         body = str(message.get("Body", ""))
         expected = None
         if self.expected_seconds is not None:
@@ -332,9 +504,9 @@ class Worker:
                 expected = float(value) if value is not None else None
             except Exception as error:  # noqa: BLE001 - user code: a bad estimate only means "unknown"
                 LOG.info("expected_seconds failed for %s: %s", message_id, error)
-        task = Task(
+        return Task(
             message=message,
-            lease=lease,
+            lease=self._lease_for(message, requeues),
             receive_count=receive_count,
             requeues=requeues or 0,
             started=time.monotonic(),
@@ -342,14 +514,67 @@ class Worker:
             context=TaskContext(message_id, receive_count, dict(message.get("MessageAttributes", {}))),
             last_extended=time.monotonic(),
         )
+
+    def _give_back(self, leases: Sequence[Lease], *, leased: bool, reason: str, visibility: int = 0) -> None:
+        """Hand messages back that this worker will not start, counted as interruptions."""
+        try:
+            self.requeuer.release(
+                self.instance_id, leases, visibility_timeout=visibility, interruption=True, leased=leased
+            )
+        except RELEASE_ERRORS as error:
+            LOG.warning("handing back %d messages (%s) failed: %s", len(leases), reason, error)
+            return
+        LOG.info("handed back %d messages (%s)", len(leases), reason)
+
+    def _hand_back(self, tasks: Sequence[Task], *, reason: str) -> None:
+        """Queued (received, not started) tasks go back at once, counted as interruptions."""
+        taken: list[Task] = []
+        for task in tasks:
+            with task.lock:
+                if task.state is not TaskState.QUEUED:
+                    continue
+                task.state = TaskState.RELEASED
+                task.context.released.set()
+                taken.append(task)
+        if not taken:
+            return
+        self._give_back([task.lease for task in taken], leased=True, reason=reason)
         with self._tasks_lock:
-            self._tasks[message_id] = task
-        self._pool.submit(self._execute, task)
+            for task in taken:
+                self._tasks.pop(task.message_id, None)
+            self._changed.notify_all()
+        self._count(Metric.TASKS_RELEASED_ON_DRAIN, len(taken))
+
+    def _begin(self, task: Task) -> bool:
+        """Start a queued task, unless a drain began while it waited for a slot."""
+        if self._stop.is_set() and self.config.requeue_enabled:
+            self._hand_back([task], reason="drain: received, not started")
+            return False
+        with task.lock:
+            if task.state is not TaskState.QUEUED:
+                return False
+            task.state = TaskState.RUNNING
+            task.started = time.monotonic()
         return True
+
+    def _finished(self, task: Task, began: bool) -> None:
+        if began:
+            duration = time.monotonic() - task.started
+            previous = self._mean_task_seconds
+            self._mean_task_seconds = (
+                duration if previous is None else previous + DURATION_SMOOTHING * (duration - previous)
+            )
+        with self._tasks_lock:
+            self._tasks.pop(task.message_id, None)
+            self._changed.notify_all()
 
     # ------------------------------------------------------------------ one task
     def _execute(self, task: Task) -> None:
+        began = False
         try:
+            began = self._begin(task)
+            if not began:
+                return
             try:
                 self.handler(str(task.message.get("Body", "")), task.context)
             except Exception as error:  # noqa: BLE001 - any handler exception is a task failure
@@ -357,9 +582,7 @@ class Worker:
             else:
                 self._on_success(task)
         finally:
-            with self._tasks_lock:
-                self._tasks.pop(task.message_id, None)
-            self._slots.release()
+            self._finished(task, began)
 
     def _on_success(self, task: Task) -> None:
         with task.lock:
@@ -367,14 +590,8 @@ class Worker:
                 LOG.info("task %s finished after it was released; result dropped", task.message_id)
                 return
             task.state = TaskState.DONE
-            try:
-                self.sqs.delete_message(
-                    QueueUrl=self.config.work_queue_url, ReceiptHandle=task.receipt_handle
-                )
-            except AWS_ERRORS as error:
-                LOG.warning("delete failed for %s (it will be redelivered): %s", task.message_id, error)
-            self._delete_lease(task.lease)
-        self._count(Metric.TASKS_COMPLETED)
+        # Deleted in batches (DeleteMessageBatch, then the leases); counted as completed then.
+        self._deletes.put(task)
 
     def _on_failure(self, task: Task, error: Exception) -> None:
         failures = genuine_failures(task.receive_count, task.requeues) + 1
@@ -393,17 +610,24 @@ class Worker:
     def _release(
         self, task: Task, *, visibility: int, reason: str, final_state: TaskState = TaskState.RELEASED
     ) -> bool:
+        """Give one task's message back (the core release path): an interruption
+        (``RELEASED``: counted first, so the next receive is not taken for a failed attempt)
+        or a failure (``FAILED``: visible again after the backoff, not counted)."""
         with task.lock:
-            if task.state is not TaskState.RUNNING:
+            if task.state not in HELD_STATES:
                 return False
             task.state = final_state
             task.context.released.set()
-            if final_state is TaskState.RELEASED:
-                # An interruption, not a failure: count it first, so the next receive is not
-                # taken for a failed attempt (contracts.genuine_failures; the poison rule).
-                self._count_interruption_requeue(task.message_id)
-            self._change_visibility(task.receipt_handle, visibility)
-            self._delete_lease(task.lease)
+            try:
+                self.requeuer.release(
+                    self.instance_id,
+                    [task.lease],
+                    visibility_timeout=visibility,
+                    interruption=final_state is TaskState.RELEASED,
+                )
+            except RELEASE_ERRORS as error:
+                # The lease stays: if this instance goes away the control plane requeues it.
+                LOG.warning("release of %s (%s) failed: %s", task.message_id, reason, error)
         LOG.info("released %s (%s, visible in %d s)", task.message_id, reason, visibility)
         return True
 
@@ -425,28 +649,28 @@ class Worker:
                 time.sleep(0.5)
 
     def _idle_after_stop(self) -> bool:
-        with self._tasks_lock:
-            return self._stop.is_set() and not self._tasks
+        return self._stop.is_set() and not self.holds_leases()
 
     def _extend_until_idle(self) -> None:
         extend_every = max(0.5, self.config.visibility_timeout_seconds / 3)
         while not self._idle_after_stop():
             current = time.monotonic()
-            for task in self.running_tasks():
-                if current - task.last_extended >= extend_every:
-                    self._extend(task)
+            due = [task for task in self.held_tasks() if current - task.last_extended >= extend_every]
+            for start in range(0, len(due), SQS_BATCH_LIMIT):
+                self._extend(due[start : start + SQS_BATCH_LIMIT])
             if self._stop.is_set():
                 self._release_what_does_not_fit()
             time.sleep(0.1)
 
     def _report_until_stopped(self) -> None:
-        next_fleet = next_lifecycle = 0.0
+        next_fleet = time.monotonic() + self.config.fleet_heartbeat_seconds  # run() sent the first
+        next_lifecycle = 0.0
         next_metrics = time.monotonic() + 60
         while not self._idle_after_stop():
             current = time.monotonic()
             if current >= next_fleet:
                 next_fleet = current + self.config.fleet_heartbeat_seconds
-                self.reporter.heartbeat()
+                self.follow_fleet_record(self.reporter.heartbeat())
             if self._lifecycle_terminating and current >= next_lifecycle:
                 next_lifecycle = current + 30
                 self.reporter.lifecycle_heartbeat(self.config.asg_name, self.config.terminate_hook_name)
@@ -455,27 +679,46 @@ class Worker:
                 self._flush_metrics()
             time.sleep(0.2)
 
-    def _extend(self, task: Task) -> None:
-        with task.lock:
-            if task.state is not TaskState.RUNNING:
+    def _extend(self, tasks: Sequence[Task]) -> None:
+        """One ChangeMessageVisibilityBatch for up to ten held tasks, then their lease heartbeats.
+        The tasks' locks are held across the call, so a release never races an extension
+        (which would hide a released message again)."""
+        locked: list[Task] = []
+        try:
+            for task in tasks:
+                task.lock.acquire()
+                if task.state in HELD_STATES:
+                    locked.append(task)
+                else:
+                    task.lock.release()
+            if not locked:
                 return
-            task.last_extended = time.monotonic()
+            at = time.monotonic()
+            for task in locked:
+                task.last_extended = at
+            entries = [
+                {
+                    "Id": str(index),
+                    "ReceiptHandle": task.receipt_handle,
+                    "VisibilityTimeout": self.config.visibility_timeout_seconds,
+                }
+                for index, task in enumerate(locked)
+            ]
             try:
-                self.sqs.change_message_visibility(
-                    QueueUrl=self.config.work_queue_url,
-                    ReceiptHandle=task.receipt_handle,
-                    VisibilityTimeout=self.config.visibility_timeout_seconds,
+                response = self.sqs.change_message_visibility_batch(
+                    QueueUrl=self.config.work_queue_url, Entries=entries
                 )
+                for failure in response.get("Failed", []):
+                    LOG.warning("visibility extension failed for one message: %s", failure.get("Message"))
             except AWS_ERRORS as error:
-                LOG.warning("visibility extension failed for %s: %s", task.message_id, error)
+                LOG.warning("visibility extension failed for %d messages: %s", len(locked), error)
+        finally:
+            for task in locked:
+                task.lock.release()
+        stamp = now()
+        for task in locked:
             try:
-                self.dynamodb.update_item(
-                    TableName=self.config.lease_table,
-                    Key=_serialize(task.lease.key()),
-                    UpdateExpression="SET heartbeat_at = :h",
-                    ConditionExpression="attribute_exists(message_id)",
-                    ExpressionAttributeValues={":h": {"N": f"{now():.3f}"}},
-                )
+                self.leases.heartbeat(task.lease, stamp)
             except AWS_ERRORS as error:
                 LOG.info("lease heartbeat failed for %s: %s", task.message_id, error)
 
@@ -487,46 +730,6 @@ class Worker:
             )
         except AWS_ERRORS as error:
             LOG.warning("ChangeMessageVisibility(%d) failed: %s", seconds, error)
-
-    def _put_lease(self, lease: Lease) -> None:
-        self.dynamodb.put_item(TableName=self.config.lease_table, Item=_serialize(lease.to_item()))
-
-    def _delete_lease(self, lease: Lease) -> None:
-        try:
-            self.dynamodb.delete_item(TableName=self.config.lease_table, Key=_serialize(lease.key()))
-        except AWS_ERRORS as error:
-            LOG.warning("lease delete failed for %s: %s", lease.message_id, error)
-
-    def _count_interruption_requeue(self, message_id: str) -> None:
-        try:
-            self.dynamodb.update_item(
-                TableName=self.config.lease_table,
-                Key=_serialize(requeue_counter_key(message_id)),
-                UpdateExpression="ADD #count :one SET #ttl = :ttl",
-                ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE},
-                ExpressionAttributeValues={
-                    ":one": {"N": "1"},
-                    ":ttl": {"N": str(int(now()) + REQUEUE_COUNTER_TTL_SECONDS)},
-                },
-            )
-        except AWS_ERRORS as error:
-            # Worst case the release counts as one failure; the message itself is not lost.
-            LOG.warning("requeue counter update failed for %s: %s", message_id, error)
-
-    def _interruption_requeues(self, message_id: str) -> int | None:
-        try:
-            item = self.dynamodb.get_item(
-                TableName=self.config.lease_table,
-                Key=_serialize(requeue_counter_key(message_id)),
-                ConsistentRead=True,
-            ).get("Item")
-        except AWS_ERRORS as error:
-            # Unknown: do not risk sending a healthy message to the DLQ.
-            LOG.warning("requeue counter unreadable for %s, skipping the poison check: %s", message_id, error)
-            return None
-        if not item or REQUEUE_COUNTER_ATTRIBUTE not in item:
-            return 0
-        return int(item[REQUEUE_COUNTER_ATTRIBUTE]["N"])
 
     def _is_poison(self, message: dict[str, Any], receive_count: int, requeues: int) -> bool:
         failures = genuine_failures(receive_count, requeues)
@@ -570,7 +773,7 @@ class Worker:
             return
         with contextlib.suppress(*AWS_ERRORS):
             self.clients.client("cloudwatch").put_metric_data(
-                Namespace=METRIC_NAMESPACE,
+                Namespace=AGENT_METRIC_NAMESPACE,
                 MetricData=[
                     {
                         "MetricName": metric.value,
@@ -583,9 +786,132 @@ class Worker:
             )
 
 
-def _serialize(item: dict[str, Any]) -> dict[str, Any]:
-    return {key: _SERIALIZER.serialize(value) for key, value in item.items()}
+def _receive_count(message: dict[str, Any]) -> int:
+    return int(message.get("Attributes", {}).get(RECEIVE_COUNT_ATTRIBUTE, "1"))
 
 
-def deadline_text(value: datetime | None) -> str:
-    return value.isoformat() if value else "none"
+class DeleteBatcher:
+    """Deletes finished messages in batches: DeleteMessageBatch (ten per call), then their
+    leases in one BatchWriteItem. No linger: whatever finished while the previous batch was
+    in flight forms the next one, so a lone task is deleted at once and a busy worker pays
+    one round trip per ten messages."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self._pending: list[Task] = []
+        self._in_flight = 0
+        self._closed = False
+        self._condition = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="deletes", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def put(self, task: Task) -> None:
+        with self._condition:
+            self._pending.append(task)
+            self._condition.notify_all()
+
+    def idle(self) -> bool:
+        with self._condition:
+            return not self._pending and not self._in_flight
+
+    def close(self) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._pending and not self._closed:
+                    self._condition.wait()
+                if not self._pending:
+                    return
+                batch = self._pending[:SQS_BATCH_LIMIT]
+                del self._pending[:SQS_BATCH_LIMIT]
+                self._in_flight = len(batch)
+            try:
+                self._delete(batch)
+            except Exception:  # the delete thread must outlive any single failure
+                LOG.exception("delete batch failed")
+            finally:
+                with self._condition:
+                    self._in_flight = 0
+                    self._condition.notify_all()
+                with self.worker._tasks_lock:
+                    self.worker._changed.notify_all()
+
+    def _delete(self, batch: list[Task]) -> None:
+        worker = self.worker
+        entries = [
+            {"Id": str(index), "ReceiptHandle": task.receipt_handle} for index, task in enumerate(batch)
+        ]
+        try:
+            response = worker.sqs.delete_message_batch(QueueUrl=worker.config.work_queue_url, Entries=entries)
+            for failure in response.get("Failed", []):
+                task = batch[int(failure["Id"])]
+                LOG.warning(
+                    "delete failed for %s (it will be redelivered): %s", task.message_id, failure.get("Code")
+                )
+        except AWS_ERRORS as error:
+            LOG.warning("delete of %d messages failed (they will be redelivered): %s", len(batch), error)
+        try:
+            worker.leases.delete([task.lease for task in batch])
+        except BOOKKEEPING_ERRORS as error:
+            LOG.warning("lease delete failed for %d messages: %s", len(batch), error)
+        worker._count(Metric.TASKS_COMPLETED, len(batch))
+
+
+class ScaleInProtection:
+    """ASG instance protection while the worker holds leases (the ``sqs-ec2-spot-asg``
+    pattern): set as soon as it is busy, cleared once it has been idle for
+    ``protection_idle_seconds`` (an idle fleet must always be able to scale in). Runs on its
+    own thread and is best effort: a failed call never delays work, it is retried later."""
+
+    POLL_SECONDS = 0.2
+    RETRY_SECONDS = 30.0
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.protected = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="scale-in-protection", daemon=True)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.worker.config.asg_name)
+
+    def start(self) -> None:
+        if self.enabled:
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+        if self.protected:
+            self._apply(False)
+
+    def _apply(self, protected: bool) -> bool:
+        if self.worker.reporter.set_scale_in_protection(self.worker.config.asg_name, protected):
+            self.protected = protected
+            return True
+        return False
+
+    def _run(self) -> None:
+        idle_since: float | None = None
+        retry_at = 0.0
+        while not self._stop.wait(self.POLL_SECONDS):
+            current = time.monotonic()
+            busy = self.worker.holds_leases()
+            idle_since = None if busy else (idle_since if idle_since is not None else current)
+            wanted = busy or (
+                self.protected
+                and idle_since is not None
+                and current - idle_since < self.worker.config.protection_idle_seconds
+            )
+            if wanted != self.protected and current >= retry_at and not self._apply(wanted):
+                retry_at = current + self.RETRY_SECONDS

@@ -69,6 +69,11 @@ class Metric(StrEnum):
     WATCHDOG_HEARTBEAT = "WatchdogHeartbeat"
     TERMINATED_BY_WATCHDOG = "InstancesTerminatedByWatchdog"
     ORPHAN_LEASES_SWEPT = "OrphanLeasesSwept"
+    #: Fleet-table / lease-table items that could not be read (unknown state, not a number,
+    #: missing key): skipped one at a time by the watchdog and the dispatcher, counted here.
+    UNREADABLE_TABLE_ITEMS = "UnreadableTableItems"
+    #: Instances that drained and were ended by the watchdog after an early replacement.
+    INSTANCES_RETIRED = "InstancesRetired"
     BOOTSTRAP_FAILURES = "BootstrapFailures"
     FLEET_SIZE = "FleetSize"  # managed instances not ended, emitted by the watchdog
     # reconciler / migration
@@ -76,6 +81,13 @@ class Metric(StrEnum):
     MIGRATIONS_SUCCEEDED = "MigrationsSucceeded"
     MIGRATIONS_FAILED = "MigrationsFailed"
     MIGRATION_ELIGIBLE = "MigrationEligibleInstances"
+    #: ASG fleets: desired capacity minus healthy InService instances (reconciler, each run).
+    CAPACITY_SHORTFALL = "CapacityShortfall"
+    #: Migration jobs found stuck ``running`` (their reconciler crashed) and ended as failed.
+    MIGRATION_JOBS_ABANDONED = "MigrationJobsAbandoned"
+    # api
+    API_UNREADABLE_RECORDS = "ApiUnreadableRecords"  # fleet table items a fleet view skipped
+    API_INTERNAL_ERRORS = "ApiInternalErrors"  # requests answered 500 (logged with the traceback)
     # notifier
     NOTIFICATIONS_PUBLISHED = "NotificationsPublished"
     WEBHOOK_DELIVERED = "WebhookDelivered"
@@ -92,6 +104,8 @@ class Metric(StrEnum):
 # --------------------------------------------------------------------------------------
 class SignalKind(StrEnum):
     SPOT_INTERRUPTION = "spot_interruption"  # 2-minute warning (IMDS instance-action or EventBridge)
+    #: Interruptible Capacity Reservation reclaim: a 2-minute warning like the spot one.
+    CAPACITY_RESERVATION_INTERRUPTION = "capacity_reservation_interruption"
     REBALANCE = "rebalance"  # rebalance recommendation
     STATE_CHANGE = "state_change"  # EC2 instance state-change notification
     LIFECYCLE_LAUNCH = "lifecycle_launch"  # ASG launch lifecycle action
@@ -99,7 +113,10 @@ class SignalKind(StrEnum):
     HEALTH_SCHEDULED = "health_scheduled"  # AWS Health scheduled change for EC2
     BOOTSTRAP_DEADLINE = "bootstrap_deadline"  # watchdog: not ready by the deadline
     HEARTBEAT_STALE = "heartbeat_stale"  # watchdog: agent stopped heartbeating
-    DRAIN_DEADLINE = "drain_deadline"  # watchdog: interruption deadline passed, no state change seen
+    DRAIN_DEADLINE = "drain_deadline"  # watchdog: drain deadline passed, no state change seen
+    DRAINED = "drained"  # watchdog: a draining agent reported its drain finished (``drained_at``)
+    #: watchdog: an instance replaced early has a replacement in service (or waited long enough).
+    REPLACEMENT_IN_SERVICE = "replacement_in_service"
     #: IMDS ``events/maintenance/scheduled`` (instance-stop, instance-retirement, system-reboot …):
     #: decided by its code; a reboot is not a termination.
     MAINTENANCE_SCHEDULED = "maintenance_scheduled"
@@ -112,9 +129,15 @@ class SignalSource(StrEnum):
     WATCHDOG = "watchdog"
 
 
-#: How long before the reclaim AWS sends a spot interruption warning (``terminate``/``stop``;
-#: a ``hibernate`` action starts at once: its deadline is the event time itself).
+#: How long before the reclaim AWS sends a spot (or capacity reservation) interruption warning
+#: (``terminate``/``stop``; a ``hibernate`` action starts at once: its deadline is the event time).
 SPOT_WARNING_LEAD: Final = timedelta(minutes=2)
+#: IMDS ``events/maintenance/scheduled`` codes after which the instance is gone (stopped or
+#: retired at ``NotBefore``): the agent drains by then. ``system-reboot``, ``instance-reboot``
+#: and ``system-maintenance`` keep the instance (and its disk): logged and recorded, no drain.
+MAINTENANCE_DRAIN_CODES: Final = frozenset({"instance-stop", "instance-retirement"})
+#: Scheduled-event states that are history, not a notice.
+MAINTENANCE_PAST_STATES: Final = frozenset({"completed", "canceled"})
 #: EC2 instance ids: ``i-`` and 8 or 17 hex digits.
 INSTANCE_ID_PATTERN: Final = r"i-(?:[0-9a-f]{8}|[0-9a-f]{17})"
 
@@ -166,6 +189,7 @@ NOTIFICATION_EVENT_SOURCE: Final = "spotguard"
 
 class DetailType(StrEnum):
     SPOT_INTERRUPTION = "EC2 Spot Instance Interruption Warning"
+    CAPACITY_RESERVATION_INTERRUPTION = "EC2 Capacity Reservation Instance Interruption Warning"
     REBALANCE = "EC2 Instance Rebalance Recommendation"
     STATE_CHANGE = "EC2 Instance State-change Notification"
     LIFECYCLE_LAUNCH = "EC2 Instance-launch Lifecycle Action"
@@ -195,6 +219,10 @@ def event_patterns(*, allow_test_events: bool, asg_name: str | None = None) -> d
         "spot-interruption": {
             "source": sources("aws.ec2"),
             "detail-type": [DetailType.SPOT_INTERRUPTION.value],
+        },
+        "capacity-reservation-interruption": {
+            "source": sources("aws.ec2"),
+            "detail-type": [DetailType.CAPACITY_RESERVATION_INTERRUPTION.value],
         },
         "rebalance": {
             "source": sources("aws.ec2"),
@@ -274,6 +302,11 @@ class Lease:
     leased_at: float  # epoch seconds
     heartbeat_at: float  # epoch seconds; refreshed while the task runs
     expires_at: int = 0  # TTL, epoch seconds
+    #: The message's interruption requeue count when this lease was taken (the worker knows
+    #: it: 0 on a first receive, else it read the counter). Whoever requeues the lease then
+    #: *writes* ``count + 1`` (a batch put, idempotent when agent and control plane both
+    #: requeue it) instead of one ``ADD`` per message. ``None``: unknown, ``ADD`` is used.
+    interruption_requeues: int | None = None
 
     def key(self) -> dict[str, str]:
         return {LEASE_TABLE_PK: lease_pk(self.instance_id), LEASE_TABLE_SK: lease_sk(self.message_id)}
@@ -290,6 +323,11 @@ class Lease:
             "leased_at": _decimal_safe(self.leased_at),
             "heartbeat_at": _decimal_safe(self.heartbeat_at),
             TTL_ATTRIBUTE: expires_at,
+            **(
+                {"interruption_requeues": self.interruption_requeues}
+                if self.interruption_requeues is not None
+                else {}
+            ),
         }
 
     @classmethod
@@ -302,6 +340,9 @@ class Lease:
             leased_at=float(item["leased_at"]),
             heartbeat_at=float(item["heartbeat_at"]),
             expires_at=int(item.get(TTL_ATTRIBUTE, 0)),
+            interruption_requeues=(
+                int(item["interruption_requeues"]) if item.get("interruption_requeues") is not None else None
+            ),
         )
 
 
@@ -367,13 +408,26 @@ class BootstrapStatus(StrEnum):
 
 class EndReason(StrEnum):
     SPOT_RECLAIM = "spot_reclaim"  # stopped/terminated after a spot interruption warning
+    #: stopped/terminated after an interruptible Capacity Reservation interruption warning
+    CAPACITY_RESERVATION_RECLAIM = "capacity_reservation_reclaim"
     SCALE_IN = "scale_in"  # ASG terminate lifecycle / scale-in
+    #: replaced early (rebalance, Health, spot warning), drained, then ended by spotguard
+    RETIRED = "retired"
     BOOTSTRAP_FAILED = "bootstrap_failed"  # instance reported a failed bootstrap
     BOOTSTRAP_DEADLINE = "bootstrap_deadline"  # watchdog: not ready by the deadline
     HEARTBEAT_STALE = "heartbeat_stale"  # watchdog: agent silent
     MIGRATED = "migrated"  # reconciler replaced it
     STOPPED = "stopped"  # stopped for another reason
     TERMINATED = "terminated"  # terminated for another reason
+
+
+#: Poison rule: ends for which the instance went away for a reason other than running the
+#: messages it held (a notice came first), so requeueing its leases counts as an interruption.
+#: Heartbeat-stale, a failed or late bootstrap and a stop/termination without prior notice are
+#: not in it: the message may be what killed its host.
+INTERRUPTION_END_REASONS: Final = frozenset(
+    {EndReason.SPOT_RECLAIM, EndReason.CAPACITY_RESERVATION_RECLAIM, EndReason.SCALE_IN, EndReason.RETIRED}
+)
 
 
 @dataclass(slots=True)
@@ -416,6 +470,9 @@ class FleetRecord:
     interrupted_at: float | None = None
     #: Set by the agent when its drain finished: nothing running, nothing leased.
     drained_at: float | None = None
+    #: When the ``instance.interrupted`` notice for this instance was published: the fact
+    #: that deduplicates the notice on its own (a retried signal redoes only what is missing).
+    interruption_notified_at: float | None = None
 
     @property
     def state_rank(self) -> int:
@@ -464,6 +521,7 @@ class FleetRecord:
             expires_at=int(expires) if expires is not None else None,
             interrupted_at=num("interrupted_at"),
             drained_at=num("drained_at"),
+            interruption_notified_at=num("interruption_notified_at"),
         )
 
 
@@ -487,7 +545,6 @@ IDEMPOTENCY_TTL_ATTRIBUTE: Final = "expiration"
 MIGRATION_INTERVAL_MINUTES_RANGE: Final = (1, 60)
 MIGRATION_JOB_TIMEOUT_MS_RANGE: Final = (60_000, 1_800_000)  # 1-30 minutes
 MIGRATION_MAX_CONCURRENT_RANGE: Final = (1, 20)
-LOG_LEVELS: Final = ("debug", "info", "warn", "error")
 
 
 class RebalancePolicy(StrEnum):
@@ -505,12 +562,22 @@ DEFAULT_HANDLER: Final = "spotguard_agent.sample_handler:handle"
 DEFAULT_CONCURRENCY: Final = 2
 DEFAULT_VISIBILITY_TIMEOUT_SECONDS: Final = 120
 DEFAULT_MAX_FAILURES: Final = 5
+#: Messages the worker may receive ahead of its free task slots (so one receive and one
+#: lease batch serve up to ten messages), used only while recent tasks are short.
+DEFAULT_PREFETCH: Final = 9
 DEFAULT_IMDS_POLL_SECONDS: Final = 1.0
 DEFAULT_DRAIN_MARGIN_SECONDS: Final = 15
 #: The agent's own health endpoint, which the installer verifies is listening.
 DEFAULT_HEALTH_PORT: Final = 9880
 DEFAULT_BOOTSTRAP_DEADLINE_MINUTES: Final = 20
 DEFAULT_HEARTBEAT_STALE_MINUTES: Final = 5
+#: An instance replaced early keeps working until its replacement is in service, then gets
+#: a drain order with this long to finish (the watchdog ends it once drained or at that time).
+DEFAULT_RETIRE_DRAIN_SECONDS: Final = 600
+#: A detached instance whose replacement never comes into service drains anyway after this.
+DEFAULT_REPLACEMENT_WAIT_SECONDS: Final = 1800
+#: After a spot interruption, replacements avoid its (instance type, zone) pool this long.
+RECLAIMED_POOL_AVOID_SECONDS: Final = 15 * 60
 
 
 # --------------------------------------------------------------------------------------
@@ -531,6 +598,9 @@ class Env(StrEnum):
     WEBHOOK_SECRET_ARN = "SPOTGUARD_WEBHOOK_SECRET_ARN"  # noqa: S105 - a name, not a secret
     NOVITA_API_KEY_SECRET_ARN = "SPOTGUARD_NOVITA_API_KEY_SECRET_ARN"  # noqa: S105
     NOVITA_API_URL = "SPOTGUARD_NOVITA_API_URL"
+    #: Local runs and tests only (never set by the stack): webhook and Novita URLs may name
+    #: a loopback host over http (``spotguard_core.url_safety``).
+    ALLOW_LOOPBACK_URLS = "SPOTGUARD_ALLOW_LOOPBACK_URLS"
     ACCOUNT_ID = "SPOTGUARD_ACCOUNT_ID"
     REGION = "SPOTGUARD_REGION"
     REBALANCE_POLICY = "SPOTGUARD_REBALANCE_POLICY"
@@ -538,6 +608,11 @@ class Env(StrEnum):
     HEARTBEAT_STALE_SECONDS = "SPOTGUARD_HEARTBEAT_STALE_SECONDS"
     BOOTSTRAP_DEADLINE_SECONDS = "SPOTGUARD_BOOTSTRAP_DEADLINE_SECONDS"
     REQUEUE_ENABLED = "SPOTGUARD_REQUEUE_ENABLED"  # drill baseline mode turns it off
+    #: Optional (default ``DEFAULT_RETIRE_DRAIN_SECONDS``): drain time of an instance replaced early.
+    RETIRE_DRAIN_SECONDS = "SPOTGUARD_RETIRE_DRAIN_SECONDS"
+    #: Optional (default ``DEFAULT_REPLACEMENT_WAIT_SECONDS``): a detached instance drains after this
+    #: even if no replacement came into service.
+    REPLACEMENT_WAIT_SECONDS = "SPOTGUARD_REPLACEMENT_WAIT_SECONDS"
     #: "true" only in staging: the dispatcher accepts source ``spotguard.test`` (else rejects it).
     ALLOW_TEST_EVENTS = "SPOTGUARD_ALLOW_TEST_EVENTS"
     MAX_FAILURES = "SPOTGUARD_MAX_FAILURES"  # poison threshold (genuine failures)
@@ -552,9 +627,13 @@ class Env(StrEnum):
     RECONCILER_FUNCTION = "SPOTGUARD_RECONCILER_FUNCTION"  # the api invokes it for /migration/trigger
     SIGNAL_QUEUE_URL = "SPOTGUARD_SIGNAL_QUEUE_URL"
     SUBNET_IDS = "SPOTGUARD_SUBNET_IDS"  # comma-separated fleet subnets (reconciler launches)
+    #: Comma-separated instance types the reconciler adds to the ASG's pools when capacity stays
+    #: below desired (empty: report the shortfall only).
+    FALLBACK_INSTANCE_TYPES = "SPOTGUARD_FALLBACK_INSTANCE_TYPES"
     # instance agent (written to /etc/spotguard/agent.env by the installer)
     HANDLER = "SPOTGUARD_HANDLER"  # module:function run for each message
     CONCURRENCY = "SPOTGUARD_CONCURRENCY"
+    PREFETCH = "SPOTGUARD_PREFETCH"  # messages received ahead of free slots (0 = none)
     VISIBILITY_TIMEOUT_SECONDS = "SPOTGUARD_VISIBILITY_TIMEOUT_SECONDS"
     IMDS_URL = "SPOTGUARD_IMDS_URL"
     IMDS_POLL_SECONDS = "SPOTGUARD_IMDS_POLL_SECONDS"

@@ -4,7 +4,12 @@ The dispatcher (EventBridge signals) and the watchdog (deadline sweeps) both cal
 ``ControlPlane.process``; ``spotguard explain`` calls only ``decide``. Every AWS call is
 made through the adapters here (fleet store, lease store, requeuer, EC2, Auto Scaling,
 notifications). Destructive EC2/ASG calls re-check the fleet tag first, so the code
-refuses an instance that is not this fleet's before IAM has to.
+refuses an instance that is not this fleet's before IAM has to (and a refused termination
+stops the signal's remaining actions: nothing is recorded as ended that was not ended).
+
+A fleet record that cannot be read (unknown state, not a number …) is counted
+(``UnreadableTableItems``), logged, and treated as absent: the managed check then falls
+back to the tag and the ASG, and requeueing a going-away instance still happens.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from spotguard_core.decisions import (
     RecordDraining,
     RecordEnded,
     RecordLaunching,
+    RecordReplacement,
     RequestReplacement,
     RequeueLeases,
     TerminateInstance,
@@ -47,15 +53,26 @@ from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 from spotguard_core.managed import ManagedCheck
 from spotguard_core.ports import MetricsSink
-from spotguard_core.requeue import Requeuer
+from spotguard_core.requeue import RequeueIncompleteError, Requeuer
 
 KIND_METRICS: Mapping[SignalKind, Metric] = {
     SignalKind.SPOT_INTERRUPTION: Metric.INTERRUPTION_WARNINGS,
+    SignalKind.CAPACITY_RESERVATION_INTERRUPTION: Metric.INTERRUPTION_WARNINGS,
     SignalKind.REBALANCE: Metric.REBALANCE_RECOMMENDATIONS,
     SignalKind.HEALTH_SCHEDULED: Metric.HEALTH_SCHEDULED_CHANGES,
 }
 
+#: What an unparseable table item raises in ``FleetRecord.from_item`` / ``Lease.from_item``.
+UNREADABLE_ITEM_ERRORS: tuple[type[Exception], ...] = (KeyError, ValueError, TypeError, ArithmeticError)
+#: End reasons that are failed bootstraps (``BootstrapFailures`` counts every one of them).
+BOOTSTRAP_FAILURE_REASONS = frozenset({EndReason.BOOTSTRAP_FAILED, EndReason.BOOTSTRAP_DEADLINE})
+
 Publisher = Callable[[NotificationType, Mapping[str, Any]], bool]
+
+
+class TransientActionError(RuntimeError):
+    """An AWS write was left unfinished after its own retries (e.g. ``BatchWriteItem``
+    unprocessed items): transient, the caller retries the signal."""
 
 
 @dataclass(slots=True)
@@ -98,7 +115,9 @@ class ControlPlane:
         self.metrics = metrics
         self.ec2 = ec2
         self.autoscaling = autoscaling
-        self.managed_check = managed_check or ManagedCheck(settings.fleet, ec2=ec2)
+        self.managed_check = managed_check or ManagedCheck(
+            settings.fleet, ec2=ec2, autoscaling=autoscaling, asg_name=settings.asg_name
+        )
         self.requeuer = Requeuer(lease_store=lease_store, sqs=sqs, metrics=metrics, clock=clock)
         self.publish: Publisher = publish or notifications.publish
         self.logger = logger or logging.getLogger(__name__)
@@ -125,8 +144,17 @@ class ControlPlane:
     # -- the path ------------------------------------------------------------------------
     def lookup(self, signal: Signal) -> tuple[FleetRecord | None, bool]:
         """The instance's fleet record and whether this fleet manages it."""
-        record = self.fleet_store.get(signal.instance_id)
+        try:
+            record = self.fleet_store.get(signal.instance_id)
+        except UNREADABLE_ITEM_ERRORS as error:
+            self.unreadable_item(f"fleet record {signal.instance_id}", error)
+            record = None
         return record, self.managed_check.is_managed(signal.instance_id, record)
+
+    def unreadable_item(self, what: str, error: Exception) -> None:
+        """Count and log one table item that cannot be parsed (it is skipped, never fatal)."""
+        self.metrics.add_metric(Metric.UNREADABLE_TABLE_ITEMS, "Count", 1)
+        self.logger.warning("unreadable table item skipped: %s: %s: %s", what, type(error).__name__, error)
 
     def process(self, signal: Signal, record: FleetRecord | None) -> Outcome:
         """Decide on a *managed* instance's signal and perform the actions."""
@@ -135,7 +163,11 @@ class ControlPlane:
         actions = decide(signal, record, self.settings)
         outcome = Outcome(signal=signal, managed=True, actions=actions)
         for action in actions:
-            outcome.results.append(self.execute(signal, action))
+            result = self.execute(signal, action)
+            outcome.results.append(result)
+            if result.get("refused"):
+                # Never record an end (or anything after it) for an instance we refused to end.
+                break
         return outcome
 
     # -- actions -------------------------------------------------------------------------
@@ -144,10 +176,18 @@ class ControlPlane:
         signal); notification failures do not (bookkeeping never blocks requeueing)."""
         result: dict[str, Any] = {"action": action.name}
         if isinstance(action, RequeueLeases):
-            requeued = self.requeuer.requeue_instance(
-                action.instance_id, event_time=signal.event_time or signal.received_at
-            )
+            try:
+                requeued = self.requeuer.requeue_instance(
+                    action.instance_id,
+                    event_time=signal.event_time or signal.received_at,
+                    count_interruption=action.counts_as_interruption,
+                )
+            except RequeueIncompleteError:
+                raise
+            except RuntimeError as error:  # lease deletes left unprocessed after the store's retries
+                raise TransientActionError(f"requeue of {action.instance_id}: {error}") from error
             result.update(requeued.to_json())
+            result["counted_as_interruption"] = action.counts_as_interruption
         elif isinstance(action, RecordLaunching):
             result["applied"] = self.fleet_store.advance(
                 action.instance_id,
@@ -165,6 +205,9 @@ class ControlPlane:
                 fields["drain_deadline_at"] = action.drain_deadline_at
             if action.interrupted_at is not None:
                 fields["interrupted_at"] = action.interrupted_at
+            if signal.attributes.get("availability_zone"):
+                # The spot warning's ARN names the zone: pool memory for replacements.
+                fields["availability_zone"] = signal.attributes["availability_zone"]
             result["applied"] = self.fleet_store.advance(
                 action.instance_id, fleet=self.settings.fleet, state=InstanceState.DRAINING, fields=fields
             )
@@ -187,16 +230,27 @@ class ControlPlane:
             result["applied"] = applied
             if applied:
                 self.metrics.add_metric(Metric.INSTANCES_ENDED, "Count", 1)
+                if action.end_reason in BOOTSTRAP_FAILURE_REASONS:
+                    self.metrics.add_metric(Metric.BOOTSTRAP_FAILURES, "Count", 1)
+                if action.end_reason is EndReason.RETIRED:
+                    self.metrics.add_metric(Metric.INSTANCES_RETIRED, "Count", 1)
         elif isinstance(action, CorrectEndReason):
             result["applied"] = self.fleet_store.update_fields(
                 action.instance_id, {"end_reason": action.end_reason, "interrupted_at": action.interrupted_at}
             )
         elif isinstance(action, RequestReplacement):
             result.update(self._request_replacement(action))
+        elif isinstance(action, RecordReplacement):
+            result["applied"] = self.fleet_store.update_fields(
+                action.instance_id, {"replaced_by": action.replaced_by}
+            )
         elif isinstance(action, TerminateInstance):
             result.update(self._terminate(signal, action))
         elif isinstance(action, Notify):
-            result["published"] = self._notify(action)
+            published = self._notify(action)
+            result["published"] = published
+            if published and action.sent_fact:
+                self.fleet_store.update_fields(action.instance_id, {action.sent_fact: self.clock()})
         else:  # pragma: no cover - every Action subclass is handled above
             raise TypeError(f"unknown action {action!r}")
         return result
@@ -241,7 +295,10 @@ class ControlPlane:
             InstanceIds=[action.instance_id],
             ShouldDecrementDesiredCapacity=False,
         )
-        self.fleet_store.update_fields(action.instance_id, {"replacement_requested_at": self.clock()})
+        fields: dict[str, Any] = {"replacement_requested_at": self.clock()}
+        if action.drain_deadline_at is not None:
+            fields["drain_deadline_at"] = action.drain_deadline_at
+        self.fleet_store.update_fields(action.instance_id, fields)
         self.metrics.add_metric(Metric.REPLACEMENTS_REQUESTED, "Count", 1)
         return {"detached": True, "asg_name": action.asg_name}
 
@@ -263,8 +320,6 @@ class ControlPlane:
         self.ec2.terminate_instances(InstanceIds=[action.instance_id])
         if signal.source is SignalSource.WATCHDOG:
             self.metrics.add_metric(Metric.TERMINATED_BY_WATCHDOG, "Count", 1)
-        if action.reason in (EndReason.BOOTSTRAP_DEADLINE, EndReason.BOOTSTRAP_FAILED):
-            self.metrics.add_metric(Metric.BOOTSTRAP_FAILURES, "Count", 1)
         return {"terminated": True, "reason": action.reason.value}
 
     def _notify(self, action: Notify) -> bool:

@@ -10,7 +10,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from spotguard_core.contracts import Env, RebalancePolicy, asg_name
+from spotguard_core.contracts import (
+    DEFAULT_REPLACEMENT_WAIT_SECONDS,
+    DEFAULT_RETIRE_DRAIN_SECONDS,
+    Env,
+    RebalancePolicy,
+    asg_name,
+)
 
 DEFAULT_BOOTSTRAP_DEADLINE_SECONDS = 20 * 60
 DEFAULT_HEARTBEAT_STALE_SECONDS = 5 * 60
@@ -59,6 +65,10 @@ class ControlSettings:
     bootstrap_deadline_seconds: int = DEFAULT_BOOTSTRAP_DEADLINE_SECONDS
     heartbeat_stale_seconds: int = DEFAULT_HEARTBEAT_STALE_SECONDS
     requeue_enabled: bool = True
+    #: Staging only: accept events with source ``spotguard.test`` (rejected otherwise).
+    allow_test_events: bool = False
+    retire_drain_seconds: int = DEFAULT_RETIRE_DRAIN_SECONDS
+    replacement_wait_seconds: int = DEFAULT_REPLACEMENT_WAIT_SECONDS
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlSettings:
@@ -88,4 +98,9 @@ class ControlSettings:
                 env, Env.HEARTBEAT_STALE_SECONDS, DEFAULT_HEARTBEAT_STALE_SECONDS
             ),
             requeue_enabled=_flag(env, Env.REQUEUE_ENABLED, True),
+            allow_test_events=_flag(env, Env.ALLOW_TEST_EVENTS, False),
+            retire_drain_seconds=_seconds(env, Env.RETIRE_DRAIN_SECONDS, DEFAULT_RETIRE_DRAIN_SECONDS),
+            replacement_wait_seconds=_seconds(
+                env, Env.REPLACEMENT_WAIT_SECONDS, DEFAULT_REPLACEMENT_WAIT_SECONDS
+            ),
         )

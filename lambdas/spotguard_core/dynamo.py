@@ -1,4 +1,6 @@
-"""Small helpers shared by the DynamoDB adapters (value conversion, update expressions)."""
+"""Small helpers shared by the DynamoDB adapters (value conversion, update expressions).
+
+Standard library + boto3 only: the agent bundle ships this module."""
 
 from __future__ import annotations
 
@@ -27,12 +29,13 @@ def to_dynamo(value: Any) -> Any:
     return value
 
 
-def table(env_name: Env, table_name: str | None = None) -> Any:
-    """The boto3 ``Table`` named by ``table_name`` or by the environment variable ``env_name``."""
+def table(env_name: Env, table_name: str | None = None, clients: aws.ClientFactory | None = None) -> Any:
+    """The boto3 ``Table`` named by ``table_name`` or by the environment variable ``env_name``,
+    from ``clients`` (default: the control plane's factory)."""
     name = table_name or os.environ.get(env_name)
     if not name:
         raise RuntimeError(f"table name missing: set {env_name.value}")
-    return aws.resource("dynamodb").Table(name)
+    return (clients or aws.default_factory()).table(name)
 
 
 def update_expression(fields: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:

@@ -4,6 +4,9 @@ State transitions are monotonic (``contracts.STATE_RANK``): every state change i
 conditional write that only succeeds when the stored record is absent or of a lower (or,
 if allowed, equal) rank. Out-of-order events therefore cannot move a terminated instance
 back to draining, whatever order they arrive in.
+
+The agent and the control plane both use this class (standard library + boto3 only: the
+agent bundle ships it).
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import ClientError
 
-from spotguard_core import dynamo
+from spotguard_core import aws, dynamo
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
     STATE_RANK,
@@ -31,8 +34,10 @@ def _conditional_failed(error: ClientError) -> bool:
 class FleetStore:
     """Reads and writes fleet records. The table name comes from ``SPOTGUARD_FLEET_TABLE``."""
 
-    def __init__(self, table_name: str | None = None, *, table: Any = None) -> None:
-        self.table = table if table is not None else dynamo.table(Env.FLEET_TABLE, table_name)
+    def __init__(
+        self, table_name: str | None = None, *, table: Any = None, clients: aws.ClientFactory | None = None
+    ) -> None:
+        self.table = table if table is not None else dynamo.table(Env.FLEET_TABLE, table_name, clients)
 
     # -- reads ---------------------------------------------------------------------------
     def get(self, instance_id: str) -> FleetRecord | None:
@@ -54,14 +59,32 @@ class FleetStore:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def active(self) -> Iterator[FleetRecord]:
-        """Records of instances that have not ended."""
-        return self.scan([s for s in InstanceState if s is not InstanceState.ENDED])
-
     # -- writes --------------------------------------------------------------------------
     def put(self, record: FleetRecord) -> None:
         """Unconditional write of a whole record (seeding, tests, the drill)."""
         self.table.put_item(Item=record.to_item())
+
+    def touch(self, instance_id: str, *, fleet: str, fields: Mapping[str, Any]) -> FleetRecord:
+        """Set ``fields`` (creating the record if absent, state untouched) and return the whole
+        record as stored afterwards (``ReturnValues=ALL_NEW``): the agent's heartbeat, which
+        is also how it reads the control plane's drain order without another call."""
+        updates = {k: v for k, v in fields.items() if k not in (FLEET_TABLE_PK, "fleet")}
+        expression, names, values = dynamo.update_expression(updates)
+        names["#fleet"] = "fleet"
+        values[":fleet"] = fleet
+        fleet_set = "#fleet = if_not_exists(#fleet, :fleet)"
+        if "SET " in expression:
+            expression = expression.replace("SET ", f"SET {fleet_set}, ", 1)
+        else:
+            expression = f"SET {fleet_set} {expression}"
+        response = self.table.update_item(
+            Key={FLEET_TABLE_PK: instance_id},
+            UpdateExpression=expression.strip(),
+            ExpressionAttributeNames=names,
+            ExpressionAttributeValues=values,
+            ReturnValues="ALL_NEW",
+        )
+        return FleetRecord.from_item(response["Attributes"])
 
     def advance(
         self,
@@ -92,7 +115,11 @@ class FleetStore:
             self.table.update_item(
                 Key={FLEET_TABLE_PK: instance_id},
                 UpdateExpression=expression,
-                ConditionExpression=f"attribute_not_exists(#pk) OR #rank {comparison} :rank",
+                # No rank yet: the record was created by a heartbeat alone, or by the bootstrap's
+                # failure report (user data writes only its status): the lowest rank, not above all.
+                ConditionExpression=(
+                    f"attribute_not_exists(#pk) OR attribute_not_exists(#rank) OR #rank {comparison} :rank"
+                ),
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
             )

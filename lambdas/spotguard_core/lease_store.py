@@ -3,17 +3,20 @@
 One table, two item kinds (``contracts``): leases under ``instance#<id>`` / ``lease#<msg>``
 (written by the agent's worker, deleted by it or by the control plane after a requeue) and
 per-message interruption requeue counters under ``message#<msg>`` / ``requeues``.
+
+The agent and the control plane both use this class (standard library + boto3 only: the
+agent bundle ships it); nothing else writes the table.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from boto3.dynamodb.conditions import Attr, Key
 
-from spotguard_core import dynamo
+from spotguard_core import aws, dynamo
 from spotguard_core.contracts import (
     LEASE_TABLE_PK,
     LEASE_TABLE_SK,
@@ -27,22 +30,62 @@ from spotguard_core.contracts import (
 )
 
 LEASE_SK_PREFIX = "lease#"
-#: DynamoDB limit: 25 writes per BatchWriteItem.
+#: DynamoDB limits: 25 writes per BatchWriteItem, 100 keys per BatchGetItem.
 BATCH_WRITE_LIMIT = 25
+BATCH_GET_LIMIT = 100
+BATCH_RETRY_ATTEMPTS = 8
 
 
 class LeaseStore:
-    """Reads and writes leases. The table name comes from ``SPOTGUARD_LEASE_TABLE``."""
+    """Reads and writes leases. The table name comes from ``SPOTGUARD_LEASE_TABLE`` unless given;
+    ``clients`` is the process's ``aws.ClientFactory`` (default: the control plane's)."""
 
-    def __init__(self, table_name: str | None = None, *, table: Any = None) -> None:
-        self.table = table if table is not None else dynamo.table(Env.LEASE_TABLE, table_name)
+    def __init__(
+        self,
+        table_name: str | None = None,
+        *,
+        table: Any = None,
+        clients: aws.ClientFactory | None = None,
+        sleep: Any = time.sleep,
+    ) -> None:
+        self.table = table if table is not None else dynamo.table(Env.LEASE_TABLE, table_name, clients)
+        self._sleep = sleep
 
     @property
     def _client(self) -> Any:
         return self.table.meta.client
 
+    # -- leases --------------------------------------------------------------------------
     def put(self, lease: Lease) -> None:
         self.table.put_item(Item=lease.to_item())
+
+    def put_many(self, leases: Sequence[Lease]) -> list[Lease]:
+        """Write leases with BatchWriteItem (one call for a receive of up to ten messages).
+
+        Returns the leases still unwritten after retrying unprocessed items (the caller must
+        not start those messages); a whole-call failure raises."""
+        by_key = {(lease.key()[LEASE_TABLE_PK], lease.key()[LEASE_TABLE_SK]): lease for lease in leases}
+        unwritten: list[Lease] = []
+        items = [lease.to_item() for lease in leases]
+        for start in range(0, len(items), BATCH_WRITE_LIMIT):
+            requests = [{"PutRequest": {"Item": item}} for item in items[start : start + BATCH_WRITE_LIMIT]]
+            for request in self._batch_write(requests):
+                item = request["PutRequest"]["Item"]
+                unwritten.append(by_key[(item[LEASE_TABLE_PK], item[LEASE_TABLE_SK])])
+        return unwritten
+
+    def heartbeat(self, lease: Lease, at: float) -> bool:
+        """Refresh a lease's heartbeat; False when the lease is gone (released meanwhile)."""
+        try:
+            self.table.update_item(
+                Key=lease.key(),
+                UpdateExpression="SET heartbeat_at = :at",
+                ConditionExpression=Attr("message_id").exists(),
+                ExpressionAttributeValues={":at": dynamo.to_dynamo(at)},
+            )
+        except self._client.exceptions.ConditionalCheckFailedException:
+            return False
+        return True
 
     def for_instance(self, instance_id: str) -> list[Lease]:
         """Every lease held by ``instance_id`` (Query on the partition, paginated)."""
@@ -70,45 +113,92 @@ class LeaseStore:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
-    def scan_stale(self, heartbeat_before: float) -> Iterator[Lease]:
-        """Leases whose heartbeat is older than ``heartbeat_before`` (epoch seconds)."""
-        return (lease for lease in self.scan_leases() if lease.heartbeat_at < heartbeat_before)
-
     def delete(self, leases: Iterable[Lease]) -> int:
         """Delete leases with BatchWriteItem (25 per call; unprocessed items retried)."""
         keys = [lease.key() for lease in leases]
         for start in range(0, len(keys), BATCH_WRITE_LIMIT):
             requests = [{"DeleteRequest": {"Key": key}} for key in keys[start : start + BATCH_WRITE_LIMIT]]
-            self._batch_write(requests)
+            left = self._batch_write(requests)
+            if left:
+                raise RuntimeError(f"{len(left)} lease deletes left unprocessed after retries")
         return len(keys)
 
-    def _batch_write(self, requests: list[dict[str, Any]]) -> None:
+    def _batch_write(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """BatchWriteItem with retries of unprocessed items; returns what is still unprocessed."""
         pending = {self.table.name: requests}
-        for attempt in range(8):
+        for attempt in range(BATCH_RETRY_ATTEMPTS):
             response = self._client.batch_write_item(RequestItems=pending)
             pending = response.get("UnprocessedItems") or {}
             if not pending:
-                return
-            time.sleep(min(2.0, 0.05 * 2**attempt))
-        raise RuntimeError(f"lease deletes left unprocessed after retries: {pending}")
+                return []
+            self._sleep(min(2.0, 0.05 * 2**attempt))
+        return list(pending.get(self.table.name, []))
+
+    # -- interruption requeue counters ----------------------------------------------------
+    def count_interruptions(self, leases: Sequence[Lease], *, now: float | None = None) -> None:
+        """Count one interruption requeue for each lease's message (the poison rule).
+
+        A lease that knows its count (``Lease.interruption_requeues``) gets ``count + 1``
+        written with BatchWriteItem: one call per 25 messages, and writing it twice (agent and
+        control plane racing on one lease) counts it once. Leases that do not know it get an
+        ``ADD`` each (creates the counter at 1)."""
+        expires_at = int((now or time.time()) + REQUEUE_COUNTER_TTL_SECONDS)
+        known = [lease for lease in leases if lease.interruption_requeues is not None]
+        for start in range(0, len(known), BATCH_WRITE_LIMIT):
+            requests = [
+                {
+                    "PutRequest": {
+                        "Item": {
+                            **requeue_counter_key(lease.message_id),
+                            REQUEUE_COUNTER_ATTRIBUTE: int(lease.interruption_requeues or 0) + 1,
+                            TTL_ATTRIBUTE: expires_at,
+                        }
+                    }
+                }
+                for lease in known[start : start + BATCH_WRITE_LIMIT]
+            ]
+            left = self._batch_write(requests)
+            if left:
+                raise RuntimeError(f"{len(left)} requeue counters left unwritten after retries")
+        for lease in leases:
+            if lease.interruption_requeues is None:
+                self.increment_requeue_counter(lease.message_id, now=now)
 
     def increment_requeue_counter(self, message_id: str, *, now: float | None = None) -> None:
-        """Add one interruption requeue to the message's counter (``ADD``: creates it at 1).
-
-        One UpdateItem per message: a transaction would save calls on DynamoDB but makes a
-        whole group fail together (and moto deep-copies tables per transaction, which made
-        the 1,000-lease benchmark take minutes). Callers run these concurrently.
-        """
+        """Add one interruption requeue to the message's counter (``ADD``: creates it at 1)."""
         expires_at = int((now or time.time()) + REQUEUE_COUNTER_TTL_SECONDS)
-        self._client.update_item(
-            TableName=self.table.name,
+        self.table.update_item(
             Key=requeue_counter_key(message_id),
             UpdateExpression="ADD #count :one SET #ttl = :ttl",
             ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE},
             ExpressionAttributeValues={":one": 1, ":ttl": expires_at},
         )
 
+    def requeue_counts(self, message_ids: Sequence[str]) -> dict[str, int]:
+        """Interruption requeue counts of ``message_ids`` (BatchGetItem, strongly consistent;
+        0 for a message never requeued)."""
+        counts = dict.fromkeys(message_ids, 0)
+        ids = list(counts)
+        for start in range(0, len(ids), BATCH_GET_LIMIT):
+            request: dict[str, Any] = {
+                self.table.name: {
+                    "Keys": [requeue_counter_key(i) for i in ids[start : start + BATCH_GET_LIMIT]],
+                    "ConsistentRead": True,
+                }
+            }
+            for attempt in range(BATCH_RETRY_ATTEMPTS):
+                response = self._client.batch_get_item(RequestItems=request)
+                for item in response.get("Responses", {}).get(self.table.name, []):
+                    message_id = str(item[LEASE_TABLE_PK]).removeprefix("message#")
+                    counts[message_id] = int(item.get(REQUEUE_COUNTER_ATTRIBUTE, 0))
+                request = response.get("UnprocessedKeys") or {}
+                if not request:
+                    break
+                self._sleep(min(2.0, 0.05 * 2**attempt))
+            else:
+                raise RuntimeError("requeue counters left unread after retries")
+        return counts
+
     def requeue_count(self, message_id: str) -> int:
-        """How often interruptions requeued ``message_id`` (what the worker subtracts)."""
-        item = self.table.get_item(Key=requeue_counter_key(message_id), ConsistentRead=True).get("Item")
-        return int(item.get(REQUEUE_COUNTER_ATTRIBUTE, 0)) if item else 0
+        """How often interruptions requeued ``message_id`` (the tests' view of the poison rule)."""
+        return self.requeue_counts([message_id])[message_id]

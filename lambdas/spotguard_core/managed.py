@@ -6,6 +6,12 @@ anyway) answers for every instance spotguard has seen; only unknown ids cost one
 ``DescribeTags`` call (never a DescribeInstances per event), and its answer is kept in an
 in-process LRU cache with a TTL, so a foreign instance's stream of events costs one call
 per TTL per warm Lambda container.
+
+The tag alone does not enrol an instance: anyone with ``ec2:CreateTags`` in the account can
+put ``spotguard:fleet`` on any instance. Managed means a fleet record of this fleet (written
+by spotguard: lifecycle launch, migration launch, the agent of a bootstrapped instance), or
+the tag *and* membership of the fleet's ASG (one ``DescribeAutoScalingInstances``, only for
+tagged instances, cached with the same answer).
 """
 
 from __future__ import annotations
@@ -57,9 +63,19 @@ class TtlLru:
 class ManagedCheck:
     """Decides "managed?" from the fleet record, else the fleet tag (cached)."""
 
-    def __init__(self, fleet: str, *, ec2: Any, cache: TtlLru | None = None) -> None:
+    def __init__(
+        self,
+        fleet: str,
+        *,
+        ec2: Any,
+        autoscaling: Any = None,
+        asg_name: str | None = None,
+        cache: TtlLru | None = None,
+    ) -> None:
         self.fleet = fleet
         self.ec2 = ec2
+        self.autoscaling = autoscaling
+        self.asg_name = asg_name
         self.cache = cache or TtlLru(maxsize=DEFAULT_CACHE_SIZE, ttl=DEFAULT_CACHE_TTL_SECONDS)
         self.tag_lookups = 0
 
@@ -69,9 +85,19 @@ class ManagedCheck:
         cached = self.cache.get(instance_id)
         if cached is not None:
             return cached
-        managed = self.has_fleet_tag(instance_id)
+        managed = self.has_fleet_tag(instance_id) and self.in_fleet_asg(instance_id)
         self.cache.put(instance_id, managed)
         return managed
+
+    def in_fleet_asg(self, instance_id: str) -> bool:
+        """One DescribeAutoScalingInstances call: is the instance a member of the fleet's ASG?"""
+        if self.autoscaling is None or not self.asg_name:
+            return False
+        found = self.autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])
+        return any(
+            group.get("AutoScalingGroupName") == self.asg_name
+            for group in found.get("AutoScalingInstances", [])
+        )
 
     def has_fleet_tag(self, instance_id: str) -> bool:
         """One DescribeTags call (uncached): does the instance carry this fleet's tag?"""

@@ -1,16 +1,31 @@
-"""Make a going-away instance's leased messages visible again, within seconds.
+"""Give leased messages back to the queue: the one release path of the agent and the control plane.
+
+"Count the interruption requeue, make the message visible, delete the lease" happens here
+and nowhere else: the control plane requeues a going-away instance's leases
+(``requeue_instance``), the agent releases a task on a drain or a failure, hands back
+messages it received but did not start, and at start releases the leases a crashed
+predecessor left (``release``).
 
 Order matters (poison rule, see docs/control-plane.md): each message's interruption
-requeue counter is incremented *before* its visibility changes, so the next worker that
+requeue counter is written *before* its visibility changes, so the next worker that
 receives it already subtracts this receive from ``ApproximateReceiveCount``
-(``contracts.genuine_failures``). A counter incremented for a message whose visibility
-change then fails only makes the worker more lenient, never stricter.
+(``contracts.genuine_failures``). A counter written for a message whose visibility change
+then fails only makes the worker more lenient, never stricter. A failure release
+(``interruption=False``) counts nothing: it is a genuine failure.
 
-``ChangeMessageVisibilityBatch`` to 0, ten entries per call (``ceil(n/10)`` calls per
-queue); entries failing because the message is gone (already deleted by the worker, or
-the receipt handle is no longer valid) count as done; throttled or failed entries are
-retried with exponential back-off. Leases whose message is visible or gone are deleted;
-leases of entries that still failed are kept and reported, so the caller can retry.
+Three phases, each running its calls concurrently (bounded by ``concurrency``; boto3
+clients are thread-safe, the control plane's use botocore's adaptive retries): the
+counters (one BatchWriteItem per 25 leases when the leases know their count,
+``Lease.interruption_requeues``), then the visibility changes (one
+``ChangeMessageVisibilityBatch`` per ten leases of one queue), then the lease deletes (25
+per BatchWriteItem). 1,000 leases are 180 calls in about ``2 + 4 + 2`` rounds at a
+concurrency of 32, the messages receivable after the first six. Nothing written is read
+back. Entries failing because the message is gone
+(already deleted by the worker, or the receipt handle is no longer valid) count as done;
+throttled or failed entries are retried with exponential back-off; leases of entries that
+still failed are kept and reported, so the caller can retry.
+
+Standard library + boto3 only: the agent bundle ships this module.
 """
 
 from __future__ import annotations
@@ -25,15 +40,16 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from spotguard_core.aws import AWS_ERRORS
 from spotguard_core.contracts import Lease, Metric
-from spotguard_core.lease_store import LeaseStore
+from spotguard_core.lease_store import BATCH_WRITE_LIMIT, LeaseStore
 from spotguard_core.ports import MetricsSink
 
 LOGGER = logging.getLogger(__name__)
 SQS_BATCH_LIMIT = 10
 MAX_ATTEMPTS = 6
-#: Chunks of ten requeued at once (boto3 clients are thread-safe).
-DEFAULT_CONCURRENCY = 8
+#: Chunks of ten released at once: 1,000 leases are 100 chunks, about four rounds.
+DEFAULT_CONCURRENCY = 32
 BASE_BACKOFF_SECONDS = 0.05
 #: Entry error codes meaning the message is not in flight for this receipt handle any more:
 #: deleted by the worker, received again elsewhere, or its handle expired. Nothing to do.
@@ -46,6 +62,8 @@ GONE_CODES = frozenset(
         "InvalidParameterValue",
     }
 )
+#: What a counter or lease write may raise: AWS errors and items left unprocessed after retries.
+BOOKKEEPING_ERRORS: tuple[type[Exception], ...] = (*AWS_ERRORS, RuntimeError)
 #: Whole-call errors meaning the queue itself is gone (its messages with it).
 QUEUE_GONE_CODES = frozenset({"AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist"})
 
@@ -83,13 +101,17 @@ def _gone(code: str, message: str) -> bool:
     )
 
 
+def _batches(items: Sequence[Lease], size: int) -> list[list[Lease]]:
+    return [list(items[start : start + size]) for start in range(0, len(items), size)]
+
+
 class Requeuer:
     def __init__(
         self,
         *,
         lease_store: LeaseStore,
         sqs: Any,
-        metrics: MetricsSink,
+        metrics: MetricsSink | None = None,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         concurrency: int = DEFAULT_CONCURRENCY,
@@ -101,15 +123,47 @@ class Requeuer:
         self.clock = clock
         self.sleep = sleep
 
-    def requeue_instance(self, instance_id: str, *, event_time: datetime | None = None) -> RequeueResult:
+    def requeue_instance(
+        self, instance_id: str, *, event_time: datetime | None = None, count_interruption: bool = True
+    ) -> RequeueResult:
         """Requeue every lease ``instance_id`` still holds. Raises ``RequeueIncompleteError``
-        if some messages stayed invisible after retries (their leases are kept)."""
+        if some messages stayed invisible after retries (their leases are kept).
+        ``count_interruption=False``: the instance went away without notice (the message may
+        be the cause), so the receive is not subtracted from the poison count."""
         leases = self.lease_store.for_instance(instance_id)
-        return self.requeue_leases(instance_id, leases, event_time=event_time)
+        return self.requeue_leases(
+            instance_id, leases, event_time=event_time, count_interruption=count_interruption
+        )
 
     def requeue_leases(
-        self, instance_id: str, leases: Sequence[Lease], *, event_time: datetime | None = None
+        self,
+        instance_id: str,
+        leases: Sequence[Lease],
+        *,
+        event_time: datetime | None = None,
+        count_interruption: bool = True,
     ) -> RequeueResult:
+        """Make ``leases``' messages visible now, counted as interruptions unless
+        ``count_interruption`` is False (no notice came first: the message may be the cause)."""
+        return self.release(instance_id, leases, interruption=count_interruption, event_time=event_time)
+
+    def release(
+        self,
+        instance_id: str,
+        leases: Sequence[Lease],
+        *,
+        visibility_timeout: int = 0,
+        interruption: bool = True,
+        leased: bool = True,
+        event_time: datetime | None = None,
+    ) -> RequeueResult:
+        """Give ``leases``' messages back: visible again in ``visibility_timeout`` seconds.
+
+        ``interruption``: count the requeue first (the instance is going away, or the
+        message was never started); False for a genuine failure. ``leased``: the leases are
+        in the table (False for messages whose lease write failed: nothing to delete).
+        Raises ``RequeueIncompleteError`` when some messages are still invisible after
+        retries (their leases are kept for whoever retries)."""
         result = RequeueResult(instance_id=instance_id, leases=len(leases))
         if not leases:
             return result
@@ -120,52 +174,106 @@ class Requeuer:
         for queue_url, queue_leases in by_queue.items():
             for start in range(0, len(queue_leases), SQS_BATCH_LIMIT):
                 chunks.append((queue_url, queue_leases[start : start + SQS_BATCH_LIMIT]))
-        done: list[Lease] = []
+        table_chunks = _batches(leases, BATCH_WRITE_LIMIT)
+        workers = min(self.concurrency, max(len(chunks), len(table_chunks)))
+        # One chunk (the agent's usual case): no threads. Three phases, each concurrent: all
+        # counters, then all visibility changes, then all lease deletes (the fewest calls:
+        # DynamoDB takes 25 items a call, SQS 10).
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="requeue") if workers > 1 else None
+        try:
+            run: Any = pool.map if pool is not None else map
+            if interruption:
+                # Poison rule: count the interruption *before* the message can be received again.
+                list(run(self._count, table_chunks))
+            outcomes: list[tuple[list[Lease], list[Lease], list[Lease], float | None]] = list(
+                run(lambda chunk: self._change_visibility(chunk[0], chunk[1], visibility_timeout), chunks)
+            )
+            done = [lease for visible, gone, _, _ in outcomes for lease in visible + gone]
+            undeleted: list[Lease] = []
+            if leased and done:
+                kept = run(self._delete, _batches(done, BATCH_WRITE_LIMIT))
+                undeleted = [lease for chunk in kept for lease in chunk]
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
         failed: list[Lease] = []
-        # Chunks of ten run concurrently: each counts its messages' requeues, then makes
-        # them visible; the first messages are back on the queue after two round trips.
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(chunks))) as pool:
-            for visible, gone, still_failed in pool.map(lambda chunk: self._requeue_chunk(*chunk), chunks):
-                result.requeued += len(visible)
-                result.already_gone += len(gone)
-                done.extend(visible + gone)
-                failed.extend(still_failed)
-        visible_at = self.clock()
-        if done:
-            self.lease_store.delete(done)
-        if result.requeued:
-            self.metrics.add_metric(Metric.MESSAGES_REQUEUED, "Count", result.requeued)
-            if event_time is not None:
-                result.latency_ms = max(0.0, (visible_at - event_time.timestamp()) * 1000)
-                self.metrics.add_metric(Metric.REQUEUE_LATENCY, "Milliseconds", result.latency_ms)
+        visible_at: list[float] = []
+        for visible, gone, still_failed, at in outcomes:
+            result.requeued += len(visible)
+            result.already_gone += len(gone)
+            failed.extend(still_failed)
+            if at is not None:
+                visible_at.append(at)
+        self._record(
+            result, failed, requeued_now=visibility_timeout == 0, visible_at=visible_at, event_time=event_time
+        )
         if failed:
-            result.failed = [lease.message_id for lease in failed]
-            self.metrics.add_metric(Metric.REQUEUE_FAILURES, "Count", len(failed))
             raise RequeueIncompleteError(
                 f"{len(failed)} of {len(leases)} messages of {instance_id} are still invisible after retries"
             )
+        if undeleted:
+            # The messages are back on the queue, but a lease left behind would let a later
+            # sweep change the visibility of a copy someone else now holds: retry the signal
+            # (the retry finds those messages visible or gone, and deletes the leases).
+            raise RequeueIncompleteError(
+                f"{len(undeleted)} released leases of {instance_id} could not be deleted after retries"
+            )
         return result
 
-    def _requeue_chunk(
-        self, queue_url: str, chunk: Sequence[Lease]
-    ) -> tuple[list[Lease], list[Lease], list[Lease]]:
-        # Poison rule: count the interruption *before* the message can be received again.
-        for lease in chunk:
-            self.lease_store.increment_requeue_counter(lease.message_id)
-        return self._change_visibility(queue_url, chunk)
+    def _count(self, chunk: Sequence[Lease]) -> None:
+        try:
+            self.lease_store.count_interruptions(chunk)
+        except BOOKKEEPING_ERRORS as error:
+            # Never hold a requeue up for bookkeeping: worst case the next receive of these
+            # messages counts as one genuine failure; nothing is lost.
+            LOGGER.warning("counting %d interruption requeues failed: %s", len(chunk), error)
+
+    def _delete(self, chunk: Sequence[Lease]) -> list[Lease]:
+        """Delete released leases; the ones that could not be deleted are returned."""
+        try:
+            self.lease_store.delete(chunk)
+        except BOOKKEEPING_ERRORS as error:
+            LOGGER.warning("deleting %d released leases failed: %s", len(chunk), error)
+            return list(chunk)
+        return []
+
+    def _record(
+        self,
+        result: RequeueResult,
+        failed: list[Lease],
+        *,
+        requeued_now: bool,
+        visible_at: list[float],
+        event_time: datetime | None,
+    ) -> None:
+        metrics = self.metrics
+        if result.requeued and event_time is not None and visible_at:
+            result.latency_ms = max(0.0, (max(visible_at) - event_time.timestamp()) * 1000)
+        if failed:
+            result.failed = [lease.message_id for lease in failed]
+        if metrics is None:
+            return
+        if result.requeued and requeued_now:  # made visible at once (not a failure's back-off)
+            metrics.add_metric(Metric.MESSAGES_REQUEUED, "Count", result.requeued)
+        if result.latency_ms is not None:
+            metrics.add_metric(Metric.REQUEUE_LATENCY, "Milliseconds", result.latency_ms)
+        if failed:
+            metrics.add_metric(Metric.REQUEUE_FAILURES, "Count", len(failed))
 
     def _change_visibility(
-        self, queue_url: str, chunk: Sequence[Lease]
-    ) -> tuple[list[Lease], list[Lease], list[Lease]]:
+        self, queue_url: str, chunk: Sequence[Lease], visibility_timeout: int
+    ) -> tuple[list[Lease], list[Lease], list[Lease], float | None]:
+        """(visible, gone, still failed, when the last of them became visible)."""
         pending = {str(index): lease for index, lease in enumerate(chunk)}
         visible: list[Lease] = []
         gone: list[Lease] = []
+        visible_at: float | None = None
         for attempt in range(MAX_ATTEMPTS):
             if attempt:
                 self.sleep(min(2.0, BASE_BACKOFF_SECONDS * 2**attempt))
             entries = [
-                {"Id": entry_id, "ReceiptHandle": lease.receipt_handle, "VisibilityTimeout": 0}
-                for entry_id, lease in pending.items()
+                {"Id": key, "ReceiptHandle": lease.receipt_handle, "VisibilityTimeout": visibility_timeout}
+                for key, lease in pending.items()
             ]
             try:
                 response = self.sqs.change_message_visibility_batch(QueueUrl=queue_url, Entries=entries)
@@ -173,11 +281,15 @@ class Requeuer:
                 code = error.response.get("Error", {}).get("Code", "")
                 if code in QUEUE_GONE_CODES:
                     gone.extend(pending.values())
-                    return visible, gone, []
+                    return visible, gone, [], visible_at
                 LOGGER.warning("ChangeMessageVisibilityBatch failed (%s), attempt %d", code, attempt + 1)
                 continue  # botocore already retried throttling; back off and try the chunk again
+            except AWS_ERRORS as error:
+                LOGGER.warning("ChangeMessageVisibilityBatch failed (%s), attempt %d", error, attempt + 1)
+                continue
             for success in response.get("Successful", []):
                 visible.append(pending.pop(success["Id"]))
+                visible_at = self.clock()
             retry: dict[str, Lease] = {}
             for failure in response.get("Failed", []):
                 lease = pending.pop(failure["Id"])
@@ -188,4 +300,4 @@ class Requeuer:
             pending = retry
             if not pending:
                 break
-        return visible, gone, list(pending.values())
+        return visible, gone, list(pending.values()), visible_at

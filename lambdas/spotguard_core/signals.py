@@ -10,6 +10,12 @@ Real events differ from templates, and the models take what real events send:
 
 - the spot warning's resource ARN carries the AZ and no account, so ids come from
   ``detail`` and account/region from the envelope, never from ARNs;
+- AWS's own example of an EC2 state-change event has no ``version``, and nothing here reads
+  it: it is optional; the capacity-reservation example writes ``resources`` as one string;
+- ``autoscaling:TEST_NOTIFICATION`` (sent when a lifecycle hook's notification target is
+  set up) is harmless: rejected as ``not_applicable``, not as malformed;
+- a ``hibernate`` spot warning has no two-minute lead (hibernation starts at once): its
+  deadline is the event time;
 - AWS Health names instances by bare id or by instance ARN in
   ``affectedEntities[].entityValue``, may omit the top-level ``resources``, and writes
   dates as RFC 1123 (``Fri, 27 Jan 2023 06:02:51 GMT``); one event may affect several
@@ -22,24 +28,38 @@ import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from spotguard_core.contracts import TEST_EVENT_SOURCE, DetailType, Signal, SignalKind, SignalSource
+from spotguard_core.contracts import (
+    INSTANCE_ID_PATTERN,
+    SPOT_WARNING_LEAD,
+    TEST_EVENT_SOURCE,
+    DetailType,
+    Env,
+    Signal,
+    SignalKind,
+    SignalSource,
+)
 
-#: EC2 instance ids: ``i-`` and 8 or 17 hex digits.
-INSTANCE_ID_PATTERN = r"^i-(?:[0-9a-f]{8}|[0-9a-f]{17})$"
-_INSTANCE_ID = re.compile(INSTANCE_ID_PATTERN)
-_INSTANCE_ARN = re.compile(r"^arn:aws[a-z-]*:ec2:[^:]*:[^:]*:instance/(i-[0-9a-f]+)$")
-#: The spot warning carries no action time: the instance goes two minutes after the event.
-SPOT_WARNING_LEAD = timedelta(minutes=2)
+#: Pydantic field pattern: the whole value is one instance id.
+_INSTANCE_ID_FIELD = f"^{INSTANCE_ID_PATTERN}$"
+_INSTANCE_ID = re.compile(_INSTANCE_ID_FIELD)
+_INSTANCE_ARN = re.compile(rf"^arn:aws[a-z-]*:ec2:[^:]*:[^:]*:instance/({INSTANCE_ID_PATTERN})$")
+#: The spot warning's resource ARN carries the availability zone: ``arn:aws:ec2:us-east-1a:instance/i-…``.
+_ZONE_ARN = re.compile(r"^arn:aws[a-z-]*:ec2:([a-z]{2}(?:-[a-z]+)+-\d+[a-z]):[^:]*:?instance/")
+#: Sent to a lifecycle hook's notification target when the hook is set up; nothing to do.
+AUTOSCALING_TEST_NOTIFICATION = "autoscaling:TEST_NOTIFICATION"
+#: A hibernating spot instance starts hibernating at the warning: no lead time.
+HIBERNATE_ACTION = "hibernate"
 
 AWS_SOURCES: Mapping[DetailType, str] = {
     DetailType.SPOT_INTERRUPTION: "aws.ec2",
+    DetailType.CAPACITY_RESERVATION_INTERRUPTION: "aws.ec2",
     DetailType.REBALANCE: "aws.ec2",
     DetailType.STATE_CHANGE: "aws.ec2",
     DetailType.LIFECYCLE_LAUNCH: "aws.autoscaling",
@@ -53,7 +73,8 @@ class Rejection:
     """Why an event produced no signal. ``category`` is a stable word for logs and tests."""
 
     reason: str
-    category: str  # "malformed" | "unknown_kind" | "wrong_account_region" | "not_applicable"
+    #: "malformed" | "unknown_kind" | "wrong_account_region" | "not_applicable" | "test_events_disabled"
+    category: str
     event_id: str | None = None
     detail_type: str | None = None
 
@@ -78,11 +99,18 @@ class _Detail(BaseModel):
 
 
 class Envelope(EventBridgeModel):
-    """EventBridge envelope. Health events may have no ``resources``: default to none."""
+    """EventBridge envelope. Health events may have no ``resources``: default to none;
+    ``version`` is not read and may be absent (AWS's own state-change example has none)."""
 
     model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    version: str | None = None  # type: ignore[assignment]
     resources: list[str] = Field(default_factory=list)
     detail: dict[str, Any]
+
+    @field_validator("resources", mode="before")
+    @classmethod
+    def _one_resource(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
 
     @field_validator("time")
     @classmethod
@@ -91,21 +119,33 @@ class Envelope(EventBridgeModel):
 
 
 class SpotWarningDetail(_Detail):
-    instance_id: str = Field(alias="instance-id", pattern=INSTANCE_ID_PATTERN)
+    instance_id: str = Field(alias="instance-id", pattern=_INSTANCE_ID_FIELD)
     instance_action: str = Field(alias="instance-action", min_length=1)
 
 
+class CapacityReservationWarningDetail(_Detail):
+    instance_id: str = Field(alias="instance-id", pattern=_INSTANCE_ID_FIELD)
+    instance_action: str = Field(default="terminate", alias="instance-action", min_length=1)
+    termination_time: datetime | None = Field(default=None, alias="instance-termination-time")
+    zone_id: str | None = Field(default=None, alias="azId")
+
+    @field_validator("termination_time")
+    @classmethod
+    def _aware(cls, value: datetime | None) -> datetime | None:
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+
 class RebalanceDetail(_Detail):
-    instance_id: str = Field(alias="instance-id", pattern=INSTANCE_ID_PATTERN)
+    instance_id: str = Field(alias="instance-id", pattern=_INSTANCE_ID_FIELD)
 
 
 class StateChangeDetail(_Detail):
-    instance_id: str = Field(alias="instance-id", pattern=INSTANCE_ID_PATTERN)
+    instance_id: str = Field(alias="instance-id", pattern=_INSTANCE_ID_FIELD)
     state: str = Field(min_length=1)
 
 
 class LifecycleDetail(_Detail):
-    instance_id: str = Field(alias="EC2InstanceId", pattern=INSTANCE_ID_PATTERN)
+    instance_id: str = Field(alias="EC2InstanceId", pattern=_INSTANCE_ID_FIELD)
     asg_name: str = Field(alias="AutoScalingGroupName", min_length=1)
     hook_name: str = Field(alias="LifecycleHookName", min_length=1)
     transition: str = Field(alias="LifecycleTransition", min_length=1)
@@ -163,9 +203,7 @@ def instance_id_from_entity(value: str) -> str | None:
     if _INSTANCE_ID.match(value):
         return value
     match = _INSTANCE_ARN.match(value)
-    if match and _INSTANCE_ID.match(match.group(1)):
-        return match.group(1)
-    return None
+    return match.group(1) if match else None
 
 
 def parse_event(
@@ -174,14 +212,28 @@ def parse_event(
     expected_account: str | None = None,
     expected_region: str | None = None,
     received_at: datetime | None = None,
+    allow_test_events: bool = False,
 ) -> ParseResult:
     """One EventBridge event → its signals (one per affected instance), or a ``Rejection``.
 
-    Never raises for any input.
+    Events with source ``spotguard.test`` are rejected unless ``allow_test_events`` (staging:
+    the dispatcher passes ``ControlSettings.allow_test_events``). Never raises for any input.
     """
     received = received_at or datetime.now(UTC)
     try:
-        return _parse(raw, expected_account, expected_region, received)
+        result = _parse(raw, expected_account, expected_region, received)
+        if (
+            not allow_test_events
+            and not isinstance(result, Rejection)
+            and any(signal.source is SignalSource.TEST for signal in result)
+        ):
+            return Rejection(
+                f"test event (source {TEST_EVENT_SOURCE}) while test events are disabled "
+                f"({Env.ALLOW_TEST_EVENTS.value} is not true)",
+                "test_events_disabled",
+                result[0].event_id,
+            )
+        return result
     except Exception as error:  # noqa: BLE001 - the contract is "never raises": a bug rejects, never poisons
         return Rejection(f"malformed: unexpected {type(error).__name__}: {error}"[:300], "malformed")
 
@@ -202,6 +254,16 @@ def _parse(  # noqa: PLR0911 - one early return per rejection reason
     if not isinstance(raw, Mapping):
         return Rejection(f"malformed: event is a JSON {type(raw).__name__}, not an object", "malformed")
 
+    if raw.get("Event") == AUTOSCALING_TEST_NOTIFICATION or (
+        isinstance(raw.get("detail"), Mapping)
+        and AUTOSCALING_TEST_NOTIFICATION
+        in (raw["detail"].get("Event"), raw["detail"].get("LifecycleTransition"))
+    ):
+        return Rejection(
+            f"{AUTOSCALING_TEST_NOTIFICATION}: a lifecycle hook's setup message, nothing to do",
+            "not_applicable",
+            raw.get("RequestId") if isinstance(raw.get("RequestId"), str) else None,
+        )
     raw_id = raw.get("id") if isinstance(raw.get("id"), str) else None
     raw_type = raw.get("detail-type") if isinstance(raw.get("detail-type"), str) else None
     try:
@@ -251,15 +313,45 @@ def _base(envelope: Envelope, received: datetime) -> dict[str, Any]:
     }
 
 
+def _zone_of(envelope: Envelope) -> str | None:
+    for resource in envelope.resources:
+        match = _ZONE_ARN.match(resource)
+        if match:
+            return match.group(1)
+    return None
+
+
 def _spot_warning(envelope: Envelope, received: datetime) -> ParseResult:
     detail = SpotWarningDetail.model_validate(envelope.detail)
+    hibernating = detail.instance_action.lower() == HIBERNATE_ACTION
+    attributes = {"instance_action": detail.instance_action}
+    zone = _zone_of(envelope)
+    if zone:
+        attributes["availability_zone"] = zone
     return [
         Signal(
             instance_id=detail.instance_id,
             kind=SignalKind.SPOT_INTERRUPTION,
-            deadline=envelope.time + SPOT_WARNING_LEAD,
+            deadline=envelope.time if hibernating else envelope.time + SPOT_WARNING_LEAD,
             state=detail.instance_action,
-            attributes={"instance_action": detail.instance_action},
+            attributes=attributes,
+            **_base(envelope, received),
+        )
+    ]
+
+
+def _capacity_reservation_warning(envelope: Envelope, received: datetime) -> ParseResult:
+    detail = CapacityReservationWarningDetail.model_validate(envelope.detail)
+    attributes = {"instance_action": detail.instance_action}
+    if detail.zone_id:
+        attributes["availability_zone_id"] = detail.zone_id
+    return [
+        Signal(
+            instance_id=detail.instance_id,
+            kind=SignalKind.CAPACITY_RESERVATION_INTERRUPTION,
+            deadline=detail.termination_time or envelope.time + SPOT_WARNING_LEAD,
+            state=detail.instance_action,
+            attributes=attributes,
             **_base(envelope, received),
         )
     ]
@@ -336,6 +428,7 @@ def _health(envelope: Envelope, received: datetime) -> ParseResult:
 
 _BUILDERS: Mapping[DetailType, Callable[[Envelope, datetime], ParseResult]] = {
     DetailType.SPOT_INTERRUPTION: _spot_warning,
+    DetailType.CAPACITY_RESERVATION_INTERRUPTION: _capacity_reservation_warning,
     DetailType.REBALANCE: _rebalance,
     DetailType.STATE_CHANGE: _state_change,
     DetailType.LIFECYCLE_LAUNCH: _lifecycle,

@@ -1,23 +1,37 @@
 """The watchdog's sweep: turn deadlines that passed into signals, and release orphaned leases.
 
-Runs every minute. Each finding becomes a ``Signal`` of kind ``BOOTSTRAP_DEADLINE``,
-``HEARTBEAT_STALE`` or ``DRAIN_DEADLINE`` (source ``watchdog``) and goes through the same
-``ControlPlane.process`` path as EventBridge signals. Only instances with a fleet record
-are considered, and the executor re-checks the fleet tag before it terminates anything,
-so an instance without the tag is never touched.
+Runs every minute. Each finding becomes a ``Signal`` (source ``watchdog``) and goes through
+the same ``ControlPlane.process`` path as EventBridge signals:
+
+- ``BOOTSTRAP_DEADLINE``: launching, not ready, past ``bootstrap_deadline_at``;
+- ``HEARTBEAT_STALE``: ready/draining and the agent silent: the agent is gone, the only case
+  in which the watchdog takes a live record's tasks (requeue, terminate);
+- ``REPLACEMENT_IN_SERVICE``: an instance replaced early whose replacement is in service (a
+  ready record launched after the replacement was requested, not yet claimed by another),
+  or that waited ``replacement_wait_seconds``, or whose drain deadline is near: the drain
+  order (and ``instance.replaced`` once);
+- ``DRAINED`` / ``DRAIN_DEADLINE``: a draining instance whose agent is alive and has
+  finished its drain (``drained_at``), or is past its deadline: ended (terminated, only if
+  it carries this fleet's tag) — never its tasks taken while the agent runs.
+
+Only instances with a fleet record are considered, and the executor re-checks the fleet tag
+before it terminates anything. One unreadable item (unknown state, a non-number, a missing
+key) is skipped and counted (``UnreadableTableItems``); it never stops the sweep.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotguard_core.contracts import (
+    LEASE_TABLE_SK,
     BootstrapStatus,
     FleetRecord,
     InstanceState,
@@ -26,9 +40,19 @@ from spotguard_core.contracts import (
     Signal,
     SignalKind,
     SignalSource,
+    lease_sk,
 )
-from spotguard_core.control_plane import ControlPlane
+from spotguard_core.control_plane import UNREADABLE_ITEM_ERRORS, ControlPlane, TransientActionError
+from spotguard_core.control_settings import ControlSettings
+from spotguard_core.decisions import counts_as_interruption
 from spotguard_core.requeue import RequeueIncompleteError
+
+SWEEP_ERRORS: tuple[type[Exception], ...] = (
+    ClientError,
+    BotoCoreError,
+    RequeueIncompleteError,
+    TransientActionError,
+)
 
 
 @dataclass(slots=True)
@@ -36,6 +60,7 @@ class SweepReport:
     fleet_size: int = 0
     signals: list[dict[str, Any]] = field(default_factory=list)
     orphan_leases_released: int = 0
+    unreadable_items: int = 0
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -43,32 +68,105 @@ class SweepReport:
             "fleet_size": self.fleet_size,
             "signals": self.signals,
             "orphan_leases_released": self.orphan_leases_released,
+            "unreadable_items": self.unreadable_items,
             "errors": self.errors,
         }
 
 
-def findings(record: FleetRecord, *, now: float, heartbeat_stale_seconds: int) -> list[SignalKind]:
+def _alive(record: FleetRecord, now: float, heartbeat_stale_seconds: int) -> bool | None:
+    last_alive = record.heartbeat_at or record.ready_at
+    if last_alive is None:
+        return None
+    return now - last_alive <= heartbeat_stale_seconds
+
+
+def in_service_replacements(
+    records: Mapping[str, FleetRecord], *, now: float, heartbeat_stale_seconds: int, ended_within: float
+) -> dict[str, str]:
+    """Detached instance id → the id of its replacement, for those whose replacement is in
+    service: a ready record (bootstrap verified, heartbeat fresh) launched after the
+    replacement was requested, that no other instance already counts as its replacement.
+    Oldest requests are matched first, each replacement once. Instances that ended in the
+    last ``ended_within`` seconds are matched too (a spot-warned one is usually gone first)."""
+    claimed = {r.replaced_by for r in records.values() if r.replaced_by}
+    candidates = sorted(
+        (
+            r
+            for r in records.values()
+            if r.state is InstanceState.READY
+            and r.bootstrap_status is BootstrapStatus.READY
+            and r.replacement_requested_at is None
+            and r.instance_id not in claimed
+            and _alive(r, now, heartbeat_stale_seconds)
+        ),
+        key=lambda r: r.launched_at or r.ready_at or 0.0,
+    )
+    waiting = sorted(
+        (
+            r
+            for r in records.values()
+            if r.replacement_requested_at is not None
+            and r.replaced_by is None
+            and (r.state is not InstanceState.ENDED or (r.ended_at or 0.0) >= now - ended_within)
+        ),
+        key=lambda r: r.replacement_requested_at or 0.0,
+    )
+    matched: dict[str, str] = {}
+    for old in waiting:
+        for candidate in candidates:
+            started = candidate.launched_at or candidate.ready_at or 0.0
+            if candidate.instance_id not in matched.values() and started >= (
+                old.replacement_requested_at or 0.0
+            ):
+                matched[old.instance_id] = candidate.instance_id
+                break
+    return matched
+
+
+def findings(
+    record: FleetRecord, *, now: float, settings: ControlSettings, replacement: str | None = None
+) -> list[SignalKind]:
     """Which watchdog signal kinds an (active) record calls for at ``now``."""
-    kinds: list[SignalKind] = []
     if record.state is InstanceState.LAUNCHING:
         if (
             record.bootstrap_status is not BootstrapStatus.READY
             and record.bootstrap_deadline_at is not None
             and now > record.bootstrap_deadline_at
         ):
-            kinds.append(SignalKind.BOOTSTRAP_DEADLINE)
-        return kinds
-    if record.state in (InstanceState.READY, InstanceState.DRAINING):
-        last_alive = record.heartbeat_at or record.ready_at
-        if last_alive is not None and now - last_alive > heartbeat_stale_seconds:
-            kinds.append(SignalKind.HEARTBEAT_STALE)
-        elif (
-            record.state is InstanceState.DRAINING
-            and record.drain_deadline_at is not None
-            and now > record.drain_deadline_at
+            return [SignalKind.BOOTSTRAP_DEADLINE]
+        return []
+    if record.state not in (InstanceState.READY, InstanceState.DRAINING):
+        return []
+    if _alive(record, now, settings.heartbeat_stale_seconds) is False:
+        return [SignalKind.HEARTBEAT_STALE]  # gone: its tasks are requeued
+    kinds: list[SignalKind] = []
+    if record.replacement_requested_at is not None:
+        waited = now - record.replacement_requested_at >= settings.replacement_wait_seconds
+        deadline_near = (
+            record.drain_deadline_at is not None
+            and record.state is InstanceState.READY
+            and now >= record.drain_deadline_at - settings.retire_drain_seconds
+        )
+        if (replacement and record.replaced_by is None) or (
+            record.state is InstanceState.READY and (waited or deadline_near)
         ):
+            kinds.append(SignalKind.REPLACEMENT_IN_SERVICE)
+    if record.state is InstanceState.DRAINING:
+        if record.drained_at is not None:
+            kinds.append(SignalKind.DRAINED)
+        elif record.drain_deadline_at is not None and now > record.drain_deadline_at:
             kinds.append(SignalKind.DRAIN_DEADLINE)
     return kinds
+
+
+def _pages(table: Any, **kwargs: Any) -> Iterator[Mapping[str, Any]]:
+    """Every raw item of a scan (paginated), so each can be parsed — or skipped — on its own."""
+    while True:
+        page = table.scan(**kwargs)
+        yield from page.get("Items", [])
+        if "LastEvaluatedKey" not in page:
+            return
+        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
 
 class WatchdogSweep:
@@ -86,35 +184,25 @@ class WatchdogSweep:
         metrics = self.control_plane.metrics
         report = SweepReport()
         metrics.add_metric(Metric.WATCHDOG_HEARTBEAT, "Count", 1)
-        records = {r.instance_id: r for r in self.control_plane.fleet_store.scan()}
+        records = self._records(report)
         active = {i: r for i, r in records.items() if r.state is not InstanceState.ENDED}
         report.fleet_size = len(active)
         metrics.add_metric(Metric.FLEET_SIZE, "Count", len(active))
+        replacements = in_service_replacements(
+            records,
+            now=now,
+            heartbeat_stale_seconds=settings.heartbeat_stale_seconds,
+            ended_within=settings.replacement_wait_seconds,
+        )
+        for instance_id in sorted(replacements.keys() - active.keys()):
+            # Ended before its replacement came into service: announce the replacement only.
+            self._process(records[instance_id], SignalKind.REPLACEMENT_IN_SERVICE, replacements, now, report)
 
         for record in active.values():
-            for kind in findings(record, now=now, heartbeat_stale_seconds=settings.heartbeat_stale_seconds):
-                signal = Signal(
-                    instance_id=record.instance_id,
-                    kind=kind,
-                    source=SignalSource.WATCHDOG,
-                    event_id=f"watchdog:{kind.value}:{record.instance_id}:{int(now) // 60}",
-                    received_at=started,
-                    event_time=started,
-                    deadline=_deadline(record, kind),
-                    account=settings.account_id,
-                    region=settings.region,
-                )
-                try:
-                    outcome = self.control_plane.process(signal, record)
-                except (ClientError, BotoCoreError, RequeueIncompleteError) as error:
-                    # One instance's trouble must not stop the sweep; next minute retries.
-                    report.errors.append(f"{record.instance_id} {kind.value}: {error}")
-                    self.logger.warning(
-                        "watchdog %s for %s failed: %s", kind.value, record.instance_id, error
-                    )
-                    continue
-                report.signals.append(outcome.to_json())
-                self.logger.info("watchdog %s for %s", kind.value, record.instance_id)
+            replacement = replacements.get(record.instance_id)
+            for kind in findings(record, now=now, settings=settings, replacement=replacement):
+                if not self._process(record, kind, replacements, now, report):
+                    break
 
         if settings.requeue_enabled:  # the drill's baseline mode leaves leases to the visibility timeout
             report.orphan_leases_released = self._sweep_orphans(records, now, started, report)
@@ -122,14 +210,72 @@ class WatchdogSweep:
             metrics.add_metric(Metric.ORPHAN_LEASES_SWEPT, "Count", report.orphan_leases_released)
         return report
 
+    def _process(
+        self,
+        record: FleetRecord,
+        kind: SignalKind,
+        replacements: Mapping[str, str],
+        now: float,
+        report: SweepReport,
+    ) -> bool:
+        """One finding through the control plane; False when no further finding of this
+        record applies this minute (it failed, or the record just ended)."""
+        settings = self.control_plane.settings
+        started = datetime.fromtimestamp(now, tz=UTC)
+        replacement = replacements.get(record.instance_id)
+        signal = Signal(
+            instance_id=record.instance_id,
+            kind=kind,
+            source=SignalSource.WATCHDOG,
+            event_id=f"watchdog:{kind.value}:{record.instance_id}:{int(now) // 60}",
+            received_at=started,
+            event_time=started,
+            deadline=_deadline(record, kind),
+            account=settings.account_id,
+            region=settings.region,
+            attributes={"replacement": replacement} if replacement else {},
+        )
+        try:
+            outcome = self.control_plane.process(signal, record)
+        except SWEEP_ERRORS as error:
+            # One instance's trouble must not stop the sweep; next minute retries.
+            report.errors.append(f"{record.instance_id} {kind.value}: {error}")
+            self.logger.warning("watchdog %s for %s failed: %s", kind.value, record.instance_id, error)
+            return False
+        report.signals.append(outcome.to_json())
+        self.logger.info("watchdog %s for %s", kind.value, record.instance_id)
+        return not any(a.name == "TerminateInstance" for a in outcome.actions)
+
+    def _records(self, report: SweepReport) -> dict[str, FleetRecord]:
+        records: dict[str, FleetRecord] = {}
+        for item in _pages(self.control_plane.fleet_store.table):
+            try:
+                record = FleetRecord.from_item(item)
+            except UNREADABLE_ITEM_ERRORS as error:
+                report.unreadable_items += 1
+                self.control_plane.unreadable_item(f"fleet record {item.get('instance_id')!r}", error)
+                continue
+            records[record.instance_id] = record
+        return records
+
+    def _leases(self, report: SweepReport) -> Iterator[Lease]:
+        table = self.control_plane.lease_store.table
+        for item in _pages(table, FilterExpression=Attr(LEASE_TABLE_SK).begins_with(lease_sk(""))):
+            try:
+                yield Lease.from_item(item)
+            except UNREADABLE_ITEM_ERRORS as error:
+                report.unreadable_items += 1
+                self.control_plane.unreadable_item(f"lease {item.get(LEASE_TABLE_SK)!r}", error)
+
     def _sweep_orphans(
         self, records: dict[str, FleetRecord], now: float, started: datetime, report: SweepReport
     ) -> int:
-        """Release leases whose instance ended, has no record, or whose record was just ended
-        by this sweep. Leases of live instances are left to their agent."""
+        """Release leases whose instance ended, or has no record and a stale lease heartbeat.
+        Leases of live instances are left to their agent. A release counts as an interruption
+        only if the instance ended for a reason other than its messages (poison rule)."""
         stale_before = now - self.control_plane.settings.heartbeat_stale_seconds
         orphans: dict[str, list[Lease]] = {}
-        for lease in self.control_plane.lease_store.scan_leases():
+        for lease in self._leases(report):
             record = records.get(lease.instance_id)
             ended = record is None or record.state is InstanceState.ENDED
             if ended and (record is not None or lease.heartbeat_at < stale_before):
@@ -137,8 +283,16 @@ class WatchdogSweep:
         released = 0
         for instance_id, leases in orphans.items():
             try:
-                result = self.control_plane.requeuer.requeue_leases(instance_id, leases, event_time=started)
-            except (ClientError, BotoCoreError, RequeueIncompleteError) as error:
+                result = self.control_plane.requeuer.requeue_leases(
+                    instance_id,
+                    leases,
+                    event_time=started,
+                    count_interruption=counts_as_interruption(records.get(instance_id)),
+                )
+            except RuntimeError as error:  # lease deletes left unprocessed, incomplete requeue
+                report.errors.append(f"{instance_id} orphan leases: {error}")
+                continue
+            except SWEEP_ERRORS as error:
                 report.errors.append(f"{instance_id} orphan leases: {error}")
                 continue
             released += result.requeued + result.already_gone

@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spotguard_core import contracts
+from spotguard_core import contracts, url_safety
 
 SIGNATURE_VERSION = "v1"
 #: Attempts per delivery inside one notifier invocation; then SQS redelivers the record.
@@ -50,6 +50,41 @@ def sign(secret: str, body: bytes | str, *, timestamp: int | None = None) -> str
     return f"t={moment},{SIGNATURE_VERSION}={compute_signature(secret, moment, body)}"
 
 
+#: Longest header ``verify`` reads (a real one is about 80 characters; rotation adds 68 each).
+MAX_HEADER_LENGTH = 1024
+#: At most this many ``v1`` signatures (one per secret while a secret is being rotated).
+MAX_SIGNATURES = 8
+_TIMESTAMP_DIGITS = 10  # unix seconds up to the year 2286; longer is not a timestamp
+_HEX = frozenset("0123456789abcdef")
+
+
+def _parse_header(header: object) -> tuple[int, list[str]]:
+    """``(t, [v1 …])`` of a well-formed header, else ``SignatureError``. Strict: ASCII only,
+    exactly one ``t`` of at most 10 digits, 1..8 ``v1`` of 64 lowercase hex digits, no empty or
+    repeated parts; other well-formed ``key=value`` parts (future versions) are ignored."""
+    if not header:
+        raise SignatureError("missing signature header")
+    if not isinstance(header, str) or len(header) > MAX_HEADER_LENGTH or not header.isascii():
+        raise SignatureError("malformed signature header")
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in header.split(","):
+        key, separator, value = part.strip().partition("=")
+        if not separator or not key.isalnum() or not value:
+            raise SignatureError("malformed signature header")
+        if key == "t":
+            if timestamp is not None or len(value) > _TIMESTAMP_DIGITS or not value.isdigit():
+                raise SignatureError("malformed timestamp")
+            timestamp = int(value)
+        elif key == SIGNATURE_VERSION:
+            if len(value) != 64 or not set(value) <= _HEX or value in signatures:
+                raise SignatureError("malformed signature")
+            signatures.append(value)
+    if timestamp is None or not signatures or len(signatures) > MAX_SIGNATURES:
+        raise SignatureError("malformed signature header")
+    return timestamp, signatures
+
+
 def verify(
     secret: str,
     header: str | None,
@@ -59,32 +94,37 @@ def verify(
 ) -> int:
     """Check a webhook's signature header against its raw body. Returns the signed timestamp.
 
-    Raises ``SignatureError`` when the header is missing or malformed, no ``v1`` signature
-    matches (tampered body, wrong secret) or the timestamp is more than ``tolerance``
-    seconds away from ``now`` (a replay).
+    Raises ``SignatureError`` — and never anything else, whatever the header and body — when
+    the header is missing or malformed, no ``v1`` signature matches (tampered body, wrong
+    secret) or the timestamp is more than ``tolerance`` seconds away from ``now`` (a replay).
     """
-    if not header:
-        raise SignatureError("missing signature header")
-    timestamp: int | None = None
-    signatures: list[str] = []
-    for part in header.split(","):
-        key, _, value = part.strip().partition("=")
-        if key == "t":
-            try:
-                timestamp = int(value)
-            except ValueError:
-                raise SignatureError("malformed timestamp") from None
-        elif key == SIGNATURE_VERSION:
-            signatures.append(value)
-    if timestamp is None or not signatures:
-        raise SignatureError("malformed signature header")
+    timestamp, signatures = _parse_header(header)
     current = time.time() if now is None else now
-    if abs(current - timestamp) > tolerance:
+    if not abs(current - timestamp) <= tolerance:
         raise SignatureError(f"timestamp outside the {tolerance} s tolerance (possible replay)")
-    expected = compute_signature(secret, timestamp, body)
+    try:
+        expected = compute_signature(secret, timestamp, body)
+    except (UnicodeEncodeError, AttributeError, TypeError):
+        raise SignatureError("secret or body is not text/bytes") from None
     if not any(hmac.compare_digest(expected, candidate) for candidate in signatures):
         raise SignatureError("signature does not match the body")
     return timestamp
+
+
+def is_authentic(
+    secret: str,
+    header: str | None,
+    body: bytes | str,
+    tolerance: int = contracts.WEBHOOK_TOLERANCE_SECONDS,
+    now: float | None = None,
+) -> bool:
+    """``verify`` as a yes/no answer: True for a current signature over ``body``, False for
+    anything else (never an exception)."""
+    try:
+        verify(secret, header, body, tolerance, now)
+    except SignatureError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------ payload
@@ -129,11 +169,20 @@ def deliver(
 ) -> DeliveryResult:
     """POST one signed webhook with bounded retries (exponential back-off). A fresh
     signature per attempt keeps the timestamp current; the delivery id stays the same,
-    so receivers can drop duplicates after an SQS redelivery."""
+    so receivers can drop duplicates after an SQS redelivery.
+
+    Only to a URL ``url_safety`` allows (https, a public host: checked again here, with
+    DNS, because the name may have changed since synth) and never through a redirect: a
+    3xx answer fails the delivery without a retry."""
+    try:
+        url_safety.require_safe_url(url)
+    except url_safety.UnsafeUrlError as exc:
+        return DeliveryResult(delivered=False, attempts=0, status=None, error=f"webhook URL {exc}")
+    opener = url_safety.no_redirect_opener()
     status: int | None = None
     error: str | None = None
     for attempt in range(1, attempts + 1):
-        request = urllib.request.Request(  # noqa: S310 - configured https URL (loopback in tests)
+        request = urllib.request.Request(  # noqa: S310 - checked by url_safety above
             url,
             data=body,
             method="POST",
@@ -146,7 +195,7 @@ def deliver(
             },
         )
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+            with opener.open(request, timeout=timeout) as response:
                 status = int(response.status)
                 return DeliveryResult(delivered=True, attempts=attempt, status=status)
         except urllib.error.HTTPError as exc:

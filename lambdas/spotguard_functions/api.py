@@ -1,6 +1,4 @@
-"""api λ: the operations API behind API Gateway (IAM auth).
-
-Routes (JSON shapes of the auto-migration seed, camelCase):
+"""api λ: the operations API behind API Gateway (IAM auth). Routes and delegates.
 
 - ``GET  /health``                       service health with the ``migrationService`` block
 - ``GET  /migration/status``             enabled, statistics, configuration, last execution
@@ -8,18 +6,24 @@ Routes (JSON shapes of the auto-migration seed, camelCase):
 - ``GET  /migration/history``            ``?limit=1..100&offset=0..10000``
 - ``GET  /fleet``, ``GET /fleet/{instanceId}``  fleet records (state, bootstrap, last signal)
 
-Requests are validated by Powertools (pydantic); invalid input gets 400 with a message
-naming each bad field. The OpenAPI document (docs/openapi.json) is generated from these
-routes by ``openapi_json()``.
+Models and answers live in ``spotguard_core.ops_models`` / ``ops_views``. Requests are
+validated by Powertools against the strict models: invalid input gets 400 with a message
+naming each bad field. Whatever a caller sends, the answer is a JSON response: a body
+that cannot be read (not JSON, nested too deeply, multipart, too large) is a 400/413/415,
+and anything unexpected is logged and answered 500 with a generic message — never an
+exception out of the handler (API Gateway would turn it into a bare 502).
+``spotguard_tools.openapi_doc`` writes docs/openapi.json from these routes.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import os
-import sys
-from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Literal
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Annotated, Any
 
 from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response, content_types
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
@@ -27,157 +31,46 @@ from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValida
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
-from pydantic import BaseModel, ConfigDict, Field
-from pydantic.alias_generators import to_camel
-from spotguard_core import aws
-from spotguard_core.contracts import Env, FleetRecord, InstanceState
+from spotguard_core import aws, ops_views
+from spotguard_core.contracts import Env, InstanceState, Metric
 from spotguard_core.fleet_store import FleetStore
-from spotguard_core.migration.models import JobRecord, JobStatus, JobTrigger, MigrationSettings
-from spotguard_core.migration.store import JobStore, new_job_id
+from spotguard_core.migration.models import MigrationJobSettings
+from spotguard_core.migration.store import JobStore
+from spotguard_core.ops_models import (
+    HISTORY_DEFAULT_LIMIT,
+    HISTORY_MAX_LIMIT,
+    HISTORY_MAX_OFFSET,
+    INSTANCE_ID_PATTERN,
+    MAX_MIGRATIONS_LIMIT,
+    ErrorResponse,
+    FleetInstance,
+    FleetResponse,
+    HealthResponse,
+    HistoryResponse,
+    MigrationStatusResponse,
+    QueryInt,
+    TriggerRequest,
+    TriggerResponse,
+)
 
 from spotguard_functions.observability import powertools
 
-logger, _metrics, tracer = powertools("api")
+logger, metrics, tracer = powertools("api")
 app = APIGatewayRestResolver(enable_validation=True)
 
-API_TITLE = "spotguard operations API"
-API_VERSION = "1.0.0"
-HISTORY_MAX_LIMIT = 100
-HISTORY_MAX_OFFSET = 10_000
-MAX_MIGRATIONS_LIMIT = 1_000
-#: Jobs whose errors count toward ``recentErrors`` in the health block.
-RECENT_JOBS = 10
-INSTANCE_ID_PATTERN = r"^i-[0-9a-f]{8,17}$"
+__all__ = ["HISTORY_MAX_LIMIT", "HISTORY_MAX_OFFSET", "MAX_MIGRATIONS_LIMIT", "app", "handler"]
+
+#: The trigger body is two fields; anything much larger is not a request of this API.
+MAX_BODY_BYTES = 16 * 1024
+#: JSON nesting a request body may have (the trigger body has one level).
+MAX_BODY_DEPTH = 32
 
 
-class _Camel(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True)
-
-
-# ------------------------------------------------------------------------------ models
-class ErrorDetail(BaseModel):
-    field: str
-    message: str
-
-
-class ErrorResponse(BaseModel):
-    """Body of a 400 answer: one message naming every bad field, and the list."""
-
-    message: str
-    errors: list[ErrorDetail] = Field(default_factory=list)
-
-
-class MigrationServiceHealth(_Camel):
-    enabled: bool
-    last_execution: datetime | None
-    next_execution: datetime | None
-    status: Literal["healthy", "degraded", "disabled"]
-    recent_errors: int
-
-
-class HealthResponse(_Camel):
-    status: Literal["healthy", "degraded"]
-    timestamp: datetime
-    fleet: str
-    migration_service: MigrationServiceHealth
-
-
-class Statistics(_Camel):
-    total_executions: int
-    successful_executions: int
-    failed_executions: int
-    average_execution_time: int = Field(description="milliseconds")
-    total_migrations: int
-    total_instances_processed: int
-
-
-class Configuration(_Camel):
-    interval_minutes: int
-    job_timeout_ms: int
-    max_concurrent: int
-    dry_run: bool
-    retry_failed: bool
-    log_level: str
-    provider: str
-
-
-class MigrationStatusResponse(_Camel):
-    enabled: bool
-    statistics: Statistics
-    configuration: Configuration
-    last_execution: JobRecord | None
-
-
-class TriggerRequest(_Camel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
-
-    dry_run: bool = Field(default=False, description="list and select only; change nothing")
-    max_migrations: int | None = Field(
-        default=None, ge=1, le=MAX_MIGRATIONS_LIMIT, description="migrate at most this many instances"
+def _error(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[str]:
+    body = ErrorResponse.model_validate({"message": message, "errors": errors or []})
+    return Response(
+        status_code=status, content_type=content_types.APPLICATION_JSON, body=body.model_dump_json()
     )
-
-
-class TriggerResponse(_Camel):
-    job_id: str
-    status: Literal["accepted", "running", "completed", "failed", "timed_out"]
-    dry_run: bool
-    max_migrations: int | None
-    job: JobRecord | None = Field(
-        default=None, description="the finished job when it ran inline (no reconciler function)"
-    )
-
-
-class HistoryResponse(_Camel):
-    jobs: list[JobRecord]
-    total: int
-    limit: int
-    offset: int
-
-
-class FleetInstance(_Camel):
-    instance_id: str
-    fleet: str
-    state: InstanceState
-    bootstrap_status: str
-    bootstrap_reason: str | None
-    ec2_state: str | None
-    instance_type: str | None
-    availability_zone: str | None
-    launched_at: datetime | None
-    ready_at: datetime | None
-    heartbeat_at: datetime | None
-    ended_at: datetime | None
-    end_reason: str | None
-    replaced_by: str | None
-    last_signal: dict[str, str] | None
-
-    @classmethod
-    def from_record(cls, record: FleetRecord) -> FleetInstance:
-        def at(value: float | None) -> datetime | None:
-            return datetime.fromtimestamp(value, tz=UTC) if value is not None else None
-
-        return cls(
-            instance_id=record.instance_id,
-            fleet=record.fleet,
-            state=record.state,
-            bootstrap_status=record.bootstrap_status.value,
-            bootstrap_reason=record.bootstrap_reason,
-            ec2_state=record.ec2_state,
-            instance_type=record.instance_type,
-            availability_zone=record.availability_zone,
-            launched_at=at(record.launched_at),
-            ready_at=at(record.ready_at),
-            heartbeat_at=at(record.heartbeat_at),
-            ended_at=at(record.ended_at),
-            end_reason=record.end_reason.value if record.end_reason else None,
-            replaced_by=record.replaced_by,
-            last_signal=record.last_signal,
-        )
-
-
-class FleetResponse(_Camel):
-    instances: list[FleetInstance]
-    count: int
 
 
 # ------------------------------------------------------------------------------ errors
@@ -188,60 +81,136 @@ def _bad_request(error: RequestValidationError) -> Response[str]:
         location = ".".join(
             str(part) for part in item.get("loc", ()) if part != "body" or len(item["loc"]) == 1
         )
-        problems.append({"field": location or "body", "message": item.get("msg", "invalid")})
+        problems.append({"field": location or "body", "message": str(item.get("msg", "invalid"))})
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
-    return Response(
-        status_code=400,
-        content_type=content_types.APPLICATION_JSON,
-        body=json.dumps({"message": f"invalid request: {summary}", "errors": problems}),
+    return _error(400, f"invalid request: {summary}", problems)
+
+
+@app.exception_handler(ops_views.UnreadableRecordError)
+def _unreadable_record(error: ops_views.UnreadableRecordError) -> Response[str]:
+    metrics.add_metric(name=Metric.API_UNREADABLE_RECORDS.value, unit="Count", value=1)
+    logger.error(
+        "Unreadable fleet record", extra={"key": error.unreadable.key, "error": error.unreadable.error}
     )
+    return _error(500, f"{error} (logged)")
+
+
+class ReconcilerUnavailableError(Exception):
+    """No reconciler function is configured: a manual job has nowhere to run."""
+
+
+@app.exception_handler(ReconcilerUnavailableError)
+def _no_reconciler(error: ReconcilerUnavailableError) -> Response[str]:
+    return _error(503, str(error))
+
+
+# ------------------------------------------------------------------------------ request guard
+def _content_types(event: Mapping[str, Any]) -> set[str]:
+    """Every media type the request's Content-Type headers name (any spelling of the name,
+    single- and multi-value), lower-cased; "" for a header without a usable value."""
+    found: set[str] = set()
+    for field in ("headers", "multiValueHeaders"):
+        headers = event.get(field)
+        if not isinstance(headers, Mapping):
+            continue
+        for key, value in headers.items():
+            if not (isinstance(key, str) and key.lower() == "content-type"):
+                continue
+            for one in value if isinstance(value, list) else [value]:
+                found.add(one.split(";", 1)[0].strip().lower() if isinstance(one, str) else "")
+    return found
+
+
+def _with_json_content_type(event: Mapping[str, Any]) -> dict[str, Any]:
+    """The event with its Content-Type headers (already checked to be JSON) spelled the one
+    way Powertools' body parser recognises (it compares case-sensitively)."""
+    normalised = dict(event)
+    for field, value in (("headers", "application/json"), ("multiValueHeaders", ["application/json"])):
+        headers = event.get(field)
+        if isinstance(headers, Mapping) and any(
+            isinstance(key, str) and key.lower() == "content-type" for key in headers
+        ):
+            kept = {
+                k: v for k, v in headers.items() if not (isinstance(k, str) and k.lower() == "content-type")
+            }
+            normalised[field] = {**kept, "Content-Type": value}
+    return normalised
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        current, depth = stack.pop()
+        if isinstance(current, dict | list):
+            if depth > limit:
+                return True
+            children = current.values() if isinstance(current, dict) else current
+            stack.extend((child, depth + 1) for child in children)
+    return False
+
+
+def _unreadable_body(event: Mapping[str, Any]) -> tuple[int, str] | None:  # noqa: PLR0911 - one per reason
+    """``(status, message)`` for a body this API cannot read, checked before Powertools parses
+    it (its parsers raise ValueError on a multipart body without boundary and RecursionError
+    on deeply nested JSON); None when the body is absent or readable JSON."""
+    body = event.get("body")
+    method = event.get("httpMethod")
+    # Checked even without a body: Powertools parses a multipart POST's empty body too.
+    if not _content_types(event) <= {"", "application/json"} and (
+        body or (isinstance(method, str) and method.upper() in ("POST", "PUT", "PATCH"))
+    ):
+        return 415, "invalid request: Content-Type must be application/json"
+    if body is None or body == "":
+        return None
+    if not isinstance(body, str):
+        return 400, "invalid request: body must be text"
+    raw: bytes | str = body
+    if event.get("isBase64Encoded"):
+        try:
+            raw = base64.b64decode(body, validate=True)
+        except (binascii.Error, ValueError):
+            return 400, "invalid request: body is not valid base64"
+    if len(raw) > MAX_BODY_BYTES:
+        return 413, f"invalid request: body larger than {MAX_BODY_BYTES} bytes"
+    try:
+        parsed = json.loads(raw)
+    except RecursionError:
+        return 400, f"invalid request: body nests deeper than {MAX_BODY_DEPTH} levels"
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return 400, "invalid request: body is not valid JSON"
+    if _depth_exceeds(parsed, MAX_BODY_DEPTH):
+        return 400, f"invalid request: body nests deeper than {MAX_BODY_DEPTH} levels"
+    return None
 
 
 # ------------------------------------------------------------------------------ routes
 @app.get("/health", summary="Service health, including the migration service block")
 def get_health() -> HealthResponse:
-    settings = MigrationSettings()
-    recent = JobStore().latest(RECENT_JOBS)
-    last = recent[0] if recent else None
-    recent_errors = sum(job.summary.error_count for job in recent)
-    if not settings.enabled:
-        service_status: Literal["healthy", "degraded", "disabled"] = "disabled"
-    elif last is not None and last.status in (JobStatus.FAILED, JobStatus.TIMED_OUT):
-        service_status = "degraded"
-    else:
-        service_status = "healthy"
-    last_scheduled = next((job for job in recent if job.trigger is JobTrigger.SCHEDULED), None)
-    next_execution = (
-        last_scheduled.started_at + timedelta(minutes=settings.interval_minutes)
-        if settings.enabled and last_scheduled is not None
-        else None
-    )
-    return HealthResponse(
-        status="degraded" if service_status == "degraded" else "healthy",
-        timestamp=datetime.now(UTC),
-        fleet=os.environ.get(Env.FLEET_NAME, ""),
-        migration_service=MigrationServiceHealth(
-            enabled=settings.enabled,
-            last_execution=last.started_at if last else None,
-            next_execution=next_execution,
-            status=service_status,
-            recent_errors=recent_errors,
-        ),
+    return ops_views.health(
+        fleet=os.environ.get(Env.FLEET_NAME, ""), settings=MigrationJobSettings(), store=JobStore()
     )
 
 
 @app.get("/migration/status", summary="Migration service status, statistics and configuration")
 def get_migration_status() -> MigrationStatusResponse:
-    settings = MigrationSettings()
-    store = JobStore()
-    stats = store.statistics()
-    latest = store.latest(1)
-    return MigrationStatusResponse(
-        enabled=settings.enabled,
-        statistics=Statistics.model_validate(stats.to_json()),
-        configuration=Configuration.model_validate(settings.describe()),
-        last_execution=latest[0] if latest else None,
+    return ops_views.migration_status(settings=MigrationJobSettings(), store=JobStore())
+
+
+def invoke_reconciler_function(payload: Mapping[str, Any]) -> None:
+    """Start the reconciler asynchronously (InvocationType=Event) with the trigger payload."""
+    function = os.environ.get(Env.RECONCILER_FUNCTION)
+    if not function:
+        raise ReconcilerUnavailableError(
+            f"no reconciler function configured ({Env.RECONCILER_FUNCTION.value} is not set)"
+        )
+    aws.client("lambda").invoke(
+        FunctionName=function, InvocationType="Event", Payload=json.dumps(dict(payload)).encode()
     )
+    logger.info("Migration job triggered", extra={"jobId": payload.get("jobId"), "function": function})
+
+
+#: How a manual job reaches the reconciler (tests run it in-process instead).
+reconciler_invoker: ops_views.ReconcilerInvoker = invoke_reconciler_function
 
 
 @app.post(
@@ -249,124 +218,121 @@ def get_migration_status() -> MigrationStatusResponse:
     summary="Run a migration job now",
     responses={
         202: {
-            "description": "accepted: the reconciler runs the job asynchronously",
+            "description": "accepted: the reconciler runs the job (follow its id in the history)",
             "content": {"application/json": {"model": TriggerResponse}},
         },
-        200: {
-            "description": "ran inline (no reconciler function configured): the finished job",
-            "content": {"application/json": {"model": TriggerResponse}},
+        503: {
+            "description": "no reconciler function configured",
+            "content": {"application/json": {"model": ErrorResponse}},
         },
     },
 )
 def post_migration_trigger(request: TriggerRequest) -> Response[TriggerResponse]:
-    job_id = new_job_id()
-    function = os.environ.get(Env.RECONCILER_FUNCTION)
-    if function:
-        payload = {
-            "trigger": JobTrigger.MANUAL.value,
-            "jobId": job_id,
-            "dryRun": request.dry_run,
-            "maxMigrations": request.max_migrations,
-        }
-        aws.client("lambda").invoke(
-            FunctionName=function, InvocationType="Event", Payload=json.dumps(payload).encode()
-        )
-        logger.info("Migration job triggered", extra={"jobId": job_id, "function": function})
-        body = TriggerResponse(
-            job_id=job_id, status="accepted", dry_run=request.dry_run, max_migrations=request.max_migrations
-        )
-        return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=body)
-    # No reconciler function configured (local runs): run the job here and return it.
-    from spotguard_functions.reconciler import ManualTrigger, run_job  # noqa: PLC0415 - only on this path
-
-    result = run_job(
-        ManualTrigger(job_id=job_id, dry_run=request.dry_run, max_migrations=request.max_migrations)
-    )
-    job = JobRecord.model_validate(result)
-    body = TriggerResponse(
-        job_id=job_id,
-        status=job.status.value,
-        dry_run=job.dry_run,
-        max_migrations=request.max_migrations,
-        job=job,
-    )
-    return Response(status_code=200, content_type=content_types.APPLICATION_JSON, body=body)
+    # Looked up per call (not bound at import) so tests can run the reconciler in-process.
+    body = ops_views.trigger(request, lambda payload: reconciler_invoker(payload))  # noqa: PLW0108
+    return Response(status_code=202, content_type=content_types.APPLICATION_JSON, body=body)
 
 
 @app.get("/migration/history", summary="Migration jobs, newest first")
 def get_migration_history(
-    limit: Annotated[int, Query(ge=1, le=HISTORY_MAX_LIMIT, description="jobs per page")] = 20,
-    offset: Annotated[int, Query(ge=0, le=HISTORY_MAX_OFFSET, description="jobs to skip")] = 0,
+    limit: Annotated[QueryInt, Query(ge=1, le=HISTORY_MAX_LIMIT, description="jobs per page")] = (
+        HISTORY_DEFAULT_LIMIT
+    ),
+    offset: Annotated[QueryInt, Query(ge=0, le=HISTORY_MAX_OFFSET, description="jobs to skip")] = 0,
 ) -> HistoryResponse:
-    page = JobStore().history(limit=limit, offset=offset)
-    return HistoryResponse(jobs=page.jobs, total=page.total, limit=page.limit, offset=page.offset)
+    return ops_views.history(store=JobStore(), limit=limit, offset=offset)
 
 
 @app.get("/fleet", summary="Fleet records of managed instances")
 def get_fleet(
     state: Annotated[InstanceState | None, Query(description="only instances in this state")] = None,
 ) -> FleetResponse:
-    records = FleetStore().scan([state] if state is not None else None)
-    instances = sorted((FleetInstance.from_record(r) for r in records), key=lambda i: i.instance_id)
-    return FleetResponse(instances=instances, count=len(instances))
+    answer = ops_views.fleet(store=FleetStore(), state=state, on_unreadable=_count_unreadable)
+    return answer
 
 
-@app.get("/fleet/<instanceId>", summary="One managed instance")
+def _count_unreadable(unreadable: ops_views.Unreadable) -> None:
+    metrics.add_metric(name=Metric.API_UNREADABLE_RECORDS.value, unit="Count", value=1)
+    logger.warning(
+        "Unreadable fleet record skipped", extra={"key": unreadable.key, "error": unreadable.error}
+    )
+
+
+@app.get(
+    "/fleet/<instanceId>",
+    summary="One managed instance",
+    responses={
+        404: {
+            "description": "instance not managed by spotguard",
+            "content": {"application/json": {"model": ErrorResponse}},
+        }
+    },
+)
 def get_fleet_instance(
     instanceId: Annotated[str, Path(pattern=INSTANCE_ID_PATTERN, description="EC2 instance id")],
 ) -> FleetInstance:
-    record = FleetStore().get(instanceId)
-    if record is None:
+    instance = ops_views.fleet_instance(store=FleetStore(), instance_id=instanceId)
+    if instance is None:
         raise NotFoundError(f"instance {instanceId} is not managed by spotguard")
-    return FleetInstance.from_record(record)
+    return instance
 
 
-def openapi_json() -> str:
-    """The OpenAPI document of this API (committed as docs/openapi.json).
-
-    Powertools documents request validation errors as 422; this API answers 400 with
-    ``ErrorResponse`` (the exception handler above), so the document says so.
-    """
-    document = json.loads(
-        app.get_openapi_json_schema(
-            title=API_TITLE,
-            version=API_VERSION,
-            description="Operations API of spotguard. Every request must be signed with AWS SigV4 "
-            "(API Gateway IAM authorization, service 'execute-api').",
-        )
-    )
-    bad_request = {
-        "description": "invalid request (the message names each bad field)",
-        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}},
-    }
-    for operations in document.get("paths", {}).values():
-        for operation in operations.values():
-            responses = operation.get("responses", {})
-            if responses.pop("422", None) is not None:
-                responses["400"] = bad_request
-            if str(operation.get("operationId", "")).startswith("get_fleet_instance"):
-                responses["404"] = {
-                    "description": "instance not managed by spotguard",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
-                    },
-                }
-    schemas = document.setdefault("components", {}).setdefault("schemas", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        schemas.pop(name, None)
-    error_schema = ErrorResponse.model_json_schema(ref_template="#/components/schemas/{model}")
-    schemas.update(error_schema.pop("$defs", {}))
-    schemas["ErrorResponse"] = error_schema
-    document["components"]["schemas"] = dict(sorted(schemas.items()))
-    return json.dumps(document, indent=2, sort_keys=False) + "\n"
-
-
-# No custom metrics here: API Gateway's own metrics (4xx, 5xx, latency) feed the dashboard.
+# ------------------------------------------------------------------------------ handler
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_REST)
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
-    return app.resolve(event, context)
+    try:
+        return _handle(event, context)
+    finally:
+        # Most requests add no metric (API Gateway's own metrics cover 4xx/5xx/latency):
+        # flush only when there is one, instead of a "no metrics" warning per request.
+        if metrics.metric_set:
+            metrics.flush_metrics()
 
 
-if __name__ == "__main__":  # regenerate: python -m spotguard_functions.api > docs/openapi.json
-    sys.stdout.write(openapi_json())
+def _handle(event: Any, context: LambdaContext) -> dict[str, Any]:
+    try:
+        if not (
+            isinstance(event, Mapping)
+            and isinstance(event.get("httpMethod"), str)
+            and isinstance(event.get("path"), str)
+        ):
+            return _plain(400, "invalid request: not an API Gateway REST event")
+        unreadable = _unreadable_body(event)
+        if unreadable is not None:
+            return _plain(*unreadable)
+        return _with_message(app.resolve(_with_json_content_type(event), context))
+    except Exception:  # the one place that turns anything unexpected into a 500
+        metrics.add_metric(name=Metric.API_INTERNAL_ERRORS.value, unit="Count", value=1)
+        logger.exception("Unhandled error in the operations API")
+        return _plain(500, "internal error (logged); try again or see the function's logs")
+
+
+def _with_message(response: dict[str, Any]) -> dict[str, Any]:
+    """Every error answer carries ``ErrorResponse``'s ``message``, also the few Powertools
+    builds itself (its own 404/405/415 shapes)."""
+    status = response.get("statusCode")
+    if not isinstance(status, int) or status < 400:
+        return response
+    try:
+        body = json.loads(response.get("body") or "null")
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("message"), str) and body["message"]:
+        return response
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = str(status)
+    return _plain(status, f"request not served ({phrase})")
+
+
+def _plain(status: int, message: str) -> dict[str, Any]:
+    """An API Gateway proxy answer with an ``ErrorResponse`` body, built without the resolver."""
+    return {
+        "statusCode": status,
+        "headers": {"Content-Type": content_types.APPLICATION_JSON},
+        "multiValueHeaders": {},
+        "body": ErrorResponse(message=message).model_dump_json(),
+        "isBase64Encoded": False,
+    }

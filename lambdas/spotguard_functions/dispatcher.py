@@ -4,13 +4,17 @@ Thin by design: parse each record into signals (``spotguard_core.signals``), ack
 rejections and unmanaged instances at once (log line + metric, never retried), and run
 each managed signal once (Powertools Idempotency keyed by ``Signal.idempotency_key``)
 through ``ControlPlane.process``. Only transient failures (AWS errors, an incomplete
-requeue, a concurrent duplicate in progress) are reported back as batch item failures.
+requeue, a batch write left unprocessed, a concurrent duplicate in progress) are reported
+back as batch item failures. Events with source ``spotguard.test`` are rejected unless
+``SPOTGUARD_ALLOW_TEST_EVENTS`` is true (staging).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
@@ -24,6 +28,7 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyAlreadyInProgressError,
     IdempotencyPersistenceLayerError,
 )
+from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import DataRecord
 from botocore.exceptions import BotoCoreError, ClientError
 from spotguard_core import aws
 from spotguard_core.contracts import (
@@ -34,7 +39,7 @@ from spotguard_core.contracts import (
     Metric,
     Signal,
 )
-from spotguard_core.control_plane import ControlPlane
+from spotguard_core.control_plane import ControlPlane, TransientActionError
 from spotguard_core.requeue import RequeueIncompleteError
 from spotguard_core.signals import Rejection, parse_event
 
@@ -49,39 +54,35 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ClientError,
     BotoCoreError,
     RequeueIncompleteError,
+    TransientActionError,
     IdempotencyAlreadyInProgressError,
     IdempotencyPersistenceLayerError,
 )
 
 
-class _Runtime:
-    """What a warm container keeps: the control plane (with its managed-instance cache)
-    and the idempotent runner. Rebuilt when the configuration changes (tests, the drill)."""
-
-    def __init__(self) -> None:
-        self.fingerprint: tuple[str | None, ...] | None = None
-        self.control_plane: ControlPlane | None = None
-        self.run_once: Callable[..., Any] | None = None
-        self.idempotency_config: IdempotencyConfig | None = None
-        #: Set by the idempotent function's body: False after a call means Powertools
-        #: answered from the stored result (a duplicate delivery).
-        self.ran = False
-
-    def get(self) -> tuple[ControlPlane, Callable[..., Any]]:
-        fingerprint = tuple(os.environ.get(k) for k in [*(e.value for e in Env), "AWS_ENDPOINT_URL"])
-        if fingerprint != self.fingerprint or self.control_plane is None or self.run_once is None:
-            self.control_plane = ControlPlane.from_env(metrics, logger=logger)
-            self.run_once, self.idempotency_config = _idempotent_runner(self.control_plane, self)
-            self.fingerprint = fingerprint
-        return self.control_plane, self.run_once
+def _duplicate(response: Any, idempotent_data: DataRecord) -> Any:
+    """Powertools answers a signal handled before from its stored result (a duplicate
+    delivery, normal on EventBridge): say so, count it, and mark the answer."""
+    metrics.add_metric(name=Metric.SIGNALS_DUPLICATE, unit="Count", value=1)
+    logger.info(f"duplicate signal {idempotent_data.idempotency_key}: already handled")
+    return {**response, "duplicate": True} if isinstance(response, dict) else response
 
 
-_runtime = _Runtime()
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """What a warm container keeps: the control plane (with its managed-instance cache), the
+    idempotent runner and its configuration (which needs each invocation's Lambda context)."""
+
+    control_plane: ControlPlane
+    run_once: Callable[..., dict[str, Any]]
+    idempotency_config: IdempotencyConfig
 
 
-def _idempotent_runner(
-    control_plane: ControlPlane, runtime: _Runtime
-) -> tuple[Callable[..., Any], IdempotencyConfig]:
+@functools.cache
+def runtime() -> Runtime:
+    """Built once per container from the environment (tests and the drill that change the
+    environment call ``reset_runtime``)."""
+    control_plane = ControlPlane.from_env(metrics, logger=logger)
     table_name = os.environ.get(Env.IDEMPOTENCY_TABLE)
     if not table_name:
         raise RuntimeError(f"{Env.IDEMPOTENCY_TABLE.value} is not set")
@@ -95,18 +96,23 @@ def _idempotent_runner(
         event_key_jmespath="key",
         raise_on_no_idempotency_key=True,
         expires_after_seconds=IDEMPOTENCY_TTL_SECONDS,
+        response_hook=_duplicate,
     )
 
     @idempotent_function(data_keyword_argument="request", persistence_store=persistence, config=config)
     def process_signal(
         *, request: dict[str, Any], signal: Signal, record: FleetRecord | None
     ) -> dict[str, Any]:
-        runtime.ran = True
         outcome = control_plane.process(signal, record)
         logger.info("signal processed", extra={"outcome": outcome.to_json()})
         return {"key": request["key"], "actions": [action.name for action in outcome.actions]}
 
-    return process_signal, config
+    return Runtime(control_plane=control_plane, run_once=process_signal, idempotency_config=config)
+
+
+def reset_runtime() -> None:
+    """Forget the container's runtime (the next record builds it again from the environment)."""
+    runtime.cache_clear()
 
 
 def _reject(rejection: Rejection, record: SQSRecord) -> dict[str, Any]:
@@ -122,10 +128,16 @@ def _reject(rejection: Rejection, record: SQSRecord) -> dict[str, Any]:
 
 def record_handler(record: SQSRecord) -> dict[str, Any]:
     """One SQS record. Raises only for transient failures (the record is retried)."""
-    control_plane, run_once = _runtime.get()
+    current = runtime()
+    control_plane = current.control_plane
     settings = control_plane.settings
     metrics.add_metric(name=Metric.SIGNALS_RECEIVED, unit="Count", value=1)
-    parsed = parse_event(record.body, expected_account=settings.account_id, expected_region=settings.region)
+    parsed = parse_event(
+        record.body,
+        expected_account=settings.account_id,
+        expected_region=settings.region,
+        allow_test_events=settings.allow_test_events,
+    )
     if isinstance(parsed, Rejection):
         return _reject(parsed, record)
     handled: list[dict[str, Any]] = []
@@ -141,13 +153,16 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
                 metrics.add_metric(name=Metric.SIGNALS_UNMANAGED, unit="Count", value=1)
                 handled.append({"instance_id": signal.instance_id, "managed": False})
                 continue
-            _runtime.ran = False
-            run_once(request={"key": signal.idempotency_key()}, signal=signal, record=fleet_record)
-            if not _runtime.ran:
-                # Powertools returned the stored result: this signal was handled before.
-                logger.info(f"duplicate {signal.kind.value} for {signal.instance_id}: already handled")
-                metrics.add_metric(name=Metric.SIGNALS_DUPLICATE, unit="Count", value=1)
-            handled.append({"instance_id": signal.instance_id, "managed": True})
+            result = current.run_once(
+                request={"key": signal.idempotency_key()}, signal=signal, record=fleet_record
+            )
+            handled.append(
+                {
+                    "instance_id": signal.instance_id,
+                    "managed": True,
+                    "duplicate": bool(result.get("duplicate")),
+                }
+            )
         except TRANSIENT_ERRORS:
             logger.exception(f"transient failure on {signal.kind.value} for {signal.instance_id}: will retry")
             raise
@@ -162,9 +177,7 @@ def record_handler(record: SQSRecord) -> dict[str, Any]:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: Any) -> dict[str, Any]:
-    _, _ = _runtime.get()
-    if _runtime.idempotency_config is not None:
-        _runtime.idempotency_config.register_lambda_context(context)
+    runtime().idempotency_config.register_lambda_context(context)
     response = process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

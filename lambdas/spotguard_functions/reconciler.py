@@ -8,12 +8,16 @@ run does nothing while ``MIGRATION_ENABLED`` is false; a manual trigger always r
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
-from spotguard_core.migration.models import JobTrigger, MigrationSettings
+from spotguard_core import aws
+from spotguard_core.contracts import Env
+from spotguard_core.migration.capacity import CapacityReconciler
+from spotguard_core.migration.models import JobTrigger, MigrationJobSettings
 from spotguard_core.migration.providers import provider_from_environment
 from spotguard_core.migration.runner import MigrationJobRunner
 from spotguard_core.migration.store import JobStore
@@ -38,15 +42,26 @@ class ManualTrigger(BaseModel):
     max_migrations: int | None = Field(default=None, ge=1)
 
 
+def capacity_from_environment(settings: MigrationJobSettings) -> CapacityReconciler | None:
+    """ASG fleets on AWS: the job also reconciles capacity the ASG cannot restore."""
+    asg_name = os.environ.get(Env.ASG_NAME, "").strip()
+    if settings.provider != "aws" or not asg_name:
+        return None
+    fallback = [t.strip() for t in os.environ.get(Env.FALLBACK_INSTANCE_TYPES, "").split(",") if t.strip()]
+    return CapacityReconciler(
+        asg_name=asg_name, autoscaling=aws.client("autoscaling"), fallback_instance_types=fallback
+    )
+
+
 def run_job(
     request: ManualTrigger | None,
     *,
-    settings: MigrationSettings | None = None,
+    settings: MigrationJobSettings | None = None,
     timeout_ms: int | None = None,
 ) -> dict[str, Any]:
     """Run one job (``request`` None = scheduled) and return its record as JSON.
     Also used by the API to run a job inline when no reconciler function is configured."""
-    settings = settings or MigrationSettings()
+    settings = settings or MigrationJobSettings()
     logger.setLevel(_POWERTOOLS_LEVELS[settings.log_level])
     if request is None and not settings.enabled:
         logger.info("Migration disabled: scheduled run skipped")
@@ -57,6 +72,7 @@ def run_job(
         settings,
         metrics=metrics,
         logger=logger,
+        capacity=capacity_from_environment(settings),
     )
     job = runner.run(
         trigger=request.trigger if request else JobTrigger.SCHEDULED,

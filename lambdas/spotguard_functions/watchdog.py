@@ -1,9 +1,11 @@
 """Watchdog (scheduled every minute): deadlines that passed → signals → the same actions.
 
 Terminates managed instances that missed the bootstrap deadline or whose agent stopped
-heartbeating, requeues the work of draining instances past their deadline, releases
-orphaned leases, and emits ``WatchdogHeartbeat`` and ``FleetSize`` every run (the
-"watchdog silent" alarm watches the heartbeat).
+heartbeating (requeueing their work), sends the drain order to instances replaced early once
+their replacement is in service, ends drained or out-of-time drains (never taking a live
+agent's tasks), releases orphaned leases, and emits ``WatchdogHeartbeat`` and ``FleetSize``
+every run (the "watchdog silent" alarm watches the heartbeat) and ``UnreadableTableItems``
+for items it had to skip.
 """
 
 from __future__ import annotations

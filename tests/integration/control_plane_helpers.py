@@ -1,35 +1,85 @@
-"""Helpers of the control-plane integration tests: sample events, handler calls, output."""
+"""Helpers of the control-plane integration tests: sample events, seeded records, handler calls, output."""
 
 from __future__ import annotations
 
 import json
-import uuid
-from collections.abc import Mapping
-from datetime import UTC, datetime
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from spotguard_core.contracts import (
+    LAUNCH_HOOK_NAME,
+    TERMINATE_HOOK_NAME,
+    BootstrapStatus,
+    EndReason,
+    FleetRecord,
+    InstanceState,
+    asg_name,
+)
+from spotguard_core.fleet_store import FleetStore
 from spotguard_core.local_context import LocalLambdaContext
 from spotguard_tools import events
+
+from tests.support import control_plane_env
 
 EVENTS_DIR = Path(__file__).resolve().parents[1] / "events"
 SAMPLE_INSTANCE = "i-1234567890abcdef0"
 SECOND_SAMPLE_INSTANCE = "i-0fedcba0987654321"
+FLEET = control_plane_env.FLEET
+
+#: Sample events by name, built by ``spotguard_tools.events`` (the one way to make events).
+SAMPLES: dict[str, Callable[[str, str | None], dict[str, Any]]] = {
+    "spot_interruption_warning": lambda i, _: events.spot_interruption_warning(i),
+    "capacity_reservation_interruption": lambda i, _: events.capacity_reservation_interruption_warning(i),
+    "rebalance_recommendation": lambda i, _: events.rebalance_recommendation(i),
+    "state_change_terminated": lambda i, _: events.state_change(i, "terminated"),
+    "lifecycle_launch": lambda i, _: events.lifecycle_action(
+        i, transition="launch", asg_name=asg_name(FLEET), hook_name=LAUNCH_HOOK_NAME
+    ),
+    "lifecycle_terminate": lambda i, _: events.lifecycle_action(
+        i, transition="terminate", asg_name=asg_name(FLEET), hook_name=TERMINATE_HOOK_NAME
+    ),
+    "health_scheduled_change": lambda i, second: events.health_scheduled_change(
+        [i, *([second] if second else [])], use_arns=True, include_resources=False
+    ),
+}
 
 
 def sample_event(
     name: str, instance_id: str, *, second_instance_id: str | None = None, **overrides: Any
-) -> dict:
-    """tests/events/<name>.json with its instance ids replaced, a fresh id and ``time`` now."""
-    text = (EVENTS_DIR / f"{name}.json").read_text()
-    text = text.replace(SAMPLE_INSTANCE, instance_id)
-    if second_instance_id:
-        text = text.replace(SECOND_SAMPLE_INSTANCE, second_instance_id)
-    event: dict[str, Any] = json.loads(text)
-    event["id"] = str(uuid.uuid4())
-    event["time"] = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+) -> dict[str, Any]:
+    """A fresh event of kind ``name`` about ``instance_id`` (new id, ``time`` now)."""
+    event = SAMPLES[name](instance_id, second_instance_id)
     event.update(overrides)
     return event
+
+
+def seed_record(
+    instance_id: str,
+    state: InstanceState = InstanceState.READY,
+    *,
+    fleet: str = FLEET,
+    **fields: Any,
+) -> FleetRecord:
+    """Write (and return) a fleet record as the system would have it in ``state``: a ready or
+    draining instance bootstrapped ten minutes ago with a fresh heartbeat, a launching one
+    launched now with the default bootstrap deadline. ``fields`` override any of it."""
+    now = time.time()
+    defaults: dict[str, Any] = {"launched_at": now - 600}
+    if state is InstanceState.LAUNCHING:
+        defaults = {"launched_at": now, "bootstrap_deadline_at": now + 1200}
+    elif state in (InstanceState.READY, InstanceState.DRAINING):
+        defaults |= {"bootstrap_status": BootstrapStatus.READY, "ready_at": now - 500, "heartbeat_at": now}
+    elif state is InstanceState.ENDED:
+        defaults |= {"end_reason": EndReason.TERMINATED, "ended_at": now - 60}
+    record = FleetRecord(instance_id=instance_id, fleet=fleet, state=state, **(defaults | fields))
+    FleetStore().put(record)
+    return record
+
+
+def fleet_record(instance_id: str) -> FleetRecord | None:
+    return FleetStore().get(instance_id)
 
 
 def dispatch(*bodies: Mapping[str, Any] | str) -> dict[str, Any]:

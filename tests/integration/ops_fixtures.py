@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,3 +83,26 @@ def rest_event(
         "body": text,
         "isBase64Encoded": False,
     }
+
+
+def run_reconciler_inline(payload: Mapping[str, Any]) -> None:
+    """Stands in for Lambda's asynchronous invoke of the reconciler: runs the real
+    reconciler's job in this process, with the payload the API sent, before returning."""
+    from spotguard_functions.reconciler import ManualTrigger, run_job  # noqa: PLC0415 - test support
+
+    run_job(ManualTrigger.model_validate(dict(payload)))
+
+
+def reconciler_runs_inline(monkeypatch: Any) -> list[dict[str, Any]]:
+    """Make ``POST /migration/trigger`` run its job in-process (no Lambda service here).
+    Returns the payloads the API handed to the reconciler."""
+    from spotguard_functions import api  # noqa: PLC0415 - test support
+
+    sent: list[dict[str, Any]] = []
+
+    def invoke(payload: Mapping[str, Any]) -> None:
+        sent.append(dict(payload))
+        run_reconciler_inline(payload)
+
+    monkeypatch.setattr(api, "reconciler_invoker", invoke)
+    return sent

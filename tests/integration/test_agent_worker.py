@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import boto3
@@ -396,3 +397,213 @@ def test_report_command_records_the_outcome(aws: Aws, moto_server):
     assert (record["bootstrap_status"], record["bootstrap_reason"]) == ("failed", "disk full")
     described = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
     assert {t["Key"]: t["Value"] for t in described}["spotguard:bootstrap"] == "failed"
+
+
+# ---------------------------------------------------------------------- issue 12: lifecycle
+def fleet_item(aws: Aws, instance_id: str = INSTANCE) -> dict[str, Any]:
+    return dict(
+        aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item") or {}
+    )
+
+
+def counter(aws: Aws, message_id: str) -> int:
+    item = aws.dynamodb.Table(aws.lease_table).get_item(Key=requeue_counter_key(message_id)).get("Item")
+    return int(item[REQUEUE_COUNTER_ATTRIBUTE]) if item else 0
+
+
+class CallLog:
+    """Counts ``service.Operation`` calls a client makes (botocore ``before-call``)."""
+
+    def __init__(self, *clients: Any) -> None:
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        for client in clients:
+            client.meta.events.register("before-call.*.*", self)
+
+    def __call__(self, model: Any, params: dict[str, Any], **_: Any) -> None:
+        self.calls.append((model.name, params))
+
+    def count(self, operation: str) -> int:
+        return sum(1 for name, _ in self.calls if name == operation)
+
+
+def test_the_fleet_record_orders_a_drain_within_one_heartbeat(aws: Aws, run_worker):
+    """The control plane's drain decision (a Health event, an early replacement …) reaches the
+    agent through its own fleet record, read by the heartbeat itself: no extra call."""
+    long_id = aws.send(task_id="long", seconds=60)
+    worker, thread, result = run_worker(config_for(aws, fleet_heartbeat_seconds=0.5))
+    calls = CallLog(worker.clients.resource("dynamodb").meta.client)
+    wait_for(aws.leases)
+    deadline = time.time() + 3
+    aws.dynamodb.Table(aws.fleet_table).update_item(
+        Key={FLEET_TABLE_PK: INSTANCE},
+        UpdateExpression="SET #s = :s, state_rank = :r, drain_deadline_at = :d, last_signal = :l",
+        ExpressionAttributeNames={"#s": "state"},
+        ExpressionAttributeValues={
+            ":s": "draining",
+            ":r": 2,
+            ":d": Decimal(str(round(deadline, 3))),
+            ":l": {"kind": "health_scheduled", "source": "eventbridge", "event_id": "health-1", "at": "0"},
+        },
+    )
+    ordered = time.monotonic()
+    released = wait_for(lambda: aws.receive(visibility=30), timeout=10)
+    assert time.monotonic() - ordered < 0.5 + 1.5, "within one heartbeat (0.5 s) plus the release"
+    assert [m["MessageId"] for m in released] == [long_id]
+    thread.join(timeout=30)
+    assert result == [0]
+    assert worker.drain_signal is not None and worker.drain_signal.kind is SignalKind.HEALTH_SCHEDULED
+    assert worker.drain_signal.deadline is not None
+    assert abs(worker.drain_signal.deadline.timestamp() - deadline) < 0.01
+    assert counter(aws, long_id) == 1, "a drain release is an interruption"
+    record = fleet_item(aws)
+    assert float(record["drained_at"]) >= float(record["drain_deadline_at"]) - 3
+    assert record["last_signal"]["event_id"] == "health-1", "the control plane's order is kept"
+    assert calls.count("GetItem") == 0, "the heartbeat's UpdateItem returned the record"
+
+
+def test_leases_left_by_a_crashed_run_are_released_at_start_as_interruptions(aws: Aws, run_worker):
+    orphan_id = aws.send(task_id="orphan", seconds=0.1)
+    (message,) = aws.receive(visibility=600)  # the crashed agent's receive
+    aws.dynamodb.Table(aws.lease_table).put_item(
+        Item=Lease(
+            instance_id=INSTANCE,
+            message_id=orphan_id,
+            receipt_handle=message["ReceiptHandle"],
+            queue_url=aws.queue_url,
+            leased_at=time.time() - 30,
+            heartbeat_at=time.time() - 30,
+            interruption_requeues=0,
+        ).to_item()
+    )
+    worker, _, _ = run_worker(config_for(aws))
+    # Released at start (not after the 600 s visibility timeout), then taken and finished.
+    wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 1, timeout=15)
+    assert counter(aws, orphan_id) == 1, "counted as an interruption, not a failure"
+    assert aws.leases() == []
+    assert aws.counts() == (0, 0)
+
+
+def test_messages_received_but_not_started_go_back_at_drain_start_as_interruptions(aws: Aws, run_worker):
+    worker, thread, result = run_worker(config_for(aws, concurrency=1, prefetch=9))
+    for index in range(3):  # short tasks: the worker starts receiving ahead of its one slot
+        aws.send(task_id=f"warm-{index}", seconds=0.01)
+    wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 3)
+    long_id = aws.send(task_id="long", seconds=60)
+    waiting = [aws.send(task_id=f"waiting-{index}", seconds=0.01) for index in range(2)]
+    # The long one runs; the two behind it are received and leased, not started.
+    wait_for(lambda: len(aws.leases()) == 3 and len(worker.running_tasks()) == 1, timeout=15)
+    assert worker.running_tasks()[0].message_id == long_id
+    worker.drain(spot_signal(4.0))
+    thread.join(timeout=30)
+    assert result == [0]
+    for message_id in waiting:
+        assert counter(aws, message_id) == 1, "handed back at drain start: an interruption"
+    assert counter(aws, long_id) == 1
+    assert sorted(m["MessageId"] for m in aws.receive()) == sorted([long_id, *waiting])
+    assert aws.leases() == []
+
+
+def test_a_failed_lease_write_hands_the_message_back_as_an_interruption(aws: Aws, run_worker):
+    message_id = aws.send(task_id="t", seconds=0.1)
+    config = config_for(aws, concurrency=1)
+    worker = Worker(config, instance_id=INSTANCE)
+    refused: list[int] = []
+
+    def refuse_lease_writes(model: Any, params: dict[str, Any], **_: Any) -> Any:
+        # ``params`` is the serialized request by now.
+        request = json.loads(params["body"])
+        puts = [
+            r
+            for requests in request["RequestItems"].values()
+            for r in requests
+            if "PutRequest" in r and r["PutRequest"]["Item"]["sk"]["S"].startswith("lease#")
+        ]
+        if not puts or len(refused) >= 1:
+            return None
+        refused.append(len(puts))
+        http = type("Http", (), {"status_code": 400, "headers": {}})()
+        return http, {
+            "Error": {"Code": "ProvisionedThroughputExceededException", "Message": "injected"},
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        }
+
+    worker.clients.resource("dynamodb").meta.client.meta.events.register(
+        "before-call.dynamodb.BatchWriteItem", refuse_lease_writes
+    )
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: refused)
+        wait_for(lambda: counter(aws, message_id) == 1, timeout=5)
+        assert worker.counters[Metric.TASKS_COMPLETED] == 0, "never started without a lease"
+        # Back after the short lease-failure visibility, then leased and done normally.
+        wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 1, timeout=20)
+        assert counter(aws, message_id) == 1
+        assert worker.counters[Metric.TASKS_FAILED] == 0
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+
+
+def test_scale_in_protection_while_holding_leases_and_cleared_when_idle(aws: Aws, run_worker):
+    autoscaling = boto3.client("autoscaling")
+    autoscaling.create_launch_configuration(
+        LaunchConfigurationName="lc", ImageId="ami-12c6146b", InstanceType="t3.micro"
+    )
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName="spotguard-test",
+        LaunchConfigurationName="lc",
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=1,
+        AvailabilityZones=["us-east-1a"],
+    )
+    (instance_id,) = [
+        i["InstanceId"]
+        for i in autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=["spotguard-test"])[
+            "AutoScalingGroups"
+        ][0]["Instances"]
+    ]
+
+    def protected() -> bool:
+        (instance,) = autoscaling.describe_auto_scaling_instances(InstanceIds=[instance_id])[
+            "AutoScalingInstances"
+        ]
+        return bool(instance["ProtectedFromScaleIn"])
+
+    assert not protected()
+    aws.send(task_id="busy", seconds=3)
+    worker, _, _ = run_worker(
+        config_for(aws, asg_name="spotguard-test", protection_idle_seconds=0.5), instance_id
+    )
+    wait_for(lambda: aws.leases(instance_id))
+    wait_for(protected, timeout=5)
+    wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 1, timeout=20)
+    wait_for(lambda: not protected(), timeout=5)
+
+
+def test_one_receive_is_one_lease_batch_and_first_receives_read_no_counter(aws: Aws, run_worker):
+    sent = {aws.send(task_id=f"t{index}", seconds=0.5) for index in range(5)}
+    worker = Worker(config_for(aws, concurrency=5), instance_id=INSTANCE)
+    calls = CallLog(worker.sqs, worker.clients.resource("dynamodb").meta.client)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 5, timeout=30)
+    finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+    bodies = [json.loads(params["body"]) for name, params in calls.calls if name == "BatchWriteItem"]
+    lease_puts = [
+        [r for requests in body["RequestItems"].values() for r in requests if "PutRequest" in r]
+        for body in bodies
+    ]
+    lease_puts = [puts for puts in lease_puts if puts]
+    put_ids = {str(r["PutRequest"]["Item"]["message_id"]["S"]) for puts in lease_puts for r in puts}
+    assert put_ids == sent
+    assert len(lease_puts) <= calls.count("ReceiveMessage") and len(lease_puts) < 5, "batched per receive"
+    assert calls.count("PutItem") == 0
+    assert calls.count("GetItem") == 0 and calls.count("BatchGetItem") == 0, (
+        "receive count 1: no counter read"
+    )
+    assert calls.count("DeleteMessage") == 0 and calls.count("DeleteMessageBatch") >= 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 from datetime import UTC, datetime, timedelta
 
@@ -17,7 +18,12 @@ from spotguard_core.migration.store import JobStore
 from spotguard_functions import api
 from spotguard_tools.novita_contract_server import NovitaState, novita_instance, running_novita_server
 
-from tests.integration.ops_fixtures import FakeLambdaContext, create_tables, rest_event
+from tests.integration.ops_fixtures import (
+    FakeLambdaContext,
+    create_tables,
+    reconciler_runs_inline,
+    rest_event,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +153,10 @@ def test_history_pages_and_bounds(tables):
     assert status == 200 and body["jobs"] == []
 
 
-def test_trigger_runs_inline_without_a_reconciler_function(tables, monkeypatch):
+def test_trigger_hands_the_job_to_the_reconciler_which_records_it_under_the_answered_id(tables, monkeypatch):
+    """The API only hands the job over (202 + id); the reconciler (run in-process here in
+    place of Lambda's async invoke) records it under that id, visible in the history."""
+    sent = reconciler_runs_inline(monkeypatch)
     with running_novita_server(NovitaState()) as novita:
         novita.state.add(novita_instance("inst-1"), novita_instance("inst-2"), novita_instance("inst-3"))
         secret = boto3.client("secretsmanager").create_secret(
@@ -159,15 +168,24 @@ def test_trigger_runs_inline_without_a_reconciler_function(tables, monkeypatch):
         status, body = call(
             rest_event("POST", "/migration/trigger", body={"dryRun": False, "maxMigrations": 2})
         )
-        assert status == 200
-        assert body["status"] == "completed" and body["jobId"].startswith("migration-job-")
-        assert body["job"]["summary"]["migratedInstances"] == 2 and len(novita.state.migrated) == 2
-        assert body["job"]["trigger"] == "manual"
+        assert status == 202
+        assert body["status"] == "accepted" and body["jobId"].startswith("migration-job-")
+        assert sent == [{"trigger": "manual", "jobId": body["jobId"], "dryRun": False, "maxMigrations": 2}]
+        assert len(novita.state.migrated) == 2
+        first = body["jobId"]
 
         status, body = call(rest_event("POST", "/migration/trigger", body={"dryRun": True}))
-        assert status == 200 and body["dryRun"] is True and len(novita.state.migrated) == 2
+        assert status == 202 and body["dryRun"] is True and len(novita.state.migrated) == 2
     history = call(rest_event("GET", "/migration/history"))[1]
     assert history["total"] == 2
+    by_id = {job["jobId"]: job for job in history["jobs"]}
+    assert by_id[first]["summary"]["migratedInstances"] == 2 and by_id[first]["trigger"] == "manual"
+    assert by_id[body["jobId"]]["dryRun"] is True
+
+
+def test_trigger_without_a_reconciler_function_is_503(tables):
+    status, body = call(rest_event("POST", "/migration/trigger", body={"dryRun": True}))
+    assert status == 503 and Env.RECONCILER_FUNCTION.value in body["message"]
 
 
 def test_trigger_invokes_the_reconciler_asynchronously(tables, monkeypatch):
@@ -204,7 +222,7 @@ def test_trigger_invokes_the_reconciler_asynchronously(tables, monkeypatch):
     status, body = call(rest_event("POST", "/migration/trigger", body={"dryRun": True, "maxMigrations": 3}))
     assert status == 202
     assert body["status"] == "accepted" and body["jobId"].startswith("migration-job-")
-    assert body["dryRun"] is True and body["maxMigrations"] == 3 and body["job"] is None
+    assert body["dryRun"] is True and body["maxMigrations"] == 3 and "job" not in body
 
 
 def test_fleet_views(tables):
@@ -284,3 +302,44 @@ def test_unknown_instance_is_404(tables):
         )
     )
     assert status == 404 and "not managed" in body["message"]
+
+
+# ------------------------------------------------------------------ bad table items (issue 13)
+def _put_raw(item):
+    boto3.client("dynamodb").put_item(TableName=os.environ[Env.FLEET_TABLE.value], Item=item)
+
+
+def test_fleet_view_skips_and_counts_unreadable_items(tables):
+    FleetStore().put(
+        FleetRecord(
+            instance_id="i-0aaaaaaaaaaaaaaa1",
+            fleet="workers",
+            state=InstanceState.READY,
+            bootstrap_status=BootstrapStatus.READY,
+        )
+    )
+    _put_raw({"instance_id": {"S": "i-0bad0000000000001"}, "state": {"S": "exploded"}})
+    _put_raw({"instance_id": {"S": "i-0bad0000000000002"}, "launched_at": {"S": "yesterday"}})
+    status, body = call(rest_event("GET", "/fleet"))
+    assert status == 200
+    assert [i["instanceId"] for i in body["instances"]] == ["i-0aaaaaaaaaaaaaaa1"]
+    assert body["count"] == 1 and body["skipped"] == 2
+
+    status, body = call(
+        rest_event(
+            "GET",
+            "/fleet/i-0bad0000000000001",
+            resource="/fleet/{instanceId}",
+            path_parameters={"instanceId": "i-0bad0000000000001"},
+        )
+    )
+    assert status == 500 and "i-0bad0000000000001 cannot be read" in body["message"]
+
+
+def test_an_internal_error_is_a_500_with_a_generic_message(tables, monkeypatch):
+    """A genuine failure (here: the jobs table does not exist) is logged and answered 500
+    with a message, never an exception out of the handler (a bare 502 at API Gateway)."""
+    monkeypatch.setenv(Env.JOBS_TABLE.value, "no-such-table")
+    status, body = call(rest_event("GET", "/migration/history"))
+    assert status == 500 and body["message"].startswith("internal error (logged)")
+    assert "no-such-table" not in body["message"]  # nothing internal leaks to the caller

@@ -10,6 +10,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
@@ -19,11 +20,18 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from spotguard_core import contracts
 from spotguard_core.contracts import Env
+from spotguard_core.migration.models import JobRecord, JobStatus, JobSummary, JobTrigger
+from spotguard_core.migration.store import JobStore
 from spotguard_functions import api
 from spotguard_tools.cli import main
 from spotguard_tools.novita_contract_server import NovitaState, novita_instance, running_novita_server
 
-from tests.integration.ops_fixtures import FakeLambdaContext, create_tables, rest_event
+from tests.integration.ops_fixtures import (
+    FakeLambdaContext,
+    create_tables,
+    reconciler_runs_inline,
+    rest_event,
+)
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0123456789abcdef0"
@@ -177,6 +185,7 @@ def ops_env(moto_server, monkeypatch):
     create_tables(monkeypatch)
     monkeypatch.setenv(Env.FLEET_NAME.value, "workers")
     monkeypatch.delenv(Env.RECONCILER_FUNCTION.value, raising=False)
+    reconciler_runs_inline(monkeypatch)  # in place of Lambda's asynchronous invoke
     with running_novita_server(NovitaState()) as novita:
         novita.state.add(
             novita_instance("inst-1"), novita_instance("inst-2"), novita_instance("inst-3", status="running")
@@ -232,7 +241,9 @@ def test_trigger_status_history_tables_and_json(ops_env, capsys):
     status = json.loads(capsys.readouterr().out)
     assert status["migration"]["statistics"]["totalMigrations"] == 1
     assert status["health"]["migrationService"]["enabled"] is True
-    assert server["rejected"] == 0 and server["requests"] == 8  # status makes two calls
+    # status makes two calls; trigger two (the hand-over, then one history poll that finds
+    # the job finished, since the reconciler ran in-process)
+    assert server["rejected"] == 0 and server["requests"] == 10
 
 
 def test_api_errors_are_printed_clearly(ops_env, capsys):
@@ -254,3 +265,60 @@ def test_missing_api_url_is_explained(moto_server, capsys, monkeypatch):
     monkeypatch.delenv("SPOTGUARD_API_URL", raising=False)
     assert main(["status"]) == 1
     assert "--api-url" in capsys.readouterr().err
+
+
+def test_trigger_no_wait_prints_the_hand_over_only(ops_env, capsys):
+    server, _ = ops_env
+    args = ["trigger", "--api-url", server["url"], "--region", "us-east-1", "--dry-run", "--no-wait"]
+    assert main([*args, "--json"]) == 0
+    captured = capsys.readouterr()
+    answer = json.loads(captured.out)  # the whole of stdout is the JSON document
+    assert answer["status"] == "accepted" and "job" not in answer and answer["dryRun"] is True
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "job " in out and ": accepted (dry run)" in out and "spotguard history --limit 1" in out
+    assert server["requests"] == 2  # no polling
+
+
+def test_table_cells_are_printed_as_they_are(ops_env, capsys):
+    """API values are data, never rich markup (an error text with [brackets] stays whole)."""
+    JobStore().record_finished(
+        JobRecord(
+            job_id="migration-job-[bold]x[/bold]",
+            trigger=JobTrigger.MANUAL,
+            provider="aws",
+            dry_run=False,
+            status=JobStatus.FAILED,
+            started_at=datetime.now(UTC),
+            summary=JobSummary(error_count=1),
+        )
+    )
+    server, _ = ops_env
+    assert main(["history", "--api-url", server["url"], "--region", "us-east-1"]) == 0
+    assert "migration-job-[bold]x[/bold]" in capsys.readouterr().out
+
+
+def test_the_cli_does_not_follow_a_redirect_with_its_signature(moto_server, capsys):
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            return
+
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(302)
+            self.send_header("Location", "/elsewhere" + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1/"
+        assert main(["history", "--api-url", url, "--region", "us-east-1"]) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "HTTP 302" in capsys.readouterr().err
+    assert seen == ["/v1/migration/history?limit=20&offset=0"]  # the redirect was not followed

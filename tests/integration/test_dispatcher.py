@@ -7,43 +7,21 @@ import time
 import boto3
 import pytest
 from spotguard_core.contracts import (
-    BootstrapStatus,
     EndReason,
     Env,
-    FleetRecord,
     InstanceState,
     Metric,
 )
-from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, dispatch, sample_event
+from tests.integration.control_plane_helpers import Output, dispatch, fleet_record, sample_event, seed_record
 
 pytestmark = pytest.mark.integration
 
 
-def fleet_record(instance_id: str) -> FleetRecord | None:
-    return FleetStore().get(instance_id)
-
-
-def ready(cp, instance_id: str) -> None:
-    now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            launched_at=now - 600,
-            ready_at=now - 500,
-            heartbeat_at=now,
-        )
-    )
-
-
 def test_spot_warning_drains_detaches_and_keeps_leases(cp, capfd):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     leases = cp.lease_messages(instance, 3)
     event = sample_event("spot_interruption_warning", instance)
 
@@ -68,7 +46,7 @@ def test_spot_warning_drains_detaches_and_keeps_leases(cp, capfd):
 
 def test_state_change_requeues_all_25_leases_at_once(cp, capfd):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     dispatch(sample_event("spot_interruption_warning", instance))
     leases = cp.lease_messages(instance, 25)
     # The worker finished one task already and deleted its message (the lease is stale).
@@ -94,7 +72,8 @@ def test_state_change_requeues_all_25_leases_at_once(cp, capfd):
 
 def test_duplicate_delivery_changes_nothing_more(cp, capfd):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    # Warned first, so the requeue counts as an interruption (poison rule): exactly once.
+    seed_record(instance, InstanceState.DRAINING, interrupted_at=time.time() - 100)
     cp.lease_messages(instance, 5)
     event = sample_event("state_change_terminated", instance)
     dispatch(event)
@@ -117,7 +96,7 @@ def test_duplicate_delivery_changes_nothing_more(cp, capfd):
 
 def test_out_of_order_warning_after_termination_keeps_it_ended(cp):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     dispatch(sample_event("state_change_terminated", instance))
     dispatch(sample_event("spot_interruption_warning", instance))
     record = fleet_record(instance)
@@ -139,7 +118,7 @@ def test_lifecycle_launch_records_bootstrap_deadline(cp):
 
 def test_lifecycle_terminate_marks_draining_and_scale_in(cp):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     cp.lease_messages(instance, 2)
     dispatch(sample_event("lifecycle_terminate", instance))
     record = fleet_record(instance)
@@ -155,7 +134,7 @@ def test_lifecycle_terminate_marks_draining_and_scale_in(cp):
 def test_rebalance_follows_policy(cp, monkeypatch, policy):
     monkeypatch.setenv(Env.REBALANCE_POLICY.value, policy)
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     dispatch(sample_event("rebalance_recommendation", instance))
     record = fleet_record(instance)
     assert record is not None
@@ -168,8 +147,8 @@ def test_rebalance_follows_policy(cp, monkeypatch, policy):
 def test_health_event_by_arn_without_resources_affects_every_named_instance(cp, monkeypatch):
     monkeypatch.setenv(Env.REBALANCE_POLICY.value, "drain")
     first, second = cp.launch_in_asg(2)
-    ready(cp, first)
-    ready(cp, second)
+    seed_record(first)
+    seed_record(second)
     event = sample_event("health_scheduled_change", first, second_instance_id=second)
     assert "resources" not in event
     dispatch(event)
@@ -183,7 +162,7 @@ def test_health_event_by_arn_without_resources_affects_every_named_instance(cp, 
 def test_requeue_disabled_is_the_baseline(cp, monkeypatch):
     monkeypatch.setenv(Env.REQUEUE_ENABLED.value, "false")
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     cp.lease_messages(instance, 3)
     dispatch(sample_event("state_change_terminated", instance))
     assert cp.receive_all() == []
@@ -192,13 +171,28 @@ def test_requeue_disabled_is_the_baseline(cp, monkeypatch):
     assert record is not None and record.state is InstanceState.ENDED
 
 
-def test_test_source_events_parse_the_same(cp):
+def test_test_source_events_parse_the_same_in_staging(cp, monkeypatch):
+    monkeypatch.setenv(Env.ALLOW_TEST_EVENTS.value, "true")
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     dispatch(sample_event("spot_interruption_warning", instance, source="spotguard.test"))
     record = fleet_record(instance)
     assert record is not None and record.state is InstanceState.DRAINING
     assert record.last_signal is not None and record.last_signal["source"] == "test"
+
+
+def test_test_events_are_rejected_when_staging_is_off(cp, capfd, caplog):
+    """Issue 13: the rule gates test events, and the dispatcher too (defence in depth)."""
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance)
+    capfd.readouterr()
+    response = dispatch(sample_event("spot_interruption_warning", instance, source="spotguard.test"))
+    assert response == {"batchItemFailures": []}
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.READY
+    assert instance in cp.asg_instance_ids()
+    assert Output(capfd.readouterr().out).metric(Metric.SIGNALS_REJECTED) == 1
+    assert any("test events are disabled" in m for m in caplog.messages)
 
 
 def test_notification_is_published_on_the_bus(cp):
@@ -210,7 +204,7 @@ def test_notification_is_published_on_the_bus(cp):
     events_client.put_rule(Name="all", EventBusName=cp.bus_name, EventPattern='{"source": ["spotguard"]}')
     events_client.put_targets(Rule="all", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     dispatch(sample_event("spot_interruption_warning", instance))
     messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert len(messages) == 1

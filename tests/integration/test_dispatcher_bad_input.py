@@ -4,38 +4,21 @@ from __future__ import annotations
 
 import copy
 import json
-import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from spotguard_core.contracts import (
-    BootstrapStatus,
     Env,
-    FleetRecord,
     InstanceState,
     Metric,
 )
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, dispatch, sample_event
+from tests.integration.control_plane_helpers import Output, dispatch, sample_event, seed_record
 
 pytestmark = pytest.mark.integration
-
-
-def ready(cp, instance_id: str) -> None:
-    now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            ready_at=now,
-            heartbeat_at=now,
-        )
-    )
 
 
 def test_unmanaged_instance_is_acknowledged_once_looked_up_and_never_touched(cp, capfd, caplog):
@@ -54,8 +37,7 @@ def test_unmanaged_instance_is_acknowledged_once_looked_up_and_never_touched(cp,
     from spotguard_functions import dispatcher  # noqa: PLC0415 - imported once the env is set
 
     # Three events, one DescribeTags: the answer is cached in-process.
-    assert dispatcher._runtime.control_plane is not None
-    assert dispatcher._runtime.control_plane.managed_check.tag_lookups == 1
+    assert dispatcher.runtime().control_plane.managed_check.tag_lookups == 1
     out = Output(capfd.readouterr().out)
     assert out.metric(Metric.SIGNALS_UNMANAGED) == 3
     assert sum("unmanaged instance" in m for m in caplog.messages) == 3
@@ -63,7 +45,7 @@ def test_unmanaged_instance_is_acknowledged_once_looked_up_and_never_touched(cp,
 
 def test_bad_records_are_rejected_while_the_good_one_in_the_batch_succeeds(cp, capfd, caplog):
     [instance] = cp.launch_in_asg(1)
-    ready(cp, instance)
+    seed_record(instance)
     good = sample_event("spot_interruption_warning", instance)
     wrong_account = sample_event("spot_interruption_warning", instance, account="999999999999")
     wrong_region = sample_event("spot_interruption_warning", instance, region="eu-west-1")

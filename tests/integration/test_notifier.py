@@ -231,3 +231,69 @@ def test_record_that_no_longer_fits_in_the_invocation_is_left_for_redelivery(web
         result = notifier.handler(event, FakeLambdaContext(remaining_ms=notifier.DELIVERY_BUDGET_MS - 1))
     assert result == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
     assert hook.calls == 0
+
+
+# ------------------------------------------------------------------ outbound safety (issue 13)
+@contextmanager
+def recording_server(status: int, location: str | None = None) -> Iterator[dict]:
+    """Answers every request (any method) with ``status`` (and a Location) and records it."""
+    seen: dict = {"requests": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            return
+
+        def _answer(self):
+            seen["requests"].append((self.command, dict(self.headers)))
+            self.send_response(status)
+            if location:
+                self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}/hook"
+    try:
+        yield seen
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_never_followed(webhook_env, monkeypatch, status):
+    """urllib follows a 302 by default, forwarding the signature header to the new host."""
+    with recording_server(204) as elsewhere, recording_server(status, elsewhere["url"]) as hook:
+        monkeypatch.setenv(Env.WEBHOOK_URL.value, hook["url"])
+        result = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
+    assert len(result["batchItemFailures"]) == 1  # failed, left for the DLQ, not retried in place
+    assert len(hook["requests"]) == 1
+    assert elsewhere["requests"] == []  # nothing (no signature) reached the redirect target
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://169.254.169.254/latest/meta-data/",
+        "https://10.0.0.8/hook",
+        "https://user:pw@hooks.example.com/hook",
+        "http://hooks.example.com/hook",
+    ],
+)
+def test_an_unsafe_webhook_url_is_refused_without_a_request(webhook_env, monkeypatch, url):
+    monkeypatch.setenv(Env.WEBHOOK_URL.value, url)
+    result = webhooks.deliver(url, SECRET, event_name="instance.migrated", delivery_id="d-1", body=b"{}")
+    assert result.delivered is False and result.attempts == 0 and "webhook URL must" in str(result.error)
+    answer = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
+    assert len(answer["batchItemFailures"]) == 1
+
+
+def test_loopback_needs_the_local_switch(webhook_env, monkeypatch):
+    monkeypatch.delenv(Env.ALLOW_LOOPBACK_URLS.value, raising=False)
+    with receiver(lambda call: 204) as hook:
+        monkeypatch.setenv(Env.WEBHOOK_URL.value, hook.url)
+        result = notifier.handler(event_builders.to_sqs_event(bus_event()), FakeLambdaContext())
+    assert len(result["batchItemFailures"]) == 1 and hook.calls == 0

@@ -6,6 +6,8 @@ dispatcher marks them: a fleet record that ended with ``spot_reclaim``.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import boto3
 import pytest
 from spotguard_core import contracts
@@ -13,9 +15,10 @@ from spotguard_core.contracts import EndReason, Env, FleetRecord, InstanceState
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.migration.models import (
     CandidateInstance,
+    JobRecord,
     JobStatus,
     JobTrigger,
-    MigrationSettings,
+    MigrationJobSettings,
     OutcomeKind,
 )
 from spotguard_core.migration.providers.aws_ec2 import AwsEc2Provider
@@ -81,7 +84,7 @@ def tags_of(ec2, instance_id):
 
 def run_job(**kwargs):
     runner = MigrationJobRunner(
-        AwsEc2Provider.from_environment(), JobStore(), MigrationSettings(), publish=lambda k, d: True
+        AwsEc2Provider.from_environment(), JobStore(), MigrationJobSettings(), publish=lambda k, d: True
     )
     return runner.run(trigger=JobTrigger.SCHEDULED, **kwargs)
 
@@ -205,8 +208,19 @@ def test_already_replaced_instances_are_not_eligible(ec2_fleet):
     assert "already replaced" in candidates[0].reason
 
 
-def test_state_reason_alone_makes_an_instance_eligible(ec2_fleet):
-    """The StateReason path (real EC2), checked on the provider's verdict for a described instance."""
+def test_state_reason_makes_an_enrolled_instance_eligible(ec2_fleet):
+    """The StateReason path (real EC2), checked on the provider's verdict for a described instance.
+
+    Stronger than before (issue 13): the instance must also be enrolled (a fleet record); its
+    record says only ``stopped`` — the state reason is what makes it a spot reclaim."""
+    FleetStore().put(
+        FleetRecord(
+            instance_id="i-0aaaaaaaaaaaaaaaa",
+            fleet=FLEET,
+            state=InstanceState.ENDED,
+            end_reason=EndReason.STOPPED,
+        )
+    )
     provider = AwsEc2Provider.from_environment()
     described = {
         "InstanceId": "i-0aaaaaaaaaaaaaaaa",
@@ -220,6 +234,140 @@ def test_state_reason_alone_makes_an_instance_eligible(ec2_fleet):
     }
     verdict: CandidateInstance = provider._candidate(described)
     assert verdict.eligible and "Server.SpotInstanceTermination" in verdict.reason
+    FleetStore().put(FleetRecord(instance_id="i-0aaaaaaaaaaaaaaaa", fleet="someone-else"))
+    assert not provider._candidate(described).eligible
+
+
+def test_stopped_by_reclaim_path_replaces_with_spot_and_records_a_bootstrap_deadline(ec2_fleet, monkeypatch):
+    """The path for ``stop``-behaviour spot instances outside an ASG (issue 12)."""
+    ec2, image, _ = ec2_fleet
+    monkeypatch.setenv(Env.BOOTSTRAP_DEADLINE_SECONDS.value, "900")
+    old = launch(ec2, image)
+    stop(ec2, old, end_reason=EndReason.SPOT_RECLAIM)
+    job = run_job()
+    [outcome] = job.outcomes
+    new = outcome.new_instance_id
+    instance = ec2.describe_instances(InstanceIds=[new])["Reservations"][0]["Instances"][0]
+    assert instance.get("InstanceLifecycle") == "spot"  # not on-demand
+    record = FleetStore().get(new)
+    assert record is not None and record.state is InstanceState.LAUNCHING
+    assert record.bootstrap_deadline_at is not None and record.launched_at is not None
+    assert record.bootstrap_deadline_at - record.launched_at == pytest.approx(900)
+
+
+def test_tagged_but_unenrolled_asg_members_and_early_replacements_are_not_eligible(ec2_fleet):
+    ec2, image, _ = ec2_fleet
+    tagged_only = launch(ec2, image)
+    ec2.stop_instances(InstanceIds=[tagged_only])  # a CreateTags alone: no fleet record
+    in_asg = launch(ec2, image)
+    ec2.create_tags(
+        Resources=[in_asg], Tags=[{"Key": "aws:autoscaling:groupName", "Value": "spotguard-workers"}]
+    )
+    stop(ec2, in_asg, end_reason=EndReason.SPOT_RECLAIM)
+    replaced_early = launch(ec2, image)
+    stop(ec2, replaced_early, end_reason=EndReason.SPOT_RECLAIM)
+    FleetStore().update_fields(replaced_early, {"replacement_requested_at": contracts.now() - 120})
+    verdicts = {c.instance_id: c for c in AwsEc2Provider.from_environment().list_instances()}
+    assert not any(c.eligible for c in verdicts.values())
+    assert "no fleet record" in verdicts[tagged_only].reason
+    assert "ASG" in verdicts[in_asg].reason
+    assert "replaced early" in verdicts[replaced_early].reason  # one event, one replacement
+
+
+def test_pool_memory_holds_across_jobs(ec2_fleet, monkeypatch):
+    """After a reclaim, later replacements avoid that pool for a while (stored, not per listing)."""
+    ec2, image, template = ec2_fleet
+    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
+    by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in subnets}
+    zone_a, zone_b = sorted(by_zone)[:2]
+    boto3.client("autoscaling").create_auto_scaling_group(
+        AutoScalingGroupName=contracts.asg_name(FLEET),
+        MinSize=0,
+        MaxSize=2,
+        DesiredCapacity=0,
+        VPCZoneIdentifier=f"{by_zone[zone_a]},{by_zone[zone_b]}",
+        MixedInstancesPolicy={
+            "LaunchTemplate": {
+                "LaunchTemplateSpecification": {"LaunchTemplateId": template, "Version": "$Default"},
+                "Overrides": [{"InstanceType": "m5.large"}, {"InstanceType": "c5.large"}],
+            },
+        },
+    )
+    monkeypatch.setenv(Env.ASG_NAME.value, contracts.asg_name(FLEET))
+    first = launch(ec2, image, instance_type="m5.large", subnet=by_zone[zone_a])
+    stop(ec2, first, end_reason=EndReason.SPOT_RECLAIM)
+    [done] = run_job().outcomes
+    assert done.details["instanceType"] == "c5.large" and done.details["availabilityZone"] == zone_b
+    # A later job: another instance, in c5.large/zone_b, is reclaimed. Without memory its
+    # best pool would be m5.large/zone_a (other type and zone) — reclaimed minutes ago.
+    second = launch(ec2, image, instance_type="c5.large", subnet=by_zone[zone_b])
+    stop(ec2, second, end_reason=EndReason.SPOT_RECLAIM)
+    [later] = run_job().outcomes
+    assert later.instance_id == second
+    assert (later.details["instanceType"], later.details["availabilityZone"]) not in {
+        ("m5.large", zone_a),
+        ("c5.large", zone_b),
+    }
+
+
+def test_a_crashed_job_stuck_running_is_ended_as_failed_by_the_next(ec2_fleet):
+    store = JobStore()
+    crashed = JobRecord(
+        job_id="migration-job-crashed",
+        trigger=JobTrigger.SCHEDULED,
+        provider="aws",
+        dry_run=False,
+        started_at=datetime.now(UTC) - timedelta(hours=2),
+    )
+    store.save(crashed)  # its reconciler died before recording the end
+    run_job()
+    [ended] = [j for j in store.latest(5) if j.job_id == crashed.job_id]
+    assert ended.status is JobStatus.FAILED and ended.ended_at is not None
+    assert any("abandoned" in error for error in ended.errors)
+    assert store.statistics().failed_executions == 1
+
+
+def test_asg_fleet_capacity_stuck_below_desired_is_reported_then_widened(ec2_fleet, monkeypatch):
+    """The ASG path: what the ASG cannot do (no spot capacity in its pools) is reported and, if
+    stuck for two jobs, its pools are widened by the configured fallback types."""
+    _, _, template = ec2_fleet
+    autoscaling = boto3.client("autoscaling")
+    name = contracts.asg_name(FLEET)
+    autoscaling.create_auto_scaling_group(
+        AutoScalingGroupName=name,
+        MinSize=0,
+        MaxSize=4,
+        DesiredCapacity=2,
+        AvailabilityZones=["us-east-1a"],
+        MixedInstancesPolicy={
+            "LaunchTemplate": {
+                "LaunchTemplateSpecification": {"LaunchTemplateId": template, "Version": "$Default"},
+                "Overrides": [{"InstanceType": "m5.large"}],
+            },
+        },
+    )
+    monkeypatch.setenv(Env.ASG_NAME.value, name)
+    monkeypatch.setenv(Env.FALLBACK_INSTANCE_TYPES.value, "c5.large, m6i.large")
+    monkeypatch.setenv("MIGRATION_PROVIDER", "aws")
+    first_instance = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])[
+        "AutoScalingGroups"
+    ][0]["Instances"][0]["InstanceId"]
+    # moto always finds capacity; an instance the ASG holds unhealthy and cannot replace stands
+    # in for a pool without spot capacity: healthy InService stays below desired.
+    autoscaling.set_instance_health(InstanceId=first_instance, HealthStatus="Unhealthy")
+
+    first = reconciler.run_job(None)
+    assert first["capacity"]["shortfall"] == 1 and first["capacity"]["stuck"] is False
+    assert first["capacity"]["addedInstanceTypes"] == []
+
+    second = reconciler.run_job(None)
+    assert second["capacity"]["stuck"] is True
+    assert second["capacity"]["addedInstanceTypes"] == ["c5.large", "m6i.large"]
+    overrides = autoscaling.describe_auto_scaling_groups(AutoScalingGroupNames=[name])["AutoScalingGroups"][
+        0
+    ]["MixedInstancesPolicy"]["LaunchTemplate"]["Overrides"]
+    assert [o["InstanceType"] for o in overrides] == ["m5.large", "c5.large", "m6i.large"]
+    assert JobStore().latest(1)[0].capacity.shortfall == 1  # type: ignore[union-attr]
 
 
 def test_reconciler_handler_runs_a_scheduled_job(ec2_fleet, monkeypatch):

@@ -8,7 +8,7 @@ import time
 
 import pytest
 from pydantic import ValidationError
-from spotguard_core.migration.models import JobStatus, JobTrigger, MigrationSettings, OutcomeKind
+from spotguard_core.migration.models import JobStatus, JobTrigger, MigrationJobSettings, OutcomeKind
 from spotguard_core.migration.providers.novita import NovitaClient, NovitaProvider, eligibility
 from spotguard_core.migration.runner import MigrationJobRunner
 from spotguard_core.migration.store import JobStore
@@ -37,7 +37,7 @@ def runner_for(server, *, published=None, metrics=None, **settings):
     return MigrationJobRunner(
         provider,
         JobStore(),
-        MigrationSettings(**settings),
+        MigrationJobSettings(**settings),
         metrics=metrics,
         publish=(lambda kind, detail: published.append((kind, dict(detail))) or True)
         if published is not None
@@ -196,7 +196,7 @@ def test_list_keeps_failing_fails_the_job(tables, novita):
 def test_wrong_api_key_fails_the_job_with_its_reason(tables, novita):
     novita.state.add(novita_instance("inst-1"))
     provider = NovitaProvider(NovitaClient(novita.url, "sk_wrong"))
-    job = MigrationJobRunner(provider, JobStore(), MigrationSettings(), publish=lambda k, d: True).run(
+    job = MigrationJobRunner(provider, JobStore(), MigrationJobSettings(), publish=lambda k, d: True).run(
         trigger=JobTrigger.SCHEDULED
     )
     assert job.status is JobStatus.FAILED
@@ -277,7 +277,7 @@ def test_settings_read_the_seed_environment_variables(monkeypatch):
         "MIGRATION_PROVIDER": "novita",
     }.items():
         monkeypatch.setenv(name, value)
-    settings = MigrationSettings()
+    settings = MigrationJobSettings()
     assert settings.describe() == {
         "intervalMinutes": 5,
         "jobTimeoutMs": 300000,
@@ -306,4 +306,4 @@ def test_settings_read_the_seed_environment_variables(monkeypatch):
 def test_settings_out_of_the_seed_ranges_fail_at_start(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     with pytest.raises(ValidationError, match=name):
-        MigrationSettings()
+        MigrationJobSettings()

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 
+import boto3
 import pytest
 from spotguard_core.contracts import (
     FLEET_TAG_KEY,
-    BootstrapStatus,
     EndReason,
-    FleetRecord,
+    Env,
     InstanceState,
     Lease,
     Metric,
@@ -17,44 +18,27 @@ from spotguard_core.contracts import (
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, run_watchdog
+from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event, seed_record
 
 pytestmark = pytest.mark.integration
 
 
-def launching(cp, instance_id: str, *, age: float) -> None:
+def launching(instance_id: str, *, age: float) -> None:
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=cp.fleet,
-            state=InstanceState.LAUNCHING,
-            launched_at=now - age,
-            bootstrap_deadline_at=now - age + 1200,
-        )
+    seed_record(
+        instance_id, InstanceState.LAUNCHING, launched_at=now - age, bootstrap_deadline_at=now - age + 1200
     )
 
 
 def test_past_deadline_not_ready_is_terminated_ready_and_unmanaged_untouched(cp, capfd):
     stuck, healthy = cp.launch_in_asg(2)
-    launching(cp, stuck, age=1500)
+    launching(stuck, age=1500)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=healthy,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            launched_at=now - 5000,
-            bootstrap_deadline_at=now - 3800,
-            ready_at=now - 4900,
-            heartbeat_at=now - 10,
-        )
-    )
+    seed_record(healthy, launched_at=now - 5000, bootstrap_deadline_at=now - 3800, heartbeat_at=now - 10)
     # An old instance without the fleet tag whose record claims it (a stray write): the
     # watchdog must refuse to terminate it.
     foreign = cp.run_instance(tags={"team": "other"})
-    launching(cp, foreign, age=5000)
+    launching(foreign, age=5000)
     cp.lease_messages(stuck, 2)
 
     report = run_watchdog()
@@ -78,16 +62,7 @@ def test_past_deadline_not_ready_is_terminated_ready_and_unmanaged_untouched(cp,
 def test_stale_heartbeat_is_terminated(cp):
     [instance] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            ready_at=now - 3000,
-            heartbeat_at=now - 600,
-        )
-    )
+    seed_record(instance, ready_at=now - 3000, heartbeat_at=now - 600)
     run_watchdog()
     assert cp.instance_state(instance) in ("shutting-down", "terminated")
     assert FleetStore().get(instance).end_reason is EndReason.HEARTBEAT_STALE  # type: ignore[union-attr]
@@ -96,15 +71,7 @@ def test_stale_heartbeat_is_terminated(cp):
 def test_orphaned_leases_are_released(cp):
     [gone] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=gone,
-            fleet=cp.fleet,
-            state=InstanceState.ENDED,
-            end_reason=EndReason.TERMINATED,
-            ended_at=now - 300,
-        )
-    )
+    seed_record(gone, InstanceState.ENDED, ended_at=now - 300)
     leases = cp.lease_messages(gone, 3)
     # A lease of an instance with no record at all, stale for an hour.
     [other] = cp.lease_messages("i-0123456789abcdef0", 1)
@@ -126,24 +93,45 @@ def test_orphaned_leases_are_released(cp):
     assert list(LeaseStore().scan_leases()) == []
 
 
-def test_draining_past_deadline_requeues(cp):
+# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
+# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
+# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
+# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
+def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
     [instance] = cp.launch_in_asg(1)
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance,
-            fleet=cp.fleet,
-            state=InstanceState.DRAINING,
-            bootstrap_status=BootstrapStatus.READY,
-            heartbeat_at=now - 5,
-            drain_deadline_at=now - 30,
-            interrupted_at=now - 150,
-        )
+    seed_record(
+        instance,
+        InstanceState.DRAINING,
+        heartbeat_at=now - 5,
+        drain_deadline_at=now - 30,
+        interrupted_at=now - 150,
     )
-    cp.lease_messages(instance, 4)
+    leases = cp.lease_messages(instance, 4)
     run_watchdog()
-    assert len(cp.receive_all()) == 4
+    run_watchdog()
+    assert cp.receive_all() == []
+    assert len(LeaseStore().for_instance(instance)) == len(leases)
     assert FleetStore().get(instance).state is InstanceState.DRAINING  # type: ignore[union-attr]
+
+
+def test_draining_agent_that_is_gone_has_its_tasks_requeued_as_interruptions(cp):
+    [instance] = cp.launch_in_asg(1)
+    now = time.time()
+    seed_record(
+        instance,
+        InstanceState.DRAINING,
+        heartbeat_at=now - 600,
+        drain_deadline_at=now - 400,
+        interrupted_at=now - 520,
+    )
+    leases = cp.lease_messages(instance, 4)
+    run_watchdog()
+    assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
+    record = FleetStore().get(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.SPOT_RECLAIM  # it went away for the warning it had
+    assert all(LeaseStore().requeue_count(lease.message_id) == 1 for lease in leases)
 
 
 def test_unmanaged_instance_without_record_is_never_touched(cp):
@@ -156,13 +144,137 @@ def test_unmanaged_instance_without_record_is_never_touched(cp):
 def test_baseline_mode_leaves_orphaned_leases_to_the_visibility_timeout(cp, monkeypatch):
     monkeypatch.setenv("SPOTGUARD_REQUEUE_ENABLED", "false")
     [gone] = cp.launch_in_asg(1)
-    FleetStore().put(
-        FleetRecord(
-            instance_id=gone, fleet=cp.fleet, state=InstanceState.ENDED, end_reason=EndReason.TERMINATED
-        )
-    )
+    seed_record(gone, InstanceState.ENDED)
     cp.lease_messages(gone, 2)
     report = run_watchdog()
     assert report["orphan_leases_released"] == 0
     assert cp.receive_all() == []
     assert len(LeaseStore().for_instance(gone)) == 2
+
+
+def test_detached_instance_drains_once_its_replacement_is_in_service_then_ends(cp, capfd):
+    """Issue 12: a rebalance under ``replace`` detaches the instance; once its replacement is in
+    service it gets a drain order on its fleet record, and once drained it is terminated."""
+    [old] = cp.launch_in_asg(1)
+    seed_record(old)
+    cp.lease_messages(old, 1)
+    dispatch(sample_event("rebalance_recommendation", old))
+    [new] = cp.asg_instance_ids()  # moto launched the replacement into the group
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.READY and record.replacement_requested_at
+
+    run_watchdog()  # the replacement has not bootstrapped yet: the old one keeps working
+    assert FleetStore().get(old).state is InstanceState.READY  # type: ignore[union-attr]
+
+    seed_record(new, launched_at=time.time())
+    run_watchdog()
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.DRAINING and record.replaced_by == new
+    assert record.drain_deadline_at is not None and record.drain_deadline_at > time.time()
+    assert cp.instance_state(old) == "running"
+    assert len(LeaseStore().for_instance(old)) == 1  # a draining live agent keeps its task
+
+    FleetStore().update_fields(old, {"drained_at": time.time()})  # what the agent reports
+    capfd.readouterr()
+    run_watchdog()
+    assert cp.instance_state(old) in ("shutting-down", "terminated")
+    record = FleetStore().get(old)
+    assert record is not None and record.end_reason is EndReason.RETIRED
+    assert Output(capfd.readouterr().out).metric(Metric.INSTANCES_RETIRED) == 1
+    assert cp.instance_state(new) == "running"
+
+
+def test_replacement_in_service_publishes_instance_replaced_once(cp):
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="replaced")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = boto3.client("events")
+    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
+    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    old, new = cp.launch_in_asg(2)
+    seed_record(old, replacement_requested_at=time.time() - 60)
+    seed_record(new, launched_at=time.time())
+    run_watchdog()
+    run_watchdog()
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    assert len(messages) == 1
+    detail = json.loads(messages[0]["Body"])["detail"]
+    assert detail["instanceId"] == old and detail["replacementInstanceId"] == new
+
+
+def test_detached_instance_past_its_drain_deadline_is_ended_only_if_tagged(cp):
+    [ours] = cp.launch_in_asg(1)
+    foreign = cp.run_instance(tags={"team": "other"})
+    now = time.time()
+    for instance in (ours, foreign):
+        seed_record(
+            instance, InstanceState.DRAINING, replacement_requested_at=now - 900, drain_deadline_at=now - 10
+        )
+    leases = cp.lease_messages(ours, 2)
+    run_watchdog()
+    assert cp.instance_state(ours) in ("shutting-down", "terminated")
+    assert FleetStore().get(ours).end_reason is EndReason.RETIRED  # type: ignore[union-attr]
+    assert cp.receive_all() == []  # not taken in the sweep that ends it: its agent was alive
+    assert cp.instance_state(foreign) == "running"
+    assert FleetStore().get(foreign).state is InstanceState.DRAINING  # type: ignore[union-attr]
+    run_watchdog()  # now ended: the orphan sweep releases them, counted as interruptions
+    assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
+    assert all(LeaseStore().requeue_count(lease.message_id) == 1 for lease in leases)
+
+
+def test_detached_instance_whose_replacement_never_comes_drains_after_the_wait(cp):
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance, replacement_requested_at=time.time() - 7200)
+    run_watchdog()
+    record = FleetStore().get(instance)
+    assert record is not None and record.state is InstanceState.DRAINING and record.drain_deadline_at
+
+
+def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
+    """Issue 13: one bad item never stops the sweep for the whole fleet."""
+    broken, stale = cp.launch_in_asg(2)
+    fleet_table = boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE])
+    fleet_table.put_item(Item={"instance_id": broken, "fleet": cp.fleet, "state": "exploded"})
+    fleet_table.put_item(
+        Item={"instance_id": "i-0aaaaaaaaaaaaaaaa", "state": "ready", "heartbeat_at": "soon"}
+    )
+    boto3.resource("dynamodb").Table(cp.tables[Env.LEASE_TABLE]).put_item(
+        Item={"pk": "instance#i-0bbbbbbbbbbbbbbbb", "sk": "lease#m1", "instance_id": "i-0bbbbbbbbbbbbbbbb"}
+    )
+    now = time.time()
+    seed_record(stale, ready_at=now - 3000, heartbeat_at=now - 600)
+    capfd.readouterr()
+
+    report = run_watchdog()
+
+    assert report["unreadable_items"] == 3 and report["errors"] == []
+    assert cp.instance_state(stale) in ("shutting-down", "terminated")  # the sweep went on
+    assert cp.instance_state(broken) == "running"
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.UNREADABLE_TABLE_ITEMS) == 3
+    assert out.metric(Metric.WATCHDOG_HEARTBEAT) == 1
+
+
+def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_announced(cp):
+    """The usual spot case: the warning's two minutes end before the replacement bootstraps."""
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="replaced-late")["QueueUrl"]
+    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    bus = boto3.client("events")
+    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
+    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    [old] = cp.launch_in_asg(1)
+    seed_record(old)
+    dispatch(sample_event("spot_interruption_warning", old))
+    dispatch(sample_event("state_change_terminated", old))
+    [new] = cp.asg_instance_ids()
+    seed_record(new, launched_at=time.time())
+
+    run_watchdog()
+    run_watchdog()
+
+    record = FleetStore().get(old)
+    assert record is not None and record.state is InstanceState.ENDED and record.replaced_by == new
+    assert record.end_reason is EndReason.SPOT_RECLAIM
+    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    assert [json.loads(m["Body"])["detail"]["replacementInstanceId"] for m in messages] == [new]

@@ -61,10 +61,21 @@ def test_bundle_contains_agent_installer_units_and_the_stdlib_core(tmp_path: Pat
             "spotguard_core/contracts.py",
         ):
             assert required in members, required
-        # Only the stdlib-only core modules travel: instances have no pydantic/Powertools.
+        # Only the core modules the agent imports travel (stdlib + boto3: instances have no
+        # pydantic/Powertools): the contracts and the one AWS adapter of each table.
         assert {n for n in names if n.startswith("spotguard_core/")} == {
-            "spotguard_core/__init__.py",
-            "spotguard_core/contracts.py",
+            f"spotguard_core/{name}"
+            for name in (
+                "__init__.py",
+                "aws.py",
+                "contracts.py",
+                "dynamo.py",
+                "fault_injection.py",
+                "fleet_store.py",
+                "lease_store.py",
+                "ports.py",
+                "requeue.py",
+            )
         }
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
         assert {m.mtime for m in members.values()} == {members["install.py"].mtime}
@@ -82,6 +93,12 @@ def test_bundled_agent_imports_from_the_bundle_alone(tmp_path: Path):
     check = (
         "import sys; sys.path[:0] = [sys.argv[1]]; "
         "import spotguard_agent.cli, spotguard_agent.installer, spotguard_core.contracts as c; "
+        "import spotguard_core.requeue, spotguard_core.fleet_store, spotguard_core.fault_injection; "
+        "third = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names); "
+        "extra = sorted(third - {'boto3', 'botocore', 'jmespath', 'dateutil', 'urllib3', 's3transfer', "
+        "'six', 'certifi', 'spotguard_agent', 'spotguard_core', '__main__', '__mp_main__'} "
+        "- {m for m in third if m.startswith(('__editable__', '_distutils_hack', 'sitecustomize'))}); "
+        "assert not extra, extra; "
         "print(c.__file__)"
     )
     result = subprocess.run(

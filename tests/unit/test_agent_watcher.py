@@ -127,3 +127,73 @@ def test_watch_command_prints_one_json_line_per_notice(imds: ImdsEmulator):
     assert all(line["instance_id"] == "i-0aaaabbbbccccdddd" for line in lines)
     spot = next(line for line in lines if line["kind"] == "spot_interruption")
     assert spot["deadline"] is not None and spot["state"] == "stop"
+
+
+def start_watcher_with_notices(imds: ImdsEmulator):
+    drains: queue.Queue[Signal] = queue.Queue()
+    notices: queue.Queue[Signal] = queue.Queue()
+    client = ImdsClient(imds.url, timeout_seconds=0.2, attempts=2, retry_delay_seconds=0.01)
+    watcher = Watcher(client, drains.put, poll_seconds=POLL, on_notice=notices.put)
+    return watcher.start(), drains, notices
+
+
+def test_scheduled_stop_and_retirement_drain_by_not_before(imds: ImdsEmulator):
+    watcher, drains, notices = start_watcher_with_notices(imds)
+    try:
+        not_before = datetime.now(UTC).replace(microsecond=0) + timedelta(hours=3)
+        imds.schedule_maintenance("instance-stop", not_before)
+        signal = drains.get(timeout=5)
+        assert signal.kind is SignalKind.MAINTENANCE_SCHEDULED
+        assert signal.source is SignalSource.IMDS
+        assert signal.deadline == not_before
+        assert signal.state == "instance-stop"
+        assert signal.attributes["maintenance_event_id"].startswith("instance-event-")
+        imds.schedule_maintenance("instance-retirement", not_before + timedelta(hours=1))
+        retirement = drains.get(timeout=5)
+        assert retirement.state == "instance-retirement"
+        assert retirement.deadline == not_before + timedelta(hours=1)
+        time.sleep(3 * POLL)
+        assert drains.empty() and notices.empty(), "each event is handed over once"
+    finally:
+        watcher.stop()
+
+
+@pytest.mark.parametrize("code", ["system-reboot", "instance-reboot", "system-maintenance"])
+def test_scheduled_reboots_and_maintenance_are_recorded_not_drained(imds: ImdsEmulator, code: str):
+    watcher, drains, notices = start_watcher_with_notices(imds)
+    try:
+        imds.schedule_maintenance(code)
+        notice = notices.get(timeout=5)
+        assert notice.kind is SignalKind.MAINTENANCE_SCHEDULED and notice.state == code
+        time.sleep(3 * POLL)
+        assert drains.empty(), "a reboot is not a termination"
+        assert notices.empty()
+    finally:
+        watcher.stop()
+
+
+def test_completed_and_canceled_events_are_history(imds: ImdsEmulator):
+    imds.schedule_maintenance("instance-stop", state="completed")
+    imds.schedule_maintenance("instance-retirement", state="canceled")
+    watcher, drains, notices = start_watcher_with_notices(imds)
+    try:
+        time.sleep(4 * POLL)
+        assert drains.empty() and notices.empty()
+        assert watcher.polls >= 2 and watcher.errors == 0
+    finally:
+        watcher.stop()
+
+
+def test_a_hibernate_warning_has_no_two_minute_lead(imds: ImdsEmulator):
+    watcher, signals = start_watcher(imds)
+    try:
+        # Even when the notice's time lies ahead, hibernation starts when the notice is given.
+        imds.set_spot_action("hibernate", datetime.now(UTC) + timedelta(minutes=2))
+        seen_at = datetime.now(UTC)
+        _, signal = signals.get(timeout=5)
+        assert signal.state == "hibernate"
+        assert signal.deadline is not None
+        assert signal.deadline <= signal.received_at
+        assert signal.deadline - seen_at < timedelta(seconds=2)
+    finally:
+        watcher.stop()

@@ -30,6 +30,7 @@ from spotguard_core.decisions import (
     RequestReplacement,
     RequeueLeases,
     TerminateInstance,
+    counts_as_interruption,
     decide,
 )
 from spotguard_core.managed import TtlLru
@@ -82,8 +83,40 @@ def test_warning_without_early_replacement():
 
 
 def test_duplicate_warning_does_nothing_more():
-    current = record(InstanceState.DRAINING, interrupted_at=NOW.timestamp(), replacement_requested_at=1.0)
+    # Every fact of a handled warning is in the record: draining, replacement, notice sent.
+    current = record(
+        InstanceState.DRAINING,
+        interrupted_at=NOW.timestamp(),
+        replacement_requested_at=1.0,
+        interruption_notified_at=2.0,
+    )
     assert decide(signal(SignalKind.SPOT_INTERRUPTION), current, SETTINGS) == []
+
+
+def test_warning_retried_after_a_failed_detach_redoes_only_what_did_not_happen():
+    """Issue 12: the draining write succeeded, DetachInstances failed (throttled): the retry
+    must still request the replacement and send the notice, and not write draining again."""
+    after_failed_detach = record(InstanceState.DRAINING, interrupted_at=NOW.timestamp())
+    actions = decide(signal(SignalKind.SPOT_INTERRUPTION), after_failed_detach, SETTINGS)
+    assert names(actions) == ["RequestReplacement", "Notify"]
+    detached_not_notified = record(InstanceState.DRAINING, interrupted_at=1.0, replacement_requested_at=2.0)
+    assert names(decide(signal(SignalKind.SPOT_INTERRUPTION), detached_not_notified, SETTINGS)) == ["Notify"]
+
+
+def test_capacity_reservation_warning_is_decided_like_a_spot_warning():
+    warning = signal(SignalKind.CAPACITY_RESERVATION_INTERRUPTION, deadline=NOW + timedelta(minutes=2))
+    actions = decide(warning, record(InstanceState.READY), SETTINGS)
+    assert names(actions) == ["RecordDraining", "RequestReplacement", "Notify"]
+    late = decide(warning, record(InstanceState.ENDED, end_reason=EndReason.TERMINATED), SETTINGS)
+    assert isinstance(late[0], CorrectEndReason)
+    assert late[0].end_reason is EndReason.CAPACITY_RESERVATION_RECLAIM
+
+
+def test_notification_payload_is_camel_case():
+    [*_, notify] = decide(signal(SignalKind.SPOT_INTERRUPTION), record(InstanceState.READY), SETTINGS)
+    assert isinstance(notify, Notify)
+    assert {"instanceId", "eventId", "kind", "deadline", "timestamp", "event"} <= set(notify.detail)
+    assert not any("_" in key for key in notify.detail)
 
 
 def test_late_warning_on_ended_record_only_corrects_the_reason():
@@ -112,6 +145,45 @@ def test_state_change_requeues_then_records_the_end(state, current, reason):
     actions = decide(signal(SignalKind.STATE_CHANGE, state=state), current, SETTINGS)
     assert names(actions) == ["RequeueLeases", "RecordEnded"]
     assert isinstance(actions[1], RecordEnded) and actions[1].end_reason is reason
+
+
+@pytest.mark.parametrize(
+    ("current", "counted"),
+    [
+        (record(InstanceState.DRAINING, interrupted_at=1.0), True),  # spot / capacity reservation
+        (record(InstanceState.DRAINING, last_signal={"kind": "lifecycle_terminate"}), True),  # scale-in
+        (record(InstanceState.DRAINING, drain_deadline_at=9.0), True),  # Health/rebalance drain order
+        (record(InstanceState.DRAINING, replacement_requested_at=1.0), True),  # replaced early
+        (record(InstanceState.READY), False),  # no notice: the message may have killed it
+        (record(InstanceState.LAUNCHING, bootstrap_status=BootstrapStatus.FAILED), False),
+        (None, False),
+        (record(InstanceState.ENDED, end_reason=EndReason.SPOT_RECLAIM), True),
+        (record(InstanceState.ENDED, end_reason=EndReason.HEARTBEAT_STALE), False),
+    ],
+)
+def test_a_requeue_counts_as_interruption_only_after_a_notice(current, counted):
+    [requeue, *_] = decide(signal(SignalKind.STATE_CHANGE, state="terminated"), current, SETTINGS)
+    assert isinstance(requeue, RequeueLeases) and requeue.counts_as_interruption is counted
+    assert counts_as_interruption(current) is counted
+
+
+def test_watchdog_requeues_never_count_heartbeat_stale_or_bootstrap_as_interruptions():
+    [stale, *_] = decide(signal(SignalKind.HEARTBEAT_STALE), record(InstanceState.READY), SETTINGS)
+    assert isinstance(stale, RequeueLeases) and stale.counts_as_interruption is False
+    boot = decide(signal(SignalKind.BOOTSTRAP_DEADLINE), record(InstanceState.LAUNCHING), SETTINGS)
+    [requeue] = [a for a in boot if isinstance(a, RequeueLeases)]
+    assert requeue.counts_as_interruption is False
+
+
+def test_a_bootstrap_that_failed_and_shut_itself_down_is_bootstrap_failed():
+    failed = record(
+        InstanceState.LAUNCHING, bootstrap_status=BootstrapStatus.FAILED, bootstrap_reason="no bundle"
+    )
+    actions = decide(signal(SignalKind.STATE_CHANGE, state="shutting-down"), failed, SETTINGS)
+    assert names(actions) == ["RequeueLeases", "RecordEnded", "Notify"]
+    assert isinstance(actions[1], RecordEnded) and actions[1].end_reason is EndReason.BOOTSTRAP_FAILED
+    assert isinstance(actions[2], Notify) and actions[2].notification is NotificationType.BOOTSTRAP_FAILED
+    assert actions[2].detail["reason"] == "no bundle"
 
 
 def test_state_change_on_ended_record_still_requeues_but_never_reopens():
@@ -149,6 +221,80 @@ def test_rebalance_and_health_follow_the_policy(kind, policy, expected):
     assert names(decide(signal(kind), record(InstanceState.READY), settings_)) == expected
 
 
+def test_a_drain_decision_is_a_drain_order_with_a_deadline():
+    drain = ControlSettings(fleet="render", asg_name="g", rebalance_policy=RebalancePolicy.DRAIN)
+    start = NOW + timedelta(days=2)
+    [order, _] = decide(
+        signal(SignalKind.HEALTH_SCHEDULED, deadline=start), record(InstanceState.READY), drain
+    )
+    assert isinstance(order, RecordDraining) and order.drain_deadline_at == start.timestamp()
+    [order, _] = decide(signal(SignalKind.REBALANCE), record(InstanceState.READY), drain)
+    assert isinstance(order, RecordDraining)
+    assert order.drain_deadline_at == NOW.timestamp() + drain.retire_drain_seconds
+    # replace: detach now and remember the latest time it must drain by.
+    [replace] = decide(
+        signal(SignalKind.HEALTH_SCHEDULED, deadline=start), record(InstanceState.READY), SETTINGS
+    )
+    assert isinstance(replace, RequestReplacement) and replace.drain_deadline_at == start.timestamp()
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        ("instance-stop", ["RequestReplacement"]),
+        ("instance-retirement", ["RequestReplacement"]),
+        ("system-reboot", []),
+        ("instance-reboot", []),
+        ("system-maintenance", []),
+    ],
+)
+def test_imds_maintenance_is_decided_by_its_code(code, expected):
+    maintenance = Signal(
+        instance_id=INSTANCE,
+        kind=SignalKind.MAINTENANCE_SCHEDULED,
+        source=SignalSource.IMDS,
+        event_id="m",
+        received_at=NOW,
+        attributes={"code": code},
+    )
+    assert names(decide(maintenance, record(InstanceState.READY), SETTINGS)) == expected
+
+
+def test_replacement_in_service_records_announces_and_sends_the_drain_order():
+    detached = record(InstanceState.READY, replacement_requested_at=NOW.timestamp() - 300)
+    in_service = Signal(
+        instance_id=INSTANCE,
+        kind=SignalKind.REPLACEMENT_IN_SERVICE,
+        source=SignalSource.WATCHDOG,
+        event_id="w",
+        received_at=NOW,
+        event_time=NOW,
+        attributes={"replacement": "i-0bbbbbbbbbbbbbbbb"},
+    )
+    actions = decide(in_service, detached, SETTINGS)
+    assert names(actions) == ["RecordReplacement", "Notify", "RecordDraining"]
+    assert isinstance(actions[1], Notify) and actions[1].notification is NotificationType.INSTANCE_REPLACED
+    assert actions[1].detail["replacementInstanceId"] == "i-0bbbbbbbbbbbbbbbb"
+    assert isinstance(actions[2], RecordDraining)
+    assert actions[2].drain_deadline_at == NOW.timestamp() + SETTINGS.retire_drain_seconds
+    # Spot-warned: announced, but AWS ends it at its own deadline (no new drain order).
+    warned = record(InstanceState.DRAINING, interrupted_at=1.0, replacement_requested_at=1.0)
+    assert names(decide(in_service, warned, SETTINGS)) == ["RecordReplacement", "Notify"]
+
+
+def test_drained_or_late_drain_orders_end_the_instance_but_aws_and_the_asg_end_their_own():
+    ordered = record(InstanceState.DRAINING, replacement_requested_at=1.0, drained_at=2.0)
+    for kind in (SignalKind.DRAINED, SignalKind.DRAIN_DEADLINE):
+        actions = decide(signal(kind), ordered, SETTINGS)
+        assert names(actions) == ["TerminateInstance", "RecordEnded"]
+        assert isinstance(actions[1], RecordEnded) and actions[1].end_reason is EndReason.RETIRED
+        assert not any(isinstance(a, RequeueLeases) for a in actions)  # the agent is alive
+    spot = record(InstanceState.DRAINING, interrupted_at=1.0, drained_at=2.0)
+    scale_in = record(InstanceState.DRAINING, last_signal={"kind": "lifecycle_terminate"}, drained_at=2.0)
+    assert decide(signal(SignalKind.DRAINED), spot, SETTINGS) == []
+    assert decide(signal(SignalKind.DRAIN_DEADLINE), scale_in, SETTINGS) == []
+
+
 def test_lifecycle_launch_sets_deadline_and_late_launch_changes_nothing():
     [action] = decide(signal(SignalKind.LIFECYCLE_LAUNCH), None, SETTINGS)
     assert isinstance(action, RecordLaunching)
@@ -174,8 +320,10 @@ def test_watchdog_kinds():
     assert decide(signal(SignalKind.BOOTSTRAP_DEADLINE), ready, SETTINGS) == []
     stale = decide(signal(SignalKind.HEARTBEAT_STALE), record(InstanceState.READY), SETTINGS)
     assert names(stale) == ["RequeueLeases", "TerminateInstance", "RecordEnded"]
+    # The drain deadline never takes a live agent's tasks (issue 12): it ends the instance.
     assert names(decide(signal(SignalKind.DRAIN_DEADLINE), record(InstanceState.DRAINING), SETTINGS)) == [
-        "RequeueLeases"
+        "TerminateInstance",
+        "RecordEnded",
     ]
 
 

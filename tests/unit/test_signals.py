@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from spotguard_core.contracts import Signal, SignalKind, SignalSource
+from spotguard_core.contracts import (
+    INSTANCE_ID_PATTERN,
+    SPOT_WARNING_LEAD,
+    DetailType,
+    Signal,
+    SignalKind,
+    SignalSource,
+    event_patterns,
+)
 from spotguard_core.signals import Rejection, instance_id_from_entity, parse_event
 from spotguard_tools import events
 
@@ -22,7 +32,7 @@ def load(name: str) -> dict:
     return json.loads((EVENTS / f"{name}.json").read_text())
 
 
-def signals_of(event: object, **kwargs: str) -> list[Signal]:
+def signals_of(event: object, **kwargs: Any) -> list[Signal]:
     parsed = parse_event(event if isinstance(event, str) else json.dumps(event), **kwargs)
     assert not isinstance(parsed, Rejection), parsed
     return parsed
@@ -105,11 +115,76 @@ def test_spot_warning_builder_action_time_sets_event_time():
     assert signal.deadline == action_time
 
 
-def test_test_source_parses_the_same_way():
+def test_test_source_parses_the_same_way_when_test_events_are_allowed():
     [real] = signals_of(events.spot_interruption_warning(INSTANCE, event_id="e1"))
-    [test] = signals_of(events.spot_interruption_warning(INSTANCE, event_id="e1", source="spotguard.test"))
+    test_event = events.spot_interruption_warning(INSTANCE, event_id="e1", source="spotguard.test")
+    [test] = signals_of(test_event, allow_test_events=True)
     assert test.source is SignalSource.TEST
     assert (test.kind, test.instance_id, test.deadline is not None) == (real.kind, real.instance_id, True)
+
+
+def test_test_events_are_rejected_unless_allowed():
+    parsed = parse_event(json.dumps(events.rebalance_recommendation(INSTANCE, source="spotguard.test")))
+    assert isinstance(parsed, Rejection) and parsed.category == "test_events_disabled"
+    assert "SPOTGUARD_ALLOW_TEST_EVENTS" in parsed.reason
+
+
+def test_event_without_version_is_accepted():
+    """AWS's documented EC2 state-change example has no ``version``: nothing reads it."""
+    event = events.state_change(INSTANCE, "terminated", include_version=False)
+    assert "version" not in event
+    [signal] = signals_of(event)
+    assert signal.kind is SignalKind.STATE_CHANGE and signal.state == "terminated"
+
+
+def test_capacity_reservation_interruption_is_an_interruption_with_its_deadline():
+    moment = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)
+    event = events.capacity_reservation_interruption_warning(
+        INSTANCE, time=moment, termination_time=moment + timedelta(seconds=110)
+    )
+    assert isinstance(event["resources"], str)  # as documented: one ARN, not a list
+    [signal] = signals_of(event)
+    assert signal.kind is SignalKind.CAPACITY_RESERVATION_INTERRUPTION
+    assert signal.deadline == moment + timedelta(seconds=110)
+    assert signal.attributes["availability_zone_id"] == "use1-az1"
+    without_time = events.capacity_reservation_interruption_warning(INSTANCE, time=moment)
+    del without_time["detail"]["instance-termination-time"]
+    [fallback] = signals_of(without_time)
+    assert fallback.deadline == moment + SPOT_WARNING_LEAD
+
+
+def test_capacity_reservation_rule_is_in_the_event_patterns():
+    patterns = event_patterns(allow_test_events=False)
+    assert patterns["capacity-reservation-interruption"]["detail-type"] == [
+        DetailType.CAPACITY_RESERVATION_INTERRUPTION.value
+    ]
+
+
+def test_autoscaling_test_notification_is_not_applicable_not_malformed():
+    parsed = parse_event(json.dumps(events.autoscaling_test_notification(asg_name="spotguard-render")))
+    assert isinstance(parsed, Rejection) and parsed.category == "not_applicable"
+    assert "TEST_NOTIFICATION" in parsed.reason
+
+
+def test_hibernate_warning_deadline_is_the_event_time():
+    moment = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)
+    [hibernate] = signals_of(events.spot_interruption_warning(INSTANCE, action="hibernate", time=moment))
+    assert hibernate.deadline == moment
+    [stop] = signals_of(events.spot_interruption_warning(INSTANCE, action="stop", time=moment))
+    assert stop.deadline == moment + SPOT_WARNING_LEAD
+
+
+def test_spot_warning_zone_comes_from_its_resource_arn():
+    [signal] = signals_of(events.spot_interruption_warning(INSTANCE, availability_zone="us-east-1c"))
+    assert signal.attributes["availability_zone"] == "us-east-1c"
+
+
+def test_one_instance_id_pattern_everywhere():
+    assert re.fullmatch(INSTANCE_ID_PATTERN, "i-0123abcd")
+    assert re.fullmatch(INSTANCE_ID_PATTERN, INSTANCE)
+    assert not re.fullmatch(INSTANCE_ID_PATTERN, "i-0123456789abc")  # 13 digits: neither 8 nor 17
+    event = events.spot_interruption_warning("i-0123456789abc")
+    assert isinstance(parse_event(json.dumps(event)), Rejection)
 
 
 def test_put_events_entry_round_trips_detail():

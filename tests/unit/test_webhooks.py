@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -135,3 +136,95 @@ def test_documented_receiver_function_agrees_with_the_library():
         documented_verify(SECRET, header, BODY, now=1_700_000_000 + contracts.WEBHOOK_TOLERANCE_SECONDS + 1)
     with pytest.raises(documented_error):
         documented_verify(SECRET, None, BODY)
+
+
+# ------------------------------------------------------------------ strict header parsing (issue 13)
+GOOD = sign(SECRET, BODY, timestamp=1_700_000_000)
+GOOD_V1 = GOOD.split(",")[1]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "t=1700000000,v1=" + "é" * 64,  # non-ASCII v1: hmac.compare_digest raised TypeError
+        "t=1700000000,v1=٣" + "0" * 63,  # a non-ASCII digit
+        "t=" + "9" * 400 + "," + GOOD_V1,  # huge timestamp: int - float raised OverflowError
+        "t=" + "1" * 11 + "," + GOOD_V1,
+        "t=1700000000,t=1700000000," + GOOD_V1,  # duplicate t
+        "t=1700000000,t=1700000001," + GOOD_V1,
+        f"t=1700000000,{GOOD_V1},{GOOD_V1}",  # duplicate v1
+        f"{GOOD},",  # empty part
+        f",{GOOD}",
+        f"{GOOD},junk",  # a part without "="
+        f"{GOOD},=x",  # empty key
+        "t=,v1=" + "0" * 64,
+        "t=-1700000000," + GOOD_V1,
+        "t=+1700000000," + GOOD_V1,
+        "t=1_700_000_000," + GOOD_V1,
+        "t=1700000000,v1=" + "A" * 64,  # upper-case hex is not what sign() writes
+        "t=1700000000,v1=" + "0" * 63,  # short
+        "t=1700000000,v1=" + "0" * 65,
+        "t=1700000000," + ",".join(f"v1={n:064x}" for n in range(9)),  # too many signatures
+        GOOD + ",x=" + "y" * 1024,  # too long
+        GOOD.replace(",", "\x00,"),
+        b"t=1700000000",  # not text
+        42,
+    ],
+)
+def test_hostile_headers_raise_only_signature_error(header):
+    with pytest.raises(SignatureError):
+        verify(SECRET, header, BODY, now=1_700_000_000)
+    assert webhooks.is_authentic(SECRET, header, BODY, now=1_700_000_000) is False
+
+
+@pytest.mark.parametrize("body", [None, 42, "\ud800 lone surrogate"])
+def test_hostile_bodies_raise_only_signature_error(body):
+    with pytest.raises(SignatureError):
+        verify(SECRET, GOOD, body, now=1_700_000_000)
+
+
+def test_unknown_well_formed_parts_are_ignored_for_future_versions():
+    assert verify(SECRET, f"{GOOD},v2=abc", BODY, now=1_700_000_000) == 1_700_000_000
+    assert webhooks.is_authentic(SECRET, f" {GOOD} ", BODY, now=1_700_000_000) is True
+
+
+def test_non_finite_now_is_never_within_the_tolerance():
+    for now in (float("nan"), float("inf")):
+        with pytest.raises(SignatureError, match="tolerance"):
+            verify(SECRET, GOOD, BODY, now=now)
+
+
+@functools.cache
+def _documented_is_authentic():
+    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
+    section = text[text.index("### Verifying a webhook") :]
+    code = section[
+        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
+    ]
+    namespace: dict = {}
+    exec(compile(code, "operations.md", "exec"), namespace)
+    return namespace["is_authentic"]
+
+
+@given(
+    header=st.one_of(
+        st.text(max_size=200),
+        st.lists(
+            st.tuples(
+                st.sampled_from(["t", "v1", "v0", "", "T", "v1 ", "é"]),
+                st.one_of(
+                    st.just("1700000000"),
+                    st.just(GOOD_V1[3:]),
+                    st.text(alphabet="0123456789abcdefé_-+ ", max_size=70),
+                ),
+            ),
+            max_size=6,
+        ).map(lambda parts: ",".join(f"{k}={v}" for k, v in parts)),
+    ),
+    body=st.one_of(st.just(BODY), st.binary(max_size=64)),
+)
+def test_property_documented_copy_agrees_with_the_library(header, body):
+    documented = _documented_is_authentic()
+    assert documented(SECRET, header, body, now=1_700_000_000) == webhooks.is_authentic(
+        SECRET, header, body, now=1_700_000_000
+    )

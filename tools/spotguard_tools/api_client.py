@@ -17,6 +17,7 @@ from typing import Any
 import boto3
 from botocore.auth import SigV4Auth
 from botocore.awsrequest import AWSRequest
+from spotguard_core import url_safety
 
 SERVICE = "execute-api"
 _REGION_IN_HOST = re.compile(r"\.execute-api\.([a-z0-9-]+)\.amazonaws\.com")
@@ -81,7 +82,8 @@ class OpsApiClient:
             url, data=data, method=method, headers=dict(signed.headers.items())
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
+            # Never through a redirect: the SigV4 headers would go along to wherever it points.
+            with url_safety.no_redirect_opener().open(request, timeout=self.timeout) as response:
                 return dict(json.loads(response.read() or b"{}"))
         except urllib.error.HTTPError as exc:
             raw = exc.read()

@@ -31,7 +31,17 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTANCE_ASSETS = REPO_ROOT / "instance_assets"
 CORE_PACKAGE = REPO_ROOT / "lambdas" / "spotguard_core"
 #: The only core modules the agent needs; both use the standard library only.
-CORE_FILES = ("__init__.py", "contracts.py")
+CORE_FILES = (
+    "__init__.py",
+    "aws.py",
+    "contracts.py",
+    "dynamo.py",
+    "fault_injection.py",
+    "fleet_store.py",
+    "lease_store.py",
+    "ports.py",
+    "requeue.py",
+)
 BUNDLE_NAME = "spotguard-agent-bundle.tar.gz"
 #: 2000-01-01T00:00:00Z: a fixed, valid mtime for every entry.
 FIXED_MTIME = 946684800

@@ -12,7 +12,10 @@ AWS documentation's published examples show it, including the quirks of real eve
   RFC 1123 dates (``Fri, 27 Jan 2023 06:02:51 GMT``) for ``startTime``/``endTime``.
 
 Every builder takes ``source=`` so staging test events (``spotguard.test``) have the same
-shape as the real ones. Only the standard library is used.
+shape as the real ones, ``time=`` and ``event_id=`` for fixed samples, and
+``include_version=False`` drops ``version`` (AWS's own state-change example has none).
+These builders are the one way tests, the drill and ``send-test-event`` make events.
+Only the standard library (and ``spotguard_core.contracts``) is used.
 """
 
 from __future__ import annotations
@@ -24,10 +27,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 from typing import Any, Literal
 
-from spotguard_core.contracts import DetailType
-
-#: A spot instance gets two minutes between the warning and the interruption.
-SPOT_WARNING_LEAD = timedelta(minutes=2)
+from spotguard_core.contracts import SPOT_WARNING_LEAD, DetailType
 
 DEFAULT_ACCOUNT = "123456789012"
 DEFAULT_REGION = "us-east-1"
@@ -51,9 +51,10 @@ def _envelope(
     detail: Mapping[str, Any],
     time: datetime | None,
     event_id: str | None,
+    include_version: bool = True,
 ) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "version": "0",
+    event: dict[str, Any] = {"version": "0"} if include_version else {}
+    event |= {
         "id": event_id or str(uuid.uuid4()),
         "detail-type": detail_type,
         "source": source,
@@ -85,11 +86,12 @@ def spot_interruption_warning(
 ) -> dict[str, Any]:
     """EC2 Spot Instance Interruption Warning.
 
-    The event carries no action time: the action happens two minutes after ``time``.
-    ``action_time`` (when given and ``time`` is not) sets ``time`` to two minutes before it.
+    The event carries no action time: the action happens two minutes after ``time``
+    (``hibernate``: at ``time``). ``action_time`` (when given and ``time`` is not) sets
+    ``time`` to two minutes before it.
     """
     if time is None and action_time is not None:
-        time = action_time - SPOT_WARNING_LEAD
+        time = action_time if action == "hibernate" else action_time - SPOT_WARNING_LEAD
     zone = availability_zone or f"{region}a"
     return _envelope(
         detail_type=DetailType.SPOT_INTERRUPTION.value,
@@ -102,6 +104,61 @@ def spot_interruption_warning(
         time=time,
         event_id=event_id,
     )
+
+
+def capacity_reservation_interruption_warning(
+    instance_id: str,
+    *,
+    account: str = DEFAULT_ACCOUNT,
+    region: str = DEFAULT_REGION,
+    availability_zone_id: str = "use1-az1",
+    termination_time: datetime | None = None,
+    time: datetime | None = None,
+    source: str = "aws.ec2",
+    event_id: str | None = None,
+) -> dict[str, Any]:
+    """EC2 Capacity Reservation Instance Interruption Warning (interruptible reservations).
+
+    As documented: ``resources`` is the instance ARN as one string (not a list), and the
+    detail carries ``instance-termination-time`` (two minutes after ``time`` by default).
+    """
+    moment = time or datetime.now(UTC)
+    event = _envelope(
+        detail_type=DetailType.CAPACITY_RESERVATION_INTERRUPTION.value,
+        source=source,
+        account=account,
+        region=region,
+        resources=None,
+        detail={
+            "instance-id": instance_id,
+            "instance-action": "terminate",
+            "instance-termination-time": _iso(termination_time or moment + SPOT_WARNING_LEAD),
+            "azId": availability_zone_id,
+        },
+        time=moment,
+        event_id=event_id,
+    )
+    event["resources"] = instance_arn(instance_id, account=account, region=region)
+    return event
+
+
+def autoscaling_test_notification(
+    *, asg_name: str, account: str = DEFAULT_ACCOUNT, region: str = DEFAULT_REGION
+) -> dict[str, Any]:
+    """The message Auto Scaling sends to a lifecycle hook's notification target when the
+    hook is set up (not an EventBridge envelope)."""
+    return {
+        "AccountId": account,
+        "RequestId": str(uuid.uuid4()),
+        "AutoScalingGroupARN": (
+            f"arn:aws:autoscaling:{region}:{account}:autoScalingGroup:{uuid.uuid4()}"
+            f":autoScalingGroupName/{asg_name}"
+        ),
+        "AutoScalingGroupName": asg_name,
+        "Service": "AWS Auto Scaling",
+        "Event": "autoscaling:TEST_NOTIFICATION",
+        "Time": _iso(datetime.now(UTC)),
+    }
 
 
 def rebalance_recommendation(
@@ -135,6 +192,7 @@ def state_change(
     time: datetime | None = None,
     source: str = "aws.ec2",
     event_id: str | None = None,
+    include_version: bool = True,
 ) -> dict[str, Any]:
     """EC2 Instance State-change Notification (``state``: pending, running, stopping, …)."""
     return _envelope(
@@ -146,6 +204,7 @@ def state_change(
         detail={"instance-id": instance_id, "state": state},
         time=time,
         event_id=event_id,
+        include_version=include_version,
     )
 
 
@@ -270,7 +329,9 @@ def to_put_events_entry(event: Mapping[str, Any], bus_name: str | None = None) -
         "Source": event["source"],
         "DetailType": event["detail-type"],
         "Detail": json.dumps(event.get("detail", {}), sort_keys=True),
-        "Resources": list(event.get("resources", [])),
+        "Resources": [resources]
+        if isinstance(resources := event.get("resources", []), str)
+        else list(resources),
     }
     if event.get("time"):
         entry["Time"] = datetime.fromisoformat(str(event["time"]).replace("Z", "+00:00"))

@@ -41,6 +41,11 @@ MAX_TOKEN_TTL_SECONDS = 21600
 CONTROL_PREFIX = "/_emulator/"
 
 
+def _maintenance_time(moment: datetime) -> str:
+    """Scheduled-event times look like ``21 Jan 2019 09:00:43 GMT``."""
+    return moment.astimezone(UTC).strftime("%d %b %Y %H:%M:%S GMT")
+
+
 def _iso(moment: datetime) -> str:
     """IMDS timestamps: ``2026-11-24T22:50:00Z`` (second precision, Z suffix)."""
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -58,12 +63,12 @@ class ImdsState:
     ami_id: str = "ami-0123456789abcdef0"
     spot_action: dict[str, str] | None = None
     rebalance: dict[str, str] | None = None
+    maintenance_events: list[dict[str, str]] = field(default_factory=list)
     target_lifecycle_state: str = "InService"
     failures_left: int = 0
     failure_status: int = 500
     delay_seconds: float = 0.0
     tokens: dict[str, float] = field(default_factory=dict)  # token -> monotonic expiry
-    requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def identity_document(self) -> dict[str, Any]:
@@ -100,7 +105,6 @@ class _Handler(BaseHTTPRequestHandler):
         """Apply delay / injected failures. True when the request was answered here."""
         state = self.server.state
         with state.lock:
-            state.requests += 1
             delay = state.delay_seconds
             fail = state.failures_left > 0
             if fail:
@@ -141,7 +145,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         """Control API for the standalone emulator: ``POST /_emulator/<command>`` with a JSON
         body (``spot-action {"action", "in_seconds"}``, ``rebalance``,
-        ``target-lifecycle-state {"state"}``, ``fail-next {"n", "status"}``,
+        ``target-lifecycle-state {"state"}``, ``maintenance {"code", "in_seconds", "state"}``,
+        ``fail-next {"n", "status"}``,
         ``delay {"seconds"}``, ``expire-tokens``, ``clear``). Not part of IMDS."""
         length = int(self.headers.get("Content-Length") or 0)
         try:
@@ -159,6 +164,9 @@ class _Handler(BaseHTTPRequestHandler):
             "spot-action": lambda: emulator.set_spot_action(str(body.get("action", "terminate")), at),
             "rebalance": emulator.set_rebalance,
             "target-lifecycle-state": lambda: emulator.set_target_lifecycle_state(str(body["state"])),
+            "maintenance": lambda: emulator.schedule_maintenance(
+                str(body.get("code", "instance-stop")), at, state=str(body.get("state", "active"))
+            ),
             "fail-next": lambda: emulator.fail_next(int(body.get("n", 1)), int(body.get("status", 500))),
             "delay": lambda: emulator.set_delay(float(body.get("seconds", 0))),
             "expire-tokens": emulator.expire_tokens,
@@ -208,6 +216,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return HTTPStatus.OK, state.spot_action["time"], "text/plain"
             if path == "/latest/meta-data/events/recommendations/rebalance":
                 return _json_or_404(state.rebalance)
+            if path == "/latest/meta-data/events/maintenance/scheduled":
+                return HTTPStatus.OK, json.dumps(state.maintenance_events), "application/json"
             if path == "/latest/dynamic/instance-identity/document":
                 return HTTPStatus.OK, json.dumps(state.identity_document(), indent=2), "application/json"
         return HTTPStatus.NOT_FOUND, "Not Found", "text/plain"
@@ -266,11 +276,6 @@ class ImdsEmulator:
     def instance_id(self) -> str:
         return self.state.instance_id
 
-    @property
-    def request_count(self) -> int:
-        with self.state.lock:
-            return self.state.requests
-
     def start(self) -> ImdsEmulator:
         if self._thread is None:
             self._thread = threading.Thread(
@@ -307,6 +312,31 @@ class ImdsEmulator:
             self.state.rebalance = document
         return dict(document)
 
+    def schedule_maintenance(
+        self,
+        code: str,
+        not_before: datetime | None = None,
+        *,
+        state: str = "active",
+        event_id: str | None = None,
+        description: str = "",
+    ) -> dict[str, str]:
+        """Publish a scheduled event (``instance-stop``, ``instance-retirement``, ``system-reboot``,
+        ``instance-reboot``, ``system-maintenance``) the way IMDS lists them."""
+        start = not_before or datetime.now(UTC) + timedelta(days=1)
+        with self.state.lock:
+            number = len(self.state.maintenance_events)
+            document = {
+                "Code": code,
+                "Description": description or f"scheduled {code}",
+                "EventId": event_id or f"instance-event-{number:017x}",
+                "NotBefore": _maintenance_time(start),
+                "NotAfter": _maintenance_time(start + timedelta(hours=2)),
+                "State": state,
+            }
+            self.state.maintenance_events.append(document)
+        return dict(document)
+
     def set_target_lifecycle_state(self, state: str) -> None:
         with self.state.lock:
             self.state.target_lifecycle_state = state
@@ -316,6 +346,7 @@ class ImdsEmulator:
         with self.state.lock:
             self.state.spot_action = None
             self.state.rebalance = None
+            self.state.maintenance_events = []
             self.state.target_lifecycle_state = "InService"
             self.state.failures_left = 0
             self.state.delay_seconds = 0.0

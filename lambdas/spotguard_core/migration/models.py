@@ -33,8 +33,11 @@ def _env(name: Env, field_name: str) -> AliasChoices:
     return AliasChoices(name.value, field_name)
 
 
-class MigrationSettings(BaseSettings):
-    """Runtime settings of the migration job, read from the environment (seed names and ranges)."""
+class MigrationJobSettings(BaseSettings):
+    """Runtime settings of the migration job, read from the environment (seed names and ranges).
+
+    (The CDK side's ``stacks.settings.MigrationSettings`` is the ``cdk.json`` section that the
+    stack turns into these environment variables.)"""
 
     model_config = SettingsConfigDict(extra="ignore", frozen=True, populate_by_name=True)
 
@@ -135,6 +138,21 @@ class JobSummary(_CamelModel):
     error_count: int = 0
 
 
+class CapacityReport(_CamelModel):
+    """ASG fleets: what the job found (and did) about capacity the ASG could not restore."""
+
+    asg_name: str
+    desired: int
+    in_service: int
+    #: Desired minus healthy InService instances.
+    shortfall: int
+    #: The shortfall was already there in the previous job: stuck, not a launch in progress.
+    stuck: bool = False
+    #: Instance types the job added to the ASG's pools (``SPOTGUARD_FALLBACK_INSTANCE_TYPES``).
+    added_instance_types: list[str] = Field(default_factory=list)
+    action: str = ""
+
+
 class JobRecord(_CamelModel):
     """One migration job run: what the jobs table stores and the history API returns."""
 
@@ -150,6 +168,7 @@ class JobRecord(_CamelModel):
     summary: JobSummary = Field(default_factory=JobSummary)
     outcomes: list[InstanceOutcome] = Field(default_factory=list)
     errors: list[str] = Field(default_factory=list)
+    capacity: CapacityReport | None = None
 
     @property
     def started_key(self) -> str:

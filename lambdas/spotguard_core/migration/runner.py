@@ -12,6 +12,11 @@ function builds a provider, a store and the settings and calls ``run``.
   that still fail stay eligible and are picked up again by the next job.
 - The job stops at its timeout: instances not started are ``not_started``, migrations
   still in flight are ``timed_out`` and the job's status is ``timed_out``.
+- A job whose reconciler crashed (or hit the Lambda timeout) stays ``running`` in the jobs
+  table: every job first ends such records as ``failed`` with the reason, once they are
+  older than any job may run (``job_timeout_ms`` plus a margin).
+- ASG fleets: with a ``CapacityReconciler`` the job also reports (and, if stuck, widens)
+  capacity the ASG could not restore (``migration.capacity``), in the job record's ``capacity``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 from spotguard_core import notifications
 from spotguard_core.contracts import EndReason, Metric, NotificationType
+from spotguard_core.migration.capacity import CapacityReconciler
 from spotguard_core.migration.models import (
     RETRY_BACKOFF_SECONDS,
     CandidateInstance,
@@ -33,7 +39,7 @@ from spotguard_core.migration.models import (
     JobSummary,
     JobTrigger,
     MigrationError,
-    MigrationSettings,
+    MigrationJobSettings,
     OutcomeKind,
     utc_now,
 )
@@ -42,6 +48,8 @@ from spotguard_core.migration.store import JobStore, new_job_id
 from spotguard_core.ports import MetricsSink
 
 Publisher = Callable[[NotificationType, Mapping[str, Any]], bool]
+#: A job record still ``running`` this long after its timeout has lost its reconciler.
+ABANDONED_MARGIN_SECONDS = 300
 
 _TRIGGERED_BY = {JobTrigger.SCHEDULED: "automatic_migration", JobTrigger.MANUAL: "manual_trigger"}
 
@@ -51,12 +59,14 @@ class MigrationJobRunner:
         self,
         provider: MigrationProvider,
         store: JobStore,
-        settings: MigrationSettings,
+        settings: MigrationJobSettings,
         *,
         metrics: MetricsSink | None = None,
         publish: Publisher = notifications.publish,
         logger: Any = None,
+        capacity: CapacityReconciler | None = None,
     ) -> None:
+        self._capacity = capacity
         self._provider = provider
         self._store = store
         self._settings = settings
@@ -82,6 +92,7 @@ class MigrationJobRunner:
         )
         started = time.monotonic()
         deadline = started + budget_ms / 1000
+        previous = self._end_abandoned_jobs()
         job = JobRecord(
             job_id=job_id or new_job_id(),
             trigger=trigger,
@@ -103,6 +114,18 @@ class MigrationJobRunner:
             job.errors.append(f"list instances: {exc}")
             job.status = JobStatus.FAILED
             return self._finish(job, started)
+
+        if self._capacity is not None:
+            try:
+                job.capacity = self._capacity.reconcile(
+                    previous_shortfall=previous.capacity.shortfall if previous and previous.capacity else 0,
+                    dry_run=job.dry_run,
+                )
+            except Exception as exc:  # noqa: BLE001 - a capacity check failure is recorded, migrations go on
+                self._log.exception("Capacity check failed", extra={"jobId": job.job_id})
+                job.errors.append(f"capacity check: {exc}")
+            if job.capacity is not None and self._metrics is not None:
+                self._metrics.add_metric(Metric.CAPACITY_SHORTFALL.value, "Count", job.capacity.shortfall)
 
         eligible = [instance for instance in instances if instance.eligible]
         for instance in instances:
@@ -138,6 +161,23 @@ class MigrationJobRunner:
         return self._finish(job, started)
 
     # ------------------------------------------------------------------ internals
+    def _end_abandoned_jobs(self) -> JobRecord | None:
+        """End jobs stuck ``running`` (crashed reconciler) as failed; return the latest job."""
+        try:
+            abandoned = self._store.end_abandoned(
+                older_than_seconds=self._settings.job_timeout_ms / 1000 + ABANDONED_MARGIN_SECONDS,
+                now=utc_now(),
+            )
+            for job in abandoned:
+                self._log.warning("Abandoned migration job ended as failed", extra={"jobId": job.job_id})
+            if abandoned and self._metrics is not None:
+                self._metrics.add_metric(Metric.MIGRATION_JOBS_ABANDONED.value, "Count", len(abandoned))
+            latest = self._store.latest(1)
+        except Exception:  # noqa: BLE001 - the sweep is housekeeping: never stops this job
+            self._log.exception("Sweeping abandoned jobs failed")
+            return None
+        return latest[0] if latest else None
+
     def _migrate_all(
         self, job: JobRecord, selected: list[CandidateInstance], deadline: float
     ) -> list[InstanceOutcome]:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
-from boto3.dynamodb.conditions import Attr, Key
+from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from spotguard_core import contracts, dynamo
@@ -127,6 +128,28 @@ class JobStore:
             raise
         return True
 
+    def end_abandoned(
+        self, *, older_than_seconds: float, now: datetime, scan_latest: int = 50
+    ) -> list[JobRecord]:
+        """End as ``failed`` the recent jobs still ``running`` long after any job could run
+        (their reconciler crashed or hit its Lambda timeout before recording the end)."""
+        ended: list[JobRecord] = []
+        for job in self.latest(scan_latest):
+            age = (now - job.started_at).total_seconds()
+            if job.status is not JobStatus.RUNNING or age <= older_than_seconds:
+                continue
+            job.status = JobStatus.FAILED
+            job.ended_at = now
+            job.duration_ms = int(age * 1000)
+            job.errors.append(
+                f"abandoned: still running {int(age)} s after it started (longer than any job may run): "
+                "its reconciler stopped before recording the end; ended by the next job"
+            )
+            job.summary.error_count = len(job.errors)
+            self.record_finished(job)
+            ended.append(job)
+        return ended
+
     def release(self, instance_id: str, job_id: str) -> None:
         """Give a claim back (after a failure, so the next job may try again)."""
         try:
@@ -190,14 +213,3 @@ class JobStore:
             if "LastEvaluatedKey" not in response:
                 return total
             kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
-
-    def find(self, job_id: str, *, search_latest: int = 200) -> JobRecord | None:
-        """A recent job by id (the trigger API hands out ids before the job is stored)."""
-        response = self._table.query(
-            KeyConditionExpression=Key(JOBS_TABLE_PK).eq(self._kind),
-            FilterExpression=Attr("jobId").eq(job_id),
-            ScanIndexForward=False,
-            Limit=search_latest,
-        )
-        items = response.get("Items", [])
-        return JobRecord.model_validate(items[0]) if items else None

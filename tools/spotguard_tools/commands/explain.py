@@ -60,7 +60,12 @@ def run(args: argparse.Namespace) -> int:
     except (OSError, SettingsError) as error:
         print(json.dumps({"error": str(error)}), file=sys.stderr)
         return EXIT_USAGE
-    parsed = parse_event(text, expected_account=settings.account_id, expected_region=settings.region)
+    parsed = parse_event(
+        text,
+        expected_account=settings.account_id,
+        expected_region=settings.region,
+        allow_test_events=settings.allow_test_events,
+    )
     if isinstance(parsed, Rejection):
         print(json.dumps(parsed.to_json(), indent=2))
         print(f"rejected: {parsed.reason}", file=sys.stderr)

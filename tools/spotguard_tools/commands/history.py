@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spotguard_tools.ops_cli import add_api_arguments, call_api, print_json, seconds, table
+from spotguard_tools.ops_cli import add_api_arguments, call_api, console, print_json, seconds, table
 
 
 def register(subparsers: Any) -> None:
@@ -39,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         ]
         for job in result["jobs"]
     ]
-    print(
+    out = console()
+    out.print(
         table(
             ["JOB", "TRIGGER", "STARTED", "STATUS", "DURATION", "TOTAL", "ELIGIBLE", "MIGRATED", "ERRORS"],
             rows,
@@ -47,5 +48,5 @@ def run(args: argparse.Namespace) -> int:
     )
     shown = len(result["jobs"])
     first = result["offset"] + 1 if shown else result["offset"]
-    print(f"\njobs {first}-{result['offset'] + shown} of {result['total']}")
+    out.print(f"\njobs {first}-{result['offset'] + shown} of {result['total']}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +29,9 @@ def _builders(args: argparse.Namespace, account: str) -> dict[str, Callable[[], 
         "spot-interruption": lambda: events.spot_interruption_warning(
             args.instance, availability_zone=args.availability_zone, **common
         ),
+        "capacity-reservation-interruption": lambda: events.capacity_reservation_interruption_warning(
+            args.instance, **common
+        ),
         "rebalance": lambda: events.rebalance_recommendation(args.instance, **common),
         "state-change": lambda: events.state_change(args.instance, args.state, **common),
         "lifecycle-launch": lambda: events.lifecycle_action(
@@ -46,6 +50,7 @@ def _builders(args: argparse.Namespace, account: str) -> dict[str, Callable[[], 
 
 KINDS = (
     "spot-interruption",
+    "capacity-reservation-interruption",
     "rebalance",
     "state-change",
     "lifecycle-launch",
@@ -59,7 +64,9 @@ def register(subparsers: Any) -> None:
         "send-test-event",
         help="put a staging test event (source spotguard.test) on the default bus",
         description="Staging only: the stack's rules accept source spotguard.test when "
-        "staging.allow_test_events is true. Lifecycle test events cannot be answered by the "
+        "staging.allow_test_events is true, and the dispatcher rejects them unless "
+        "SPOTGUARD_ALLOW_TEST_EVENTS is true (the stack sets it from the same setting). "
+        "Lifecycle test events cannot be answered by the "
         "control plane (there is no real lifecycle action behind them).",
     )
     parser.add_argument("kind", choices=KINDS, help="which event to send")
@@ -76,7 +83,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.instance.startswith("i-"):
+    if not re.fullmatch(contracts.INSTANCE_ID_PATTERN, args.instance):
         print(f"error: --instance must be an EC2 instance id (i-...), not {args.instance!r}", file=sys.stderr)
         return 2
     client_options = {"region_name": args.region} if args.region else {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from spotguard_tools.ops_cli import add_api_arguments, call_api, print_json, seconds, table, yes_no
+from spotguard_tools.ops_cli import add_api_arguments, call_api, console, print_json, seconds, table, yes_no
 
 
 def register(subparsers: Any) -> None:
@@ -26,8 +26,9 @@ def run(args: argparse.Namespace) -> int:
     health, migration = result["health"], result["migration"]
     service = health["migrationService"]
     stats, config, last = migration["statistics"], migration["configuration"], migration.get("lastExecution")
-    print(f"spotguard fleet {health.get('fleet') or '?'}: {health['status']}")
-    print(
+    out = console()
+    out.print(f"spotguard fleet {health.get('fleet') or '?'}: {health['status']}")
+    out.print(
         table(
             ["MIGRATION", "VALUE"],
             [
@@ -48,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
             ],
         )
     )
-    print()
-    print(
+    out.print()
+    out.print(
         table(
             ["SETTING", "VALUE"],
             [

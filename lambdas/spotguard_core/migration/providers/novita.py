@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from spotguard_core import aws
+from spotguard_core import aws, url_safety
 from spotguard_core.contracts import Env
 from spotguard_core.migration.models import CandidateInstance, MigrationError, MigrationResult
 
@@ -64,12 +64,21 @@ def eligibility(instance: Mapping[str, Any]) -> tuple[bool, str]:
 
 
 class NovitaClient:
-    """Minimal client of the documented endpoints (standard library HTTP)."""
+    """Minimal client of the documented endpoints (standard library HTTP).
+
+    The Bearer key goes only to the configured base URL: https to a public host
+    (``url_safety``, checked here and, with DNS, before every request), and a redirect is
+    an error (``REDIRECT``), never followed to wherever it points."""
 
     def __init__(self, base_url: str, api_key: str, *, timeout: float = HTTP_TIMEOUT_SECONDS) -> None:
+        try:
+            url_safety.check_outbound_url(base_url)
+        except url_safety.UnsafeUrlError as exc:
+            raise ValueError(f"Novita API URL {base_url!r} {exc}") from None
         self._base = base_url.rstrip("/")
         self._key = api_key
         self._timeout = timeout
+        self._opener = url_safety.no_redirect_opener()
 
     def list_instances(self, *, page_size: int = PAGE_SIZE) -> list[dict[str, Any]]:
         instances: list[dict[str, Any]] = []
@@ -94,19 +103,25 @@ class NovitaClient:
         self, method: str, path: str, *, query: Mapping[str, Any] | None = None, body: Any = None
     ) -> dict[str, Any]:
         url = self._base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        try:
+            url_safety.require_safe_url(url)
+        except url_safety.UnsafeUrlError as exc:
+            raise NovitaApiError(0, "UNSAFE_URL", f"Novita API URL {exc}") from None
         data = json.dumps(body).encode() if body is not None else None
         last: NovitaApiError | None = None
         for attempt in range(1, HTTP_ATTEMPTS + 1):
-            request = urllib.request.Request(  # noqa: S310 - URL from configuration (https in production)
+            request = urllib.request.Request(  # noqa: S310 - checked by url_safety above
                 url,
                 data=data,
                 method=method,
                 headers={"Authorization": f"Bearer {self._key}", "Content-Type": "application/json"},
             )
             try:
-                with urllib.request.urlopen(request, timeout=self._timeout) as response:  # noqa: S310
+                with self._opener.open(request, timeout=self._timeout) as response:
                     raw = response.read()
                     return dict(json.loads(raw)) if raw.strip() else {}
+            except url_safety.RedirectRefusedError as exc:
+                raise NovitaApiError(exc.code, "REDIRECT", "redirect refused (never followed)") from None
             except urllib.error.HTTPError as exc:
                 last = _api_error(exc)
                 # 429 means "not processed": always safe to repeat. A 5xx is repeated only for
