@@ -315,6 +315,9 @@ class FunctionEnvironments:
             Env.HEARTBEAT_STALE_SECONDS.value: str(control.heartbeat_stale_minutes * 60),
             Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(settings.bootstrap.deadline_minutes * 60),
             Env.MAX_FAILURES.value: str(settings.queue.max_failures),
+            # The dispatcher's own switch for source spotguard.test (found by make e2e: without
+            # it every staging test event was rejected, "test events are disabled").
+            Env.ALLOW_TEST_EVENTS.value: _bool(settings.staging.allow_test_events),
         }
         migration = settings.migration
         self.migration = {

@@ -19,7 +19,9 @@ from typing import Any, TypeVar
 
 import boto3
 import pytest
+from spotguard_agent.fleet_reporter import FleetReporter
 from spotguard_core import contracts
+from spotguard_core.aws import ClientFactory
 from spotguard_core.contracts import EndReason, InstanceState, Lease
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
@@ -171,8 +173,20 @@ def fleet(deployment: Deployment) -> Fleet:
         )
         return str(response["Instances"][0]["InstanceId"])
 
-    managed_ids = [launch({contracts.FLEET_TAG_KEY: FLEET}) for _ in range(2)]
-    unmanaged_id = launch({})
+    fleet_tag = {contracts.FLEET_TAG_KEY: FLEET}
+    managed_ids = [launch(fleet_tag) for _ in range(2)]
+    # Carries the fleet tag but is no member of the fleet's ASG and never reported: a tag
+    # alone (anyone may set it) must not make an instance managed.
+    unmanaged_id = launch(fleet_tag)
+    fleet_table = agent_config[contracts.Env.FLEET_TABLE.value]
+    for instance_id in managed_ids:
+        # What the agent does once its bootstrap is verified (spotguard_agent.cli): the fleet
+        # record says ready. (The emulator's RunInstances instances are no ASG members, so
+        # the record is what makes them managed here; on AWS the ASG membership does too.)
+        reporter = FleetReporter(
+            ClientFactory(REGION), instance_id=instance_id, fleet=FLEET, fleet_table=fleet_table
+        )
+        assert reporter.ready(instance_type="m7i.large", availability_zone=f"{REGION}a")
     leases = LeaseStore(agent_config[contracts.Env.LEASE_TABLE.value])
     queue_url = agent_config[contracts.Env.WORK_QUEUE_URL.value]
     workers = []
@@ -208,7 +222,7 @@ def fleet(deployment: Deployment) -> Fleet:
         managed=workers[:2],
         unmanaged=workers[2],
         leases=leases,
-        records=FleetStore(agent_config[contracts.Env.FLEET_TABLE.value]),
+        records=FleetStore(fleet_table),
         sqs=sqs,
     )
 
@@ -238,14 +252,18 @@ def test_agent_config_names_the_deployed_queues_and_tables(deployment: Deploymen
 
 
 # ------------------------------------------------------------------------------ test events
-def test_lifecycle_launch_records_each_managed_instance(deployment: Deployment, fleet: Fleet) -> None:
+def test_the_agents_report_and_a_late_launch_event_changes_nothing(
+    deployment: Deployment, fleet: Fleet
+) -> None:
     for worker in fleet.managed:
+        reported = record_of(fleet, worker.instance_id)
+        assert reported is not None and reported.state is InstanceState.READY
+        assert reported.bootstrap_status is contracts.BootstrapStatus.READY
         event_id = send(deployment, "lifecycle-launch", worker.instance_id)
-        record = wait_for_signal(fleet, worker.instance_id, event_id)
-        assert record.state is InstanceState.LAUNCHING
-        assert record.fleet == FLEET
-        assert record.launched_at is not None and record.bootstrap_deadline_at is not None
-        assert record.bootstrap_deadline_at - record.launched_at == pytest.approx(20 * 60)
+        outcome = processed(deployment, event_id)
+        assert outcome["managed"] is True
+        assert outcome["actions"] == []
+        assert record_of(fleet, worker.instance_id) == reported
 
 
 def test_spot_interruption_marks_the_instance_draining(deployment: Deployment, fleet: Fleet) -> None:
@@ -323,8 +341,11 @@ def test_a_duplicate_delivery_is_handled_once(deployment: Deployment, fleet: Fle
     assert first["managed"] is True
     fleet.sqs.send_message(QueueUrl=signal_queue, MessageBody=json.dumps(event))
     group = _log_group(deployment, "Dispatcher")
-    duplicate = f"duplicate spot_interruption for {a.instance_id}: already handled"
-    wait_for("the duplicate to be recognised", lambda: any(duplicate in m for m in log_messages(group)))
+
+    def duplicates() -> float:
+        return sum(_emf_value(m, contracts.Metric.SIGNALS_DUPLICATE.value) for m in log_messages(group))
+
+    assert wait_for("the duplicate to be recognised", duplicates) == 1
     assert record_of(fleet, a.instance_id) == before  # an ended instance stays as it was
 
 
@@ -339,7 +360,7 @@ def test_rebalance_and_health_events_request_a_replacement(deployment: Deploymen
         assert outcome["results"][0]["detached"] is False
         assert "not in" in outcome["results"][0]["skipped"]
         record = record_of(fleet, b.instance_id)
-        assert record is not None and record.state is InstanceState.LAUNCHING
+        assert record is not None and record.state is InstanceState.READY
         assert {lease.message_id for lease in fleet.leases.for_instance(b.instance_id)} == set(b.message_ids)
 
 

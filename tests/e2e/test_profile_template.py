@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spotguard_core.contracts import Env
 
 from stacks.settings import EmulatorGap, Settings, SettingsError
 from tests.e2e.emulator import DEPLOY_CONTEXT, REPO_ROOT, STACK_NAME
@@ -236,3 +237,28 @@ def test_cdk_json_stays_production_like() -> None:
     context = json.loads((Path(REPO_ROOT) / "cdk.json").read_text())["context"]["spotguard"]
     assert context.get("profile", "aws") == "aws"
     assert context["control_plane"].get("powertools_layer", "public") == "public"
+
+
+def _dispatcher_environment(resources: dict[str, Any]) -> dict[str, Any]:
+    (dispatcher,) = [
+        v["Properties"]
+        for v in resources.values()
+        if v["Type"] == "AWS::Lambda::Function"
+        and v["Properties"].get("Handler") == "spotguard_functions.dispatcher.handler"
+    ]
+    variables = dispatcher["Environment"]["Variables"]
+    assert isinstance(variables, dict)
+    return variables
+
+
+def test_the_dispatcher_accepts_test_events_only_where_the_rules_do(
+    profile_synths: dict[str, dict[str, Any]],
+    default_synth: Synth,  # noqa: F811
+) -> None:
+    """Found by make e2e: the rules forwarded spotguard.test events but the dispatcher's own
+    switch was not set, so it rejected every staging test event."""
+    for name in PROFILES:
+        env = _dispatcher_environment(profile_synths[name]["Resources"])
+        assert env[Env.ALLOW_TEST_EVENTS.value] == "true", name
+    production = _dispatcher_environment(default_synth.resources)
+    assert production.get(Env.ALLOW_TEST_EVENTS.value, "false") == "false"
