@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import json
 import sys
@@ -52,10 +53,11 @@ def test_what_the_functions_import_is_in_the_layer() -> None:
     lambdas = Path(powertools_layer.REPO_ROOT) / "lambdas"
     imported: set[str] = set()
     for source in lambdas.rglob("*.py"):
-        for line in source.read_text().splitlines():
-            words = line.strip().split()
-            if len(words) >= 2 and words[0] in {"import", "from"}:
-                imported.add(words[1].split(".")[0].rstrip(","))
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
     third_party = {m for m in imported if m not in sys.stdlib_module_names and not m.startswith("spotguard_")}
     third_party.discard("__future__")
     assert third_party <= layer_modules | runtime_modules, third_party - layer_modules - runtime_modules
