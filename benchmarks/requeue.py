@@ -56,11 +56,31 @@ class CallCounter:
     def __init__(self) -> None:
         self.calls: Counter[str] = Counter()
         self.last_visible_at: float | None = None
+        self.first_start: dict[str, float] = {}
+        self.last_end: dict[str, float] = {}
         self._lock = threading.Lock()
 
-    def before(self, model: Any, **_: Any) -> None:
+    def before(self, model: Any, context: Any = None, **_: Any) -> None:
+        name = f"{model.service_model.service_name}.{model.name}"
+        at = time.perf_counter()
         with self._lock:
-            self.calls[f"{model.service_model.service_name}.{model.name}"] += 1
+            self.calls[name] += 1
+            self.first_start.setdefault(name, at)
+        if isinstance(context, dict):
+            context["spotguard_bench_name"] = name
+
+    def after(self, context: Any = None, **_: Any) -> None:
+        name = context.get("spotguard_bench_name") if isinstance(context, dict) else None
+        if name:
+            with self._lock:
+                self.last_end[name] = time.perf_counter()
+
+    def phases(self, started: float) -> dict[str, list[float]]:
+        """Per operation: [first call began, last call ended] in ms after the handler started."""
+        return {
+            name: [round((self.first_start[name] - started) * 1000, 1), round((end - started) * 1000, 1)]
+            for name, end in sorted(self.last_end.items(), key=lambda item: self.first_start[item[0]])
+        }
 
     def after_visibility(self, http_response: Any, parsed: Any, **_: Any) -> None:
         if http_response is not None and http_response.status_code < 300 and parsed.get("Successful"):
@@ -69,6 +89,7 @@ class CallCounter:
 
     def attach(self, client: Any) -> None:
         client.meta.events.register("before-call.*.*", self.before)
+        client.meta.events.register("after-call.*.*", self.after)
         client.meta.events.register("after-call.sqs.ChangeMessageVisibilityBatch", self.after_visibility)
 
     def service_total(self, service: str) -> int:
@@ -189,6 +210,7 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
             "still_invisible_after": invisible,
             "all_receivable_after": visible == len(held) and invisible == 0,
             "calls": dict(sorted(counter.calls.items())),
+            "phases_ms": counter.phases(started),
         }
     finally:
         os.environ.pop(Env.AWS_LATENCY_MS.value, None)

@@ -42,7 +42,7 @@ from spotguard_agent.imds import (
     ImdsError,
 )
 from spotguard_agent.watcher import Watcher
-from spotguard_agent.worker import Worker
+from spotguard_agent.worker import PROCESS_STOP_ORIGIN, Worker
 
 LOG = logging.getLogger("spotguard.agent")
 #: Without a notice, SIGTERM (systemctl stop, shutdown, reboot) gives the worker this long;
@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             received_at=received,
             deadline=received + timedelta(seconds=SIGTERM_GRACE_SECONDS),
             state="shutting-down",
-            attributes={"origin": signal.Signals(signum).name},
+            attributes={"origin": PROCESS_STOP_ORIGIN, "signal": signal.Signals(signum).name},
         )
         # Never block a signal handler on AWS calls.
         threading.Thread(target=worker.drain, args=(notice,), daemon=True).start()

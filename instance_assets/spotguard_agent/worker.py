@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import importlib
 import json
 import logging
 import threading
@@ -66,9 +65,12 @@ from spotguard_core.contracts import (
 from spotguard_core.lease_store import LeaseStore
 from spotguard_core.requeue import BOOKKEEPING_ERRORS, RequeueIncompleteError, Requeuer
 
+from spotguard_agent import cloudlogs
 from spotguard_agent.awsclients import AwsClients
 from spotguard_agent.config import AgentConfig
+from spotguard_agent.execution import EXECUTION_METRICS, Execution, WorkloadConfig, build_execution
 from spotguard_agent.fleet_reporter import FleetReporter
+from spotguard_agent.handler_host import load_handler
 
 LOG = logging.getLogger("spotguard.worker")
 MAX_BACKOFF_SECONDS = 900
@@ -83,6 +85,11 @@ PREFETCH_MAX_TASK_SECONDS = 0.5
 DURATION_SMOOTHING = 0.2
 #: ``Signal.attributes["origin"]`` of a drain ordered through the fleet record.
 FLEET_RECORD_ORIGIN = "fleet_record"
+#: ``Signal.attributes["origin"]`` of a drain because the process is told to stop (SIGTERM,
+#: SIGINT: ``systemctl restart``, an upgrade, a shutdown). It says nothing about the
+#: instance: the fleet record is left alone (a draining record cannot go back to ready, and
+#: the restarted agent would obey it), no ``drained_at`` either.
+PROCESS_STOP_ORIGIN = "process_stop"
 RELEASE_ERRORS: tuple[type[Exception], ...] = (RequeueIncompleteError, *BOOKKEEPING_ERRORS)
 
 
@@ -99,13 +106,19 @@ HELD_STATES = frozenset({TaskState.QUEUED, TaskState.RUNNING})
 
 @dataclass
 class TaskContext:
-    """What the user's handler gets besides the body."""
+    """The agent's side of a task's context (the handler's own, in its child process, is
+    ``handler_host.HostContext`` with the same attributes plus ``checkpoint()``)."""
 
     message_id: str
     receive_count: int
     attributes: dict[str, Any]
-    #: Set when the agent released the message (drain): stop early, the result is ignored.
+    #: Set when the agent released the message (drain): the execution stops the task
+    #: (SIGTERM, grace, SIGKILL); its result is ignored.
     released: threading.Event = field(default_factory=threading.Event)
+    #: The checkpoint this attempt started from (Python handlers), if any.
+    resumed: bytes | None = None
+    #: This attempt stored a checkpoint (deleted once the message is done).
+    checkpointed: bool = False
 
 
 @dataclass
@@ -138,18 +151,10 @@ class Task:
         return self.started + self.expected_seconds <= deadline_monotonic
 
 
-Handler = Callable[[str, TaskContext], Any]
 ExpectedSeconds = Callable[[str], "float | None"]
-
-
-def load_handler(spec: str) -> tuple[Handler, ExpectedSeconds | None]:
-    """``module:function``. The module may define ``expected_seconds(body) -> float | None``
-    so a drain can tell which running tasks will finish in time."""
-    module_name, _, function_name = spec.partition(":")
-    module = importlib.import_module(module_name)
-    handler = getattr(module, function_name)
-    expected = getattr(module, "expected_seconds", None)
-    return handler, expected if callable(expected) else None
+#: ``load_handler(spec)`` (imported above) now lives in ``handler_host``: handlers are
+#: imported in their child process, never in the agent's.
+__all__ = ["TaskContext", "Worker", "load_handler"]
 
 
 class Worker:
@@ -160,6 +165,7 @@ class Worker:
         instance_id: str,
         clients: AwsClients | None = None,
         reporter: FleetReporter | None = None,
+        workload: WorkloadConfig | None = None,
     ) -> None:
         config.validate_worker()
         self.config = config
@@ -168,7 +174,22 @@ class Worker:
         self.reporter = reporter or FleetReporter(
             self.clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
         )
-        self.handler, self.expected_seconds = load_handler(config.handler)
+        # The user's work runs in child processes (spotguard_agent.execution); the handler
+        # reports its expected_seconds from there, per task.
+        self.workload = workload or WorkloadConfig.from_agent_config(config)
+        self.cloud_logs: cloudlogs.CloudLogsHandler | None = None
+        if self.workload.log_group:
+            logs = self.clients.client("logs")
+            self.cloud_logs = cloudlogs.attach(logs, group=self.workload.log_group, instance_id=instance_id)
+        self.expected_seconds: ExpectedSeconds | None = None
+        self.execution: Execution = build_execution(
+            handler=config.handler,
+            workload=self.workload,
+            s3=self.clients.client("s3") if self.workload.checkpoint_bucket else None,
+            fleet=config.fleet,
+            deadline=lambda: self.drain_signal.deadline if self.drain_signal is not None else None,
+            count=self._count,
+        )
         self.sqs = self.clients.sqs
         self.leases = LeaseStore(config.lease_table, clients=self.clients)
         self.requeuer = Requeuer(lease_store=self.leases, sqs=self.sqs)
@@ -194,6 +215,7 @@ class Worker:
                 Metric.TASKS_FAILED,
                 Metric.TASKS_RELEASED_ON_DRAIN,
                 Metric.POISON_MESSAGES,
+                *EXECUTION_METRICS,
             ),
             0,
         )
@@ -268,7 +290,7 @@ class Worker:
         with self._tasks_lock:
             self._changed.notify_all()
         self._release_what_does_not_fit()
-        if first and signal.attributes.get("origin") != FLEET_RECORD_ORIGIN:
+        if first and signal.attributes.get("origin") not in (FLEET_RECORD_ORIGIN, PROCESS_STOP_ORIGIN):
             # The control plane already wrote its own order; record only what we saw first.
             deadline_epoch = signal.deadline.timestamp() if signal.deadline else None
             self._drain_report = threading.Thread(
@@ -374,6 +396,7 @@ class Worker:
                     self._take(messages)
             self._wait_for_tasks()
         finally:
+            self._close_execution()
             self._pool.shutdown(wait=False)
             self._deletes.close()
             self._flush_metrics()
@@ -383,7 +406,11 @@ class Worker:
             )
         if self._drain_report is not None:
             self._drain_report.join(timeout=10)  # the process exits right after run()
-        if self.drain_signal is not None and not self.holds_leases():
+        instance_drain = (
+            self.drain_signal is not None
+            and self.drain_signal.attributes.get("origin") != PROCESS_STOP_ORIGIN
+        )
+        if instance_drain and not self.holds_leases():
             self.reporter.drained()
         self._protection.stop()
         LOG.info("worker stopped: %s", json.dumps(self.status()["counters"]))
@@ -571,18 +598,28 @@ class Worker:
     # ------------------------------------------------------------------ one task
     def _execute(self, task: Task) -> None:
         began = False
+        cloudlogs.set_message_id(task.message_id)  # every log line of this task names it
         try:
             began = self._begin(task)
             if not began:
                 return
             try:
-                self.handler(str(task.message.get("Body", "")), task.context)
+                self.execution.run(task)  # returns once done or released; raises on failure
             except Exception as error:  # noqa: BLE001 - any handler exception is a task failure
                 self._on_failure(task, error)
             else:
                 self._on_success(task)
         finally:
             self._finished(task, began)
+            cloudlogs.set_message_id(None)
+
+    def _close_execution(self) -> None:
+        """At exit: stopping tasks finish their stop (and checkpoint), children end, logs
+        ship (bounded; the handler stays attached: ``logging.shutdown()`` at the agent's exit
+        ships the last lines)."""
+        self.execution.close()
+        if self.cloud_logs is not None:
+            self.cloud_logs.ship(timeout=5.0)
 
     def _on_success(self, task: Task) -> None:
         with task.lock:
@@ -590,7 +627,8 @@ class Worker:
                 LOG.info("task %s finished after it was released; result dropped", task.message_id)
                 return
             task.state = TaskState.DONE
-        # Deleted in batches (DeleteMessageBatch, then the leases); counted as completed then.
+        # Deleted in batches (DeleteMessageBatch, then the leases); counted as completed then,
+        # and its checkpoint deleted (execution.succeeded).
         self._deletes.put(task)
 
     def _on_failure(self, task: Task, error: Exception) -> None:
@@ -629,6 +667,8 @@ class Worker:
                 # The lease stays: if this instance goes away the control plane requeues it.
                 LOG.warning("release of %s (%s) failed: %s", task.message_id, reason, error)
         LOG.info("released %s (%s, visible in %d s)", task.message_id, reason, visibility)
+        if final_state is TaskState.RELEASED and self.cloud_logs is not None:
+            self.cloud_logs.ship_now()  # a drain: the instance may be gone soon
         return True
 
     # ------------------------------------------------------------------ heartbeat loop
@@ -849,19 +889,24 @@ class DeleteBatcher:
         entries = [
             {"Id": str(index), "ReceiptHandle": task.receipt_handle} for index, task in enumerate(batch)
         ]
+        deleted = list(batch)
         try:
             response = worker.sqs.delete_message_batch(QueueUrl=worker.config.work_queue_url, Entries=entries)
             for failure in response.get("Failed", []):
                 task = batch[int(failure["Id"])]
+                deleted.remove(task)
                 LOG.warning(
                     "delete failed for %s (it will be redelivered): %s", task.message_id, failure.get("Code")
                 )
         except AWS_ERRORS as error:
+            deleted = []
             LOG.warning("delete of %d messages failed (they will be redelivered): %s", len(batch), error)
         try:
             worker.leases.delete([task.lease for task in batch])
         except BOOKKEEPING_ERRORS as error:
             LOG.warning("lease delete failed for %d messages: %s", len(batch), error)
+        for task in deleted:  # done for good: its checkpoint is not needed any more
+            worker.execution.succeeded(task)
         worker._count(Metric.TASKS_COMPLETED, len(batch))
 
 

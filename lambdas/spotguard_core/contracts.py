@@ -97,6 +97,12 @@ class Metric(StrEnum):
     TASKS_FAILED = "TasksFailed"
     TASKS_RELEASED_ON_DRAIN = "TasksReleasedOnDrain"
     POISON_MESSAGES = "PoisonMessages"
+    CHECKPOINTS_SAVED = "CheckpointsSaved"
+    #: Over ``Env.CHECKPOINT_MAX_BYTES`` or not stored (S3 error): the previous one stays.
+    CHECKPOINTS_REJECTED = "CheckpointsRejected"
+    TASKS_RESUMED = "TasksResumedFromCheckpoint"
+    #: Released tasks whose process had to be SIGKILLed after the stop grace time.
+    TASKS_KILLED = "ReleasedTasksKilled"
 
 
 # --------------------------------------------------------------------------------------

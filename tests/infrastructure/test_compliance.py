@@ -136,11 +136,6 @@ def test_user_data_is_under_the_ec2_limit(any_synth: Synth, record_property: Any
     assert size < USER_DATA_LIMIT
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="design target (< 2 KB) not met yet: the stage-1 user data renders to ~2.7 KB "
-    "(the 16 KB limit is asserted by its own test)",
-)
 def test_user_data_meets_the_2kb_target(default_synth: Synth) -> None:
     assert len(rendered_user_data(default_synth).encode()) < USER_DATA_TARGET
 

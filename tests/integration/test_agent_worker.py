@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from spotguard_agent.config import AgentConfig
-from spotguard_agent.worker import Worker
+from spotguard_agent.worker import PROCESS_STOP_ORIGIN, Worker
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
     REQUEUE_COUNTER_ATTRIBUTE,
@@ -607,3 +607,30 @@ def test_one_receive_is_one_lease_batch_and_first_receives_read_no_counter(aws: 
         "receive count 1: no counter read"
     )
     assert calls.count("DeleteMessage") == 0 and calls.count("DeleteMessageBatch") >= 1
+
+
+def test_a_process_stop_drains_but_leaves_the_fleet_record_for_the_restarted_agent(aws: Aws, run_worker):
+    """SIGTERM (``systemctl restart``, an upgrade) says nothing about the instance: the record
+    must not turn draining (it cannot go back, and the restarted agent would obey it)."""
+    worker, thread, result = run_worker(config_for(aws))
+    wait_for(lambda: fleet_item(aws).get("heartbeat_at"))
+    received = datetime.now(UTC)
+    worker.drain(
+        Signal(
+            instance_id=INSTANCE,
+            kind=SignalKind.STATE_CHANGE,
+            source=SignalSource.IMDS,
+            event_id="sigterm",
+            received_at=received,
+            deadline=received + timedelta(seconds=60),
+            attributes={"origin": PROCESS_STOP_ORIGIN, "signal": "SIGTERM"},
+        )
+    )
+    thread.join(timeout=30)
+    assert result == [0]
+    record = fleet_item(aws)
+    assert record.get("state") != "draining" and "drained_at" not in record
+    restarted, _, _ = run_worker(config_for(aws))
+    aws.send(task_id="after-restart", seconds=0.1)
+    wait_for(lambda: restarted.counters[Metric.TASKS_COMPLETED] == 1)
+    assert restarted.drain_signal is None

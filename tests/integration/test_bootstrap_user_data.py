@@ -121,6 +121,12 @@ def run_user_data(
 ) -> int:
     script = sandbox.base / "user-data.sh"
     script.write_text(rendered)
+    # What cloud-init leaves before it runs user data: its copy of the instance id (read
+    # from IMDS in its first stage) and /var/log.
+    cloud_data = sandbox.root / "var/lib/cloud/data"
+    cloud_data.mkdir(parents=True, exist_ok=True)
+    (cloud_data / "instance-id").write_text(imds.instance_id + "\n")
+    (sandbox.root / "var/log").mkdir(parents=True, exist_ok=True)
     result = subprocess.run(
         ["bash", str(script)],
         env=sandbox.env(SPOTGUARD_IMDS_URL=imds.url, **env),
@@ -242,3 +248,21 @@ def test_failed_verification_is_recorded_and_shuts_down(sandbox, instance, world
     assert_failed_and_shut_down(
         sandbox, instance_id, code, "install failed: verification failed: spotguard-agent.service not active"
     )
+
+
+def test_rendered_user_data_is_under_2kb_with_realistic_names(world):
+    """Issue 15's target with the longest legal asset bucket name and a CloudFormation
+    table name (the infrastructure test checks the synthesized template the same way)."""
+    bucket = "cdk-hnb659fds-assets-123456789012-ap-southeast-2"
+    realistic = {
+        **values(world["bundle"], key="0" * 64 + ".tar.gz"),
+        "Fleet": "default",
+        "Region": "ap-southeast-2",
+        "BundleUrl": f"s3://{bucket + 'x' * (63 - len(bucket))}/{'0' * 64}.tar.gz",
+        "FleetTable": "Spotguard-default-TablesFleet4F2B1A9C-1Q2W3E4R5T6Y7",
+        "AsgName": "spotguard-default",
+        "ConfigParameter": "/spotguard/default/agent-config",
+    }
+    rendered = render_user_data(realistic)
+    assert len(rendered.encode()) < 2048
+    assert "base64" not in rendered and "gunzip" not in rendered, "readable shell"

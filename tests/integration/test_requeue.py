@@ -130,3 +130,54 @@ def test_explain_reads_the_fleet_record_when_aws_is_configured(cp, capsys, tmp_p
     assert out["notes"] == []
     # Explaining takes no action: the record is unchanged.
     assert FleetStore().get(instance).end_reason is EndReason.TERMINATED  # type: ignore[union-attr]
+
+
+def _known_count_leases(cp, instance_id: str, count: int, requeues: int) -> list[Lease]:
+    leases = [
+        Lease(
+            instance_id=lease.instance_id,
+            message_id=lease.message_id,
+            receipt_handle=lease.receipt_handle,
+            queue_url=lease.queue_url,
+            leased_at=lease.leased_at,
+            heartbeat_at=lease.heartbeat_at,
+            interruption_requeues=requeues,
+        )
+        for lease in cp.lease_messages(instance_id, count)
+    ]
+    LeaseStore().put_many(leases)
+    return leases
+
+
+def test_leases_that_know_their_count_are_counted_in_batches_and_only_once(cp):
+    """The worker records the message's count in the lease; the requeue then writes count + 1
+    for 25 messages a call, and the agent and the control plane requeueing the same lease
+    (a drain release racing the dispatcher) count it once, not twice."""
+    leases = _known_count_leases(cp, "i-0ffffffffffffffff", 23, requeues=2)
+    store = LeaseStore()
+    calls: list[str] = []
+    store.table.meta.client.meta.events.register(
+        "before-call.dynamodb.*", lambda model, **_: calls.append(model.name)
+    )
+    requeuer = Requeuer(lease_store=store, sqs=aws.client("sqs"), metrics=RecordingMetrics())
+    result = requeuer.requeue_leases(leases[0].instance_id, leases)
+    assert result.requeued == 23
+    # 1 counter batch (25 a call), then 1 lease-delete batch; no UpdateItem, no read-back.
+    assert calls == ["BatchWriteItem", "BatchWriteItem"]
+    assert store.requeue_counts([lease.message_id for lease in leases]) == {
+        lease.message_id: 3 for lease in leases
+    }
+    requeuer.requeue_leases(leases[0].instance_id, leases)  # the other side, same leases
+    assert {store.requeue_count(lease.message_id) for lease in leases} == {3}
+    assert len(cp.receive_all()) == 23
+
+
+def test_a_failure_release_counts_nothing_and_keeps_the_backoff(cp):
+    [lease] = _known_count_leases(cp, "i-0aaaaaaaaaaaaaaa1", 1, requeues=0)
+    store = LeaseStore()
+    Requeuer(lease_store=store, sqs=aws.client("sqs")).release(
+        lease.instance_id, [lease], visibility_timeout=30, interruption=False
+    )
+    assert store.requeue_count(lease.message_id) == 0, "a genuine failure is not an interruption"
+    assert store.for_instance(lease.instance_id) == []
+    assert cp.receive_all() == [], "invisible for the backoff"

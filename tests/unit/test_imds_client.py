@@ -135,3 +135,26 @@ def test_standalone_emulator_is_driven_over_its_control_api():
     finally:
         process.terminate()
         process.wait(timeout=5)
+
+
+def test_scheduled_maintenance_is_listed_the_way_imds_lists_it(imds: ImdsEmulator):
+    client = ImdsClient(imds.url, timeout_seconds=1.0)
+    assert client.scheduled_maintenance() == []
+    imds.schedule_maintenance("system-reboot")
+    imds.schedule_maintenance("instance-stop", state="canceled")
+    events = client.scheduled_maintenance()
+    assert [(e["Code"], e["State"]) for e in events] == [
+        ("system-reboot", "active"),
+        ("instance-stop", "canceled"),
+    ]
+    # "21 Jan 2019 09:00:43 GMT", as documented for events/maintenance/scheduled.
+    assert events[0]["NotBefore"].endswith(" GMT") and len(events[0]["NotBefore"].split()) == 5
+    assert {"EventId", "Description", "NotAfter"} <= set(events[0])
+
+
+def test_a_garbled_maintenance_list_is_an_imds_error(imds: ImdsEmulator):
+    client = ImdsClient(imds.url, timeout_seconds=1.0)
+    with imds.state.lock:
+        imds.state.maintenance_events = {"not": "a list"}  # type: ignore[assignment]
+    with pytest.raises(ImdsError, match="not a list"):
+        client.scheduled_maintenance()

@@ -1,0 +1,123 @@
+"""Agent and task logs shipped to CloudWatch Logs (moto): one stream per instance, the message
+id on each task line, flushed at exit, and never blocking the work when CloudWatch is slow."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+from spotguard_agent import cloudlogs
+from spotguard_agent.execution import WorkloadConfig
+from spotguard_core.contracts import Metric
+
+from tests.support.workload_env import (
+    Workers,
+    World,
+    agent_config,
+    make_world,
+    wait_for,
+    workers_fixture,
+    write_tree,
+)
+
+pytestmark = pytest.mark.integration
+INSTANCE = "i-0logs000000000001"
+GROUP = "/spotguard/test/agent"
+
+
+@pytest.fixture
+def world(moto_server: Any) -> World:
+    created = make_world()
+    boto3.client("logs").create_log_group(logGroupName=GROUP)
+    return created
+
+
+@pytest.fixture
+def workers() -> Iterator[Workers]:
+    yield from workers_fixture()
+
+
+def shipped_lines(stream: str) -> list[dict[str, Any]]:
+    events = boto3.client("logs").get_log_events(logGroupName=GROUP, logStreamName=stream, startFromHead=True)
+    return [json.loads(event["message"]) for event in events["events"]]
+
+
+def test_agent_and_task_lines_reach_the_instance_stream_with_the_message_id(
+    world: World, workers: Workers, tmp_path
+):
+    directory = write_tree(tmp_path / "workload", {"say.sh": "#!/bin/sh\necho 'hello from the task'\n"})
+    workload = WorkloadConfig(workload_dir=directory, command="./say.sh", log_group=GROUP)
+    message_id = world.send("hi")
+    running = workers.start(agent_config(world), workload, INSTANCE)
+    wait_for(lambda: running.worker.counters[Metric.TASKS_COMPLETED] == 1)
+    running.worker.request_stop()
+    assert running.join() == 0
+    handler = running.worker.cloud_logs
+    assert handler is not None
+    try:
+        # At the agent's exit logging.shutdown() ships the last lines; here: a flush.
+        assert handler.ship(timeout=10)
+    finally:
+        cloudlogs.detach(handler)
+    lines = shipped_lines(INSTANCE)
+    task_lines = [line for line in lines if line["logger"] == "spotguard.task"]
+    assert task_lines == [
+        {
+            "level": "INFO",
+            "logger": "spotguard.task",
+            "message_id": message_id,
+            "message": f"[{message_id}] hello from the task",
+        }
+    ]
+    assert any(line["message"].startswith("worker started") for line in lines), "the agent's own lines too"
+    assert any(line["message"].startswith("worker stopped") for line in lines), "flushed at exit"
+
+
+class SlowLogs(http.server.BaseHTTPRequestHandler):
+    """A CloudWatch Logs endpoint that takes 3 s per call (on 127.0.0.1)."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(3)
+        body = b"{}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-amz-json-1.1")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_slow_cloudwatch_never_blocks_logging_and_drops_are_counted():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowLogs)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = boto3.client(
+        "logs",
+        endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
+        config=Config(retries={"max_attempts": 1}, read_timeout=10),
+    )
+    handler = cloudlogs.CloudLogsHandler(client, group=GROUP, stream=INSTANCE)
+    logger = logging.getLogger("spotguard.test-slow")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        started = time.monotonic()
+        for n in range(cloudlogs.QUEUE_LIMIT + 500):
+            logger.warning("line %d", n)
+        elapsed = time.monotonic() - started
+        assert elapsed < 2.0, f"logging took {elapsed:.2f} s while CloudWatch was slow"
+        assert handler.dropped >= 500 - 10, "the queue is bounded: the overflow is dropped and counted"
+        assert handler.ship(timeout=0.5) is False, "a bounded flush does not wait for a slow CloudWatch"
+    finally:
+        logger.removeHandler(handler)
+        server.shutdown()

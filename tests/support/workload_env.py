@@ -1,0 +1,191 @@
+"""What the workload tests share: queues, tables and a checkpoint bucket on the moto server,
+workers run in threads, workload directories packed like the CDK asset (tar.gz)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+from spotguard_agent.config import AgentConfig
+from spotguard_agent.execution import WorkloadConfig
+from spotguard_agent.worker import Worker
+from spotguard_core.contracts import Signal, SignalKind, SignalSource, lease_pk
+from spotguard_tools.local_tables import TableKind, create_table
+
+FLEET = "test"
+BUCKET = "spotguard-checkpoints-test"
+
+
+@dataclass
+class World:
+    queue_url: str
+    dlq_url: str
+    lease_table: str = "leases"
+    fleet_table: str = "fleet"
+    bucket: str = BUCKET
+
+    @property
+    def sqs(self) -> Any:
+        return boto3.client("sqs")
+
+    @property
+    def s3(self) -> Any:
+        return boto3.client("s3")
+
+    def send(self, body: Any) -> str:
+        text = body if isinstance(body, str) else json.dumps(body)
+        return str(self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=text)["MessageId"])
+
+    def receive(self, visibility: int = 30) -> list[dict[str, Any]]:
+        response = self.sqs.receive_message(
+            QueueUrl=self.queue_url,
+            WaitTimeSeconds=0,
+            VisibilityTimeout=visibility,
+            AttributeNames=["ApproximateReceiveCount"],
+            MaxNumberOfMessages=10,
+        )
+        return list(response.get("Messages", []))
+
+    def leases(self, instance_id: str) -> list[dict[str, Any]]:
+        table = boto3.resource("dynamodb").Table(self.lease_table)
+        return list(
+            table.query(
+                KeyConditionExpression="pk = :pk", ExpressionAttributeValues={":pk": lease_pk(instance_id)}
+            )["Items"]
+        )
+
+    def object_keys(self) -> list[str]:
+        return [item["Key"] for item in self.s3.list_objects_v2(Bucket=self.bucket).get("Contents", [])]
+
+
+def make_world() -> World:
+    sqs = boto3.client("sqs")
+    dlq = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
+    queue = sqs.create_queue(QueueName="work", Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
+    dynamodb = boto3.client("dynamodb")
+    create_table(dynamodb, TableKind.LEASES, "leases")
+    create_table(dynamodb, TableKind.FLEET, "fleet")
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    return World(queue, dlq)
+
+
+def agent_config(world: World, **overrides: Any) -> AgentConfig:
+    base = AgentConfig(
+        fleet=FLEET,
+        region="us-east-1",
+        work_queue_url=world.queue_url,
+        work_dlq_url=world.dlq_url,
+        lease_table=world.lease_table,
+        fleet_table=world.fleet_table,
+        concurrency=1,
+        visibility_timeout_seconds=30,
+        receive_wait_seconds=1,
+        drain_margin_seconds=1.0,
+        failure_backoff_seconds=5.0,
+        fleet_heartbeat_seconds=0.5,
+        health_port=0,
+        max_failures=5,
+    )
+    return base.with_overrides(**overrides)
+
+
+@dataclass
+class RunningWorker:
+    worker: Worker
+    thread: threading.Thread
+    result: list[int] = field(default_factory=list)
+
+    def join(self, timeout: float = 30) -> int:
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the worker did not stop"
+        return self.result[0]
+
+
+class Workers:
+    """Start workers in threads; every one is stopped at the end of the test."""
+
+    def __init__(self) -> None:
+        self.started: list[RunningWorker] = []
+
+    def start(self, config: AgentConfig, workload: WorkloadConfig, instance_id: str) -> RunningWorker:
+        worker = Worker(config, instance_id=instance_id, workload=workload)
+        running = RunningWorker(worker, threading.Thread(target=lambda: None))
+        running.thread = threading.Thread(target=lambda: running.result.append(worker.run()), daemon=True)
+        running.thread.start()
+        self.started.append(running)
+        return running
+
+    def stop_all(self) -> None:
+        for running in self.started:
+            running.worker.request_stop()
+            for task in running.worker.running_tasks():
+                task.context.released.set()
+        for running in self.started:
+            running.thread.join(timeout=30)
+
+
+def workers_fixture() -> Iterator[Workers]:
+    workers = Workers()
+    yield workers
+    workers.stop_all()
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+def spot_signal(instance_id: str, seconds_from_now: float) -> Signal:
+    received = datetime.now(UTC)
+    return Signal(
+        instance_id=instance_id,
+        kind=SignalKind.SPOT_INTERRUPTION,
+        source=SignalSource.IMDS,
+        event_id=f"test-{instance_id}",
+        received_at=received,
+        deadline=received + timedelta(seconds=seconds_from_now),
+    )
+
+
+def write_tree(directory: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        if name.endswith(".sh"):
+            path.chmod(0o755)
+    return directory
+
+
+def pack(directory: Path) -> tuple[bytes, str]:
+    """The directory as a tar.gz (like the workload asset) and its sha256."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w:gz") as archive:
+        for path in sorted(directory.rglob("*")):
+            archive.add(path, arcname=path.relative_to(directory).as_posix(), recursive=False)
+    data = raw.getvalue()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def process_alive(pid: int) -> bool:
+    """Running and not a zombie (a killed orphan may wait for a reaper)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
