@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """spotguard CDK app: one stack ``Spotguard-<fleet>`` from the ``spotguard`` context.
 
+A thin user of the construct library (``spotguard_cdk.SpotWorkerFleet``): the settings
+come from cdk.json and ``-c`` overrides instead of construct props.
+
     cdk synth                                   # settings from cdk.json
     cdk synth -c spotguard.fleet.name=batch     # any setting, dotted
     CDK_OUTDIR=cdk.out python app.py            # the same without the CDK CLI
@@ -25,9 +28,8 @@ os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
 import aws_cdk as cdk  # noqa: E402 - after the environment above
 from cdk_nag import AwsSolutionsChecks  # noqa: E402
-
-from stacks.settings import CONTEXT_KEY, Settings, SettingsError, overrides_from_context  # noqa: E402
-from stacks.spotguard_stack import SpotguardStack  # noqa: E402
+from spotguard_cdk.app_stack import SpotguardStack  # noqa: E402
+from spotguard_cdk.settings import CONTEXT_KEY, ConfigurationError, Settings, overrides_from_context  # noqa: E402
 
 
 def cdk_json_context() -> dict[str, Any]:
@@ -48,10 +50,10 @@ def main() -> int:
     app = cdk.App(context=cdk_json_context())
     try:
         settings = load_settings(app)
-    except SettingsError as exc:
+        SpotguardStack(app, settings=settings)
+    except ConfigurationError as exc:
         sys.stderr.write(f"spotguard: {exc}\n")
         return 1
-    SpotguardStack(app, settings=settings)
     cdk.Validations.of(app).add_plugins(AwsSolutionsChecks(app))
     app.synth()
     return 0

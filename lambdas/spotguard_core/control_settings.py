@@ -1,25 +1,28 @@
 """Runtime settings of the control plane (dispatcher, watchdog, ``spotguard explain``).
 
-Read from the ``contracts.Env`` variables the stack sets; an invalid value fails at start
-with a message naming the variable and what it accepts.
+One typed class, read from the ``contracts.Env`` variables that ``runtime_env`` builds for the
+stack, the drill and the tests; defaults are ``contracts.DEFAULT_*``. An invalid value fails
+at start with a message naming the variable and what it accepts.
+
+It is a pydantic model rather than a pydantic-settings ``BaseSettings``: the functions get
+pydantic from the public Powertools layer, which does not carry pydantic-settings, and the
+Lambda asset is plain code (no bundling). ``from_env`` does the one thing BaseSettings would
+add here: read the variables by name.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import Any
 
-from spotguard_core.contracts import (
-    DEFAULT_REPLACEMENT_WAIT_SECONDS,
-    DEFAULT_RETIRE_DRAIN_SECONDS,
-    Env,
-    RebalancePolicy,
-    asg_name,
-)
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-DEFAULT_BOOTSTRAP_DEADLINE_SECONDS = 20 * 60
-DEFAULT_HEARTBEAT_STALE_SECONDS = 5 * 60
+from spotguard_core import contracts
+from spotguard_core.contracts import Env, RebalancePolicy, asg_name
+
+DEFAULT_BOOTSTRAP_DEADLINE_SECONDS = contracts.DEFAULT_BOOTSTRAP_DEADLINE_MINUTES * 60
+DEFAULT_HEARTBEAT_STALE_SECONDS = contracts.DEFAULT_HEARTBEAT_STALE_MINUTES * 60
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
@@ -29,78 +32,122 @@ class SettingsError(ValueError):
     """A control-plane environment variable has a value it cannot use."""
 
 
-def _flag(env: Mapping[str, str], name: Env, default: bool) -> bool:
-    value = env.get(name.value)
-    if value is None or value.strip() == "":
-        return default
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise SettingsError(f"{name.value}={value!r}: use true or false")
+def _parse_flag(value: Any) -> Any:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ValueError("use true or false")
+    return value
 
 
-def _seconds(env: Mapping[str, str], name: Env, default: int) -> int:
-    value = env.get(name.value)
-    if value is None or value.strip() == "":
-        return default
-    try:
-        seconds = int(value)
-    except ValueError:
-        raise SettingsError(f"{name.value}={value!r}: use a whole number of seconds") from None
-    if seconds <= 0:
-        raise SettingsError(f"{name.value}={value!r}: must be positive")
-    return seconds
+def _parse_seconds(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError("use a whole number of seconds") from None
+    return value
 
 
-@dataclass(frozen=True, slots=True)
-class ControlSettings:
-    fleet: str
-    asg_name: str
-    account_id: str | None = None
-    region: str | None = None
-    early_replacement: bool = True
-    rebalance_policy: RebalancePolicy = RebalancePolicy.REPLACE
-    bootstrap_deadline_seconds: int = DEFAULT_BOOTSTRAP_DEADLINE_SECONDS
-    heartbeat_stale_seconds: int = DEFAULT_HEARTBEAT_STALE_SECONDS
-    requeue_enabled: bool = True
-    #: Staging only: accept events with source ``spotguard.test`` (rejected otherwise).
-    allow_test_events: bool = False
-    retire_drain_seconds: int = DEFAULT_RETIRE_DRAIN_SECONDS
-    replacement_wait_seconds: int = DEFAULT_REPLACEMENT_WAIT_SECONDS
+class ControlSettings(BaseModel):
+    """What the dispatcher and watchdog decide with. Field names are the Python API; the
+    ``validation_alias`` of each is the environment variable it is read from."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True, extra="ignore")
+
+    fleet: str = Field(validation_alias=Env.FLEET_NAME.value, min_length=1)
+    asg_name: str = Field(default="", validation_alias=Env.ASG_NAME.value)
+    account_id: str | None = Field(default=None, validation_alias=Env.ACCOUNT_ID.value)
+    region: str | None = Field(default=None, validation_alias=Env.REGION.value)
+    early_replacement: bool = Field(default=True, validation_alias=Env.EARLY_REPLACEMENT.value)
+    rebalance_policy: RebalancePolicy = Field(
+        default=RebalancePolicy.REPLACE, validation_alias=Env.REBALANCE_POLICY.value
+    )
+    bootstrap_deadline_seconds: int = Field(
+        default=DEFAULT_BOOTSTRAP_DEADLINE_SECONDS,
+        gt=0,
+        validation_alias=Env.BOOTSTRAP_DEADLINE_SECONDS.value,
+    )
+    heartbeat_stale_seconds: int = Field(
+        default=DEFAULT_HEARTBEAT_STALE_SECONDS, gt=0, validation_alias=Env.HEARTBEAT_STALE_SECONDS.value
+    )
+    requeue_enabled: bool = Field(default=True, validation_alias=Env.REQUEUE_ENABLED.value)
+    #: Staging only: accept ``spotguard.test`` events (else the dispatcher rejects them).
+    allow_test_events: bool = Field(default=False, validation_alias=Env.ALLOW_TEST_EVENTS.value)
+    #: Drain time of an instance replaced early.
+    retire_drain_seconds: int = Field(
+        default=contracts.DEFAULT_RETIRE_DRAIN_SECONDS, gt=0, validation_alias=Env.RETIRE_DRAIN_SECONDS.value
+    )
+    #: A detached instance drains after this long even if its replacement is not in service.
+    replacement_wait_seconds: int = Field(
+        default=contracts.DEFAULT_REPLACEMENT_WAIT_SECONDS,
+        gt=0,
+        validation_alias=Env.REPLACEMENT_WAIT_SECONDS.value,
+    )
+
+    @field_validator("early_replacement", "requeue_enabled", "allow_test_events", mode="before")
+    @classmethod
+    def _flags(cls, value: Any) -> Any:
+        return _parse_flag(value)
+
+    @field_validator(
+        "bootstrap_deadline_seconds",
+        "heartbeat_stale_seconds",
+        "retire_drain_seconds",
+        "replacement_wait_seconds",
+        mode="before",
+    )
+    @classmethod
+    def _seconds(cls, value: Any) -> Any:
+        return _parse_seconds(value)
+
+    @field_validator("rebalance_policy", mode="before")
+    @classmethod
+    def _policy(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower()
+            allowed = [p.value for p in RebalancePolicy]
+            if value not in allowed:
+                raise ValueError(f"use one of {', '.join(allowed)}")
+        return value
+
+    @field_validator("fleet", "asg_name", "account_id", "region", mode="before")
+    @classmethod
+    def _strip(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _default_asg(self) -> ControlSettings:
+        if not self.asg_name:
+            object.__setattr__(self, "asg_name", asg_name(self.fleet))
+        for name in ("account_id", "region"):
+            if getattr(self, name) == "":
+                object.__setattr__(self, name, None)
+        return self
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ControlSettings:
         env = os.environ if env is None else env
-        fleet = env.get(Env.FLEET_NAME.value, "").strip()
-        if not fleet:
+        known = {str(f.validation_alias) for f in cls.model_fields.values()}
+        # An empty variable means "not set" (the default), as in a Lambda environment block.
+        values = {key: value for key, value in env.items() if key in known and value.strip() != ""}
+        if Env.FLEET_NAME.value not in values:
             raise SettingsError(f"{Env.FLEET_NAME.value} is not set: the fleet name decides what is managed")
-        policy_text = env.get(Env.REBALANCE_POLICY.value, "").strip().lower() or RebalancePolicy.REPLACE.value
         try:
-            policy = RebalancePolicy(policy_text)
-        except ValueError:
-            allowed = ", ".join(p.value for p in RebalancePolicy)
-            raise SettingsError(
-                f"{Env.REBALANCE_POLICY.value}={policy_text!r}: use one of {allowed}"
-            ) from None
-        return cls(
-            fleet=fleet,
-            asg_name=env.get(Env.ASG_NAME.value, "").strip() or asg_name(fleet),
-            account_id=env.get(Env.ACCOUNT_ID.value, "").strip() or None,
-            region=env.get(Env.REGION.value, "").strip() or None,
-            early_replacement=_flag(env, Env.EARLY_REPLACEMENT, True),
-            rebalance_policy=policy,
-            bootstrap_deadline_seconds=_seconds(
-                env, Env.BOOTSTRAP_DEADLINE_SECONDS, DEFAULT_BOOTSTRAP_DEADLINE_SECONDS
-            ),
-            heartbeat_stale_seconds=_seconds(
-                env, Env.HEARTBEAT_STALE_SECONDS, DEFAULT_HEARTBEAT_STALE_SECONDS
-            ),
-            requeue_enabled=_flag(env, Env.REQUEUE_ENABLED, True),
-            allow_test_events=_flag(env, Env.ALLOW_TEST_EVENTS, False),
-            retire_drain_seconds=_seconds(env, Env.RETIRE_DRAIN_SECONDS, DEFAULT_RETIRE_DRAIN_SECONDS),
-            replacement_wait_seconds=_seconds(
-                env, Env.REPLACEMENT_WAIT_SECONDS, DEFAULT_REPLACEMENT_WAIT_SECONDS
-            ),
-        )
+            return cls.model_validate(values)
+        except ValidationError as exc:
+            raise SettingsError(_describe(exc, values)) from None
+
+
+def _describe(exc: ValidationError, values: Mapping[str, str]) -> str:
+    problems = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if error["type"] == "greater_than":
+            message = "must be positive"
+        problems.append(f"{name}={values.get(name)!r}: {message}")
+    return "; ".join(problems)

@@ -1,4 +1,4 @@
-"""The bundled Powertools layer builder (stacks/powertools_layer.py)."""
+"""The bundled Powertools layer builder (stacks/spotguard_cdk/powertools_layer.py)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from stacks import powertools_layer
-from stacks.powertools_layer import (
+from spotguard_cdk import powertools_layer
+from spotguard_cdk.powertools_layer import (
     LAYER_DISTRIBUTIONS,
     POWERTOOLS_EXTRAS,
     LayerBuildError,

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spotguard_cdk.settings import ConfigurationError, EmulatorGap, Settings
 from spotguard_core.contracts import Env
 
-from stacks.settings import EmulatorGap, Settings, SettingsError
 from tests.e2e.emulator import DEPLOY_CONTEXT, REPO_ROOT, STACK_NAME
 from tests.infrastructure.conftest import Synth, default_synth, synth_environment, synths  # noqa: F401
 
@@ -195,9 +195,9 @@ def test_the_public_layer_is_the_default(default_synth: Synth) -> None:  # noqa:
 
 
 def test_the_emulator_profile_needs_the_bundled_layer_and_no_fis() -> None:
-    with pytest.raises(SettingsError, match=r"powertools_layer = bundled"):
+    with pytest.raises(ConfigurationError, match=r"powertools_layer = bundled"):
         Settings.from_mapping({"profile": "emulator"})
-    with pytest.raises(SettingsError, match=r"staging\.fis_experiment = false"):
+    with pytest.raises(ConfigurationError, match=r"staging\.fis_experiment = false"):
         Settings.from_mapping(
             {
                 "profile": "emulator",
@@ -206,7 +206,7 @@ def test_the_emulator_profile_needs_the_bundled_layer_and_no_fis() -> None:
                 "staging": {"fis_experiment": True},
             }
         )
-    with pytest.raises(SettingsError, match="profile"):
+    with pytest.raises(ConfigurationError, match="profile"):
         Settings.from_mapping({"profile": "localstack"})
 
 

@@ -1,9 +1,11 @@
-"""Synthesize the app once per session, exactly as ``cdk synth`` runs it (``python app.py``
-with ``CDK_OUTDIR`` and ``CDK_CONTEXT_JSON``), for two configurations at the same time:
+"""Synthesize the apps once per session, exactly as ``cdk synth`` runs them (``python <app>``
+with ``CDK_OUTDIR`` and ``CDK_CONTEXT_JSON``), all at the same time:
 
 - ``default``: cdk.json as shipped (environment-agnostic, production-like);
 - ``staging``: every optional part on (test events, FIS, webhook, alarm email, Novita
-  provider, minimum capacity, explicit environment with AZs from context).
+  provider, minimum capacity, explicit environment with AZs from context);
+- ``two_fleets``: a user's own CDK app (``apps/two_fleets.py``) with two ``SpotWorkerFleet``s
+  on two of the user's queues in one stack, each with its own workload.
 
 Tests that use these fixtures carry ``@pytest.mark.xdist_group("synth")``; the synth itself
 is shared between xdist workers through a file lock, so it runs once per test run.
@@ -83,9 +85,12 @@ def synth_environment(outdir: Path, context: Mapping[str, Any]) -> dict[str, str
     return env
 
 
-def _start(outdir: Path, context: Mapping[str, Any]) -> subprocess.Popen[str]:
+TWO_FLEETS_APP = Path(__file__).resolve().parent / "apps" / "two_fleets.py"
+
+
+def _start(outdir: Path, context: Mapping[str, Any], app: Path) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "app.py"],
+        [sys.executable, str(app)],
         cwd=REPO_ROOT,
         env=synth_environment(outdir, context),
         stdout=subprocess.PIPE,
@@ -94,7 +99,14 @@ def _start(outdir: Path, context: Mapping[str, Any]) -> subprocess.Popen[str]:
     )
 
 
-CONFIGS = {"default": ({}, "Spotguard-default"), "staging": (STAGING_CONTEXT, "Spotguard-staging")}
+APP = REPO_ROOT / "app.py"
+CONFIGS: dict[str, tuple[dict[str, Any], str, Path]] = {
+    "default": ({}, "Spotguard-default", APP),
+    "staging": (STAGING_CONTEXT, "Spotguard-staging", APP),
+    "two_fleets": ({}, "MediaPipeline", TWO_FLEETS_APP),
+}
+#: The ready app's configurations (``any_synth``); the two-fleet app has its own tests.
+APP_CONFIGS = ("default", "staging")
 
 
 def _shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -110,7 +122,7 @@ def _shared_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _synthesize_all(directory: Path) -> dict[str, dict[str, Any]]:
     """Both configurations at once (two processes); returns code, stderr and time of each."""
     t0 = time.monotonic()
-    started = {name: _start(directory / name, context) for name, (context, _) in CONFIGS.items()}
+    started = {name: _start(directory / name, context, app) for name, (context, _, app) in CONFIGS.items()}
     results = {}
     for name, process in started.items():
         _, stderr = process.communicate(timeout=300)
@@ -138,7 +150,7 @@ def synths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Synth]:
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     synths: dict[str, Synth] = {}
-    for name, (_, stack_name) in CONFIGS.items():
+    for name, (_, stack_name, _) in CONFIGS.items():
         result = results[name]
         synth = Synth(
             name=name,
@@ -168,7 +180,22 @@ def staging_synth(synths: dict[str, Synth]) -> Synth:
     return synth
 
 
-@pytest.fixture(scope="session", params=["default", "staging"])
+@pytest.fixture(scope="session")
+def two_fleets_synth(synths: dict[str, Synth]) -> Synth:
+    synth = synths["two_fleets"]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
+
+
+@pytest.fixture(scope="session", params=list(CONFIGS))
+def every_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
+    """Every synthesized app, the user's two-fleet app included (compliance checks)."""
+    synth = synths[request.param]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
+
+
+@pytest.fixture(scope="session", params=list(APP_CONFIGS))
 def any_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
     synth = synths[request.param]
     assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"

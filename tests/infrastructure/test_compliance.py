@@ -42,35 +42,35 @@ def acknowledgements(synth: Synth) -> dict[tuple[str, str], str]:
     return found
 
 
-def test_cdk_nag_has_no_unacknowledged_findings(any_synth: Synth) -> None:
-    # A finding fails synth (any_synth asserts returncode 0); the report must be empty too,
+def test_cdk_nag_has_no_unacknowledged_findings(every_synth: Synth) -> None:
+    # A finding fails synth (every_synth asserts returncode 0); the report must be empty too,
     # including warnings (annotations) that would not fail synth.
-    violations = validation_violations(any_synth)
+    violations = validation_violations(every_synth)
     assert violations == [], json.dumps(violations, indent=1)[:4000]
 
 
-def test_cdk_nag_is_active(any_synth: Synth) -> None:
+def test_cdk_nag_is_active(every_synth: Synth) -> None:
     """The plugin really ran: acknowledged AwsSolutions rules are recorded in the metadata."""
-    rules = {rule for _, rule in acknowledgements(any_synth)}
+    rules = {rule for _, rule in acknowledgements(every_synth)}
     assert any(rule.startswith("Annotation::AwsSolutions-") for rule in rules), rules
 
 
-def test_every_acknowledgement_has_a_reason(any_synth: Synth) -> None:
-    acks = acknowledgements(any_synth)
+def test_every_acknowledgement_has_a_reason(every_synth: Synth) -> None:
+    acks = acknowledgements(every_synth)
     assert acks
     for (path, rule), reason in acks.items():
         assert isinstance(reason, str), (path, rule)
         assert len(reason.strip()) >= 20, f"{path} {rule}: reason too short: {reason!r}"
 
 
-def test_cfn_lint_has_no_errors(any_synth: Synth) -> None:
+def test_cfn_lint_has_no_errors(every_synth: Synth) -> None:
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("cfn-lint")),
             "--format",
             "json",
             "--",
-            str(any_synth.template_path()),
+            str(every_synth.template_path()),
         ],
         capture_output=True,
         text=True,
@@ -86,9 +86,9 @@ def test_cfn_lint_has_no_errors(any_synth: Synth) -> None:
     assert result.returncode == 0, result.stderr
 
 
-def test_every_cfn_lint_ignore_has_a_reason(any_synth: Synth) -> None:
+def test_every_cfn_lint_ignore_has_a_reason(every_synth: Synth) -> None:
     ignored = {}
-    for logical_id, resource in any_synth.resources.items():
+    for logical_id, resource in every_synth.resources.items():
         lint = resource.get("Metadata", {}).get("cfn-lint")
         if lint is None:
             continue

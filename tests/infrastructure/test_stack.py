@@ -134,7 +134,22 @@ def test_instance_role_uses_ssm_not_ssh(default_synth: Synth) -> None:
         r for r in roles if "ec2.amazonaws.com" in json.dumps(r["Properties"]["AssumeRolePolicyDocument"])
     ]
     assert len(ec2_roles) == 1
-    assert "AmazonSSMManagedInstanceCore" in json.dumps(ec2_roles[0]["Properties"]["ManagedPolicyArns"])
+    # Session Manager through a scoped statement instead of AmazonSSMManagedInstanceCore (whose
+    # ssm:GetParameter* on "*" reads every parameter of the region): no managed policy at all.
+    assert "ManagedPolicyArns" not in ec2_roles[0]["Properties"]
+    (role_id,) = [k for k, r in default_synth.of_type("AWS::IAM::Role").items() if r in ec2_roles]
+    statements = {s.get("Sid"): s for s in role_policy_statements(default_synth, role_id)}
+    session = set(_as_list(statements["SessionManagerOnly"]["Action"]))
+    assert {
+        "ssmmessages:CreateControlChannel",
+        "ssmmessages:OpenDataChannel",
+        "ssm:UpdateInstanceInformation",
+    } <= session
+    ssm_reads = [
+        s for s in statements.values() if any(a.startswith("ssm:GetParameter") for a in _as_list(s["Action"]))
+    ]
+    assert [s.get("Sid") for s in ssm_reads] == ["ReadAgentConfig"]
+    assert "*" not in _as_list(statements["ReadAgentConfig"]["Resource"])
 
 
 def test_instance_role_is_least_privilege(default_synth: Synth) -> None:
@@ -156,7 +171,10 @@ def test_instance_role_is_least_privilege(default_synth: Synth) -> None:
         contracts.BOOTSTRAP_REASON_TAG_KEY,
     }
     metrics = statements["PutAgentMetrics"]
-    assert metrics["Condition"] == {"StringEquals": {"cloudwatch:namespace": contracts.METRIC_NAMESPACE}}
+    # Agent metrics only into their own namespace: no worker can feed a control-plane alarm.
+    assert metrics["Condition"] == {
+        "StringEquals": {"cloudwatch:namespace": contracts.AGENT_METRIC_NAMESPACE}
+    }
     lifecycle = statements["AnswerOwnLifecycleHooks"]
     assert f"autoScalingGroupName/{contracts.asg_name('default')}" in json.dumps(lifecycle["Resource"])
     assert "parameter/spotguard/default/agent-config" in json.dumps(statements["ReadAgentConfig"]["Resource"])
@@ -169,7 +187,9 @@ def test_asg_mixed_instances_spot_with_hooks(any_synth: Synth) -> None:
     (group,) = any_synth.of_type("AWS::AutoScaling::AutoScalingGroup").values()
     props = group["Properties"]
     assert props["AutoScalingGroupName"] == contracts.asg_name(fleet)
-    assert props["CapacityRebalance"] is True
+    # spotguard's dispatcher is the one replacement path for every policy (see
+    # fleet.capacity_rebalance): the ASG's own Capacity Rebalancing stays off.
+    assert props["CapacityRebalance"] is False
     policy = props["MixedInstancesPolicy"]
     distribution = policy["InstancesDistribution"]
     assert distribution["SpotAllocationStrategy"] == "price-capacity-optimized"
@@ -216,7 +236,7 @@ def test_backlog_scaling_can_reach_zero_and_start_from_it(default_synth: Synth) 
 # --------------------------------------------------------------------------- queues and tables
 def test_every_queue_is_encrypted_and_tls_only(any_synth: Synth) -> None:
     queues = any_synth.of_type("AWS::SQS::Queue")
-    assert len(queues) == 6  # work, signal, notify + a DLQ each
+    assert len(queues) == 7  # work, signal, notify + a DLQ each, and the async-failure queue
     assert all(q["Properties"].get("SqsManagedSseEnabled") is True for q in queues.values())
     tls_only: set[str] = set()
     for policy in any_synth.of_type("AWS::SQS::QueuePolicy").values():
@@ -283,11 +303,22 @@ def test_kms_key_policy_root_admin_is_the_only_wildcard(any_synth: Synth) -> Non
     key stays manageable) and CloudWatch's publish permission; nothing else is broad."""
     (key,) = any_synth.of_type("AWS::KMS::Key").values()
     assert key["Properties"]["EnableKeyRotation"] is True
+    services = set()
     for statement in _statements(key["Properties"]["KeyPolicy"]):
         if "kms:*" in _as_list(statement["Action"]):
             assert ":root" in json.dumps(statement["Principal"])
+        elif statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}:
+            services.add("cloudwatch")
+            assert statement["Condition"] == {
+                "StringEquals": {"aws:SourceAccount": {"Ref": "AWS::AccountId"}}
+            }
         else:
-            assert statement["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+            # CloudWatch Logs, for the fleet's instance log group only.
+            assert "logs." in json.dumps(statement["Principal"])
+            services.add("logs")
+            context = statement["Condition"]["ArnEquals"]["kms:EncryptionContext:aws:logs:arn"]
+            assert "/spotguard/" in json.dumps(context)
+    assert services == {"cloudwatch", "logs"}
 
 
 DESTRUCTIVE = {
@@ -355,6 +386,17 @@ def test_function_roles_least_privilege(default_synth: Synth) -> None:
     assert "secretsmanager:GetSecretValue" not in reconciler  # aws provider: no Novita secret
     run = [s for s in reconciler_statements if s.get("Sid") == "LaunchOnlyThroughFleetTemplate"]
     assert "ec2:LaunchTemplate" in json.dumps(run[0]["Condition"])
+    # The instance itself: the fleet's template, instance types and IMDSv2 only.
+    (instance,) = [s for s in reconciler_statements if s.get("Sid") == "LaunchOnlyFleetInstances"]
+    assert "ec2:LaunchTemplate" in json.dumps(instance["Condition"])
+    assert set(instance["Condition"]["StringEquals"]["ec2:InstanceType"]) == {
+        "m7i.large",
+        "m6i.large",
+        "m5.large",
+        "c6i.large",
+    }
+    assert instance["Condition"]["StringEquals"]["ec2:MetadataHttpTokens"] == "required"
+    assert ":instance/*" in json.dumps(instance["Resource"])
     api = actions_of(function_role_statements(default_synth, "api"))
     assert "lambda:InvokeFunction" in api
     assert not {a for a in api if a.startswith(("dynamodb:Put", "dynamodb:Update", "dynamodb:Delete"))}
@@ -384,8 +426,8 @@ def test_queue_event_sources_report_batch_item_failures(any_synth: Synth) -> Non
     notifier = by_function[function_id(any_synth, "notifier")]
     for props in (dispatcher, notifier):
         assert props["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
-    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("QueuesSignalQueue")
-    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("QueuesNotifyQueue")
+    assert dispatcher["EventSourceArn"]["Fn::GetAtt"][0].startswith("ControlPlaneSignalQueue")
+    assert notifier["EventSourceArn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyQueue")
 
 
 def signal_rules(synth: Synth) -> list[dict[str, Any]]:
@@ -411,8 +453,10 @@ def test_signal_rules_deliver_to_signal_queue_with_dlq(default_synth: Synth) -> 
     rules = signal_rules(default_synth)
     for rule in rules:
         (target,) = rule["Targets"]
-        assert target["Arn"]["Fn::GetAtt"][0].startswith("QueuesSignalQueue")
-        assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("QueuesSignalDeadLetterQueue")
+        assert target["Arn"]["Fn::GetAtt"][0].startswith("ControlPlaneSignalQueue")
+        assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith(
+            "ControlPlaneSignalDeadLetterQueue"
+        )
     # The queue policy lets EventBridge send only for these rules.
     allowed = []
     for policy in default_synth.of_type("AWS::SQS::QueuePolicy").values():
@@ -447,8 +491,8 @@ def test_notification_bus_routes_to_notify_queue_with_dlq(default_synth: Synth) 
     assert len(rules) == 1
     assert rules[0]["EventPattern"] == {"source": [contracts.NOTIFICATION_EVENT_SOURCE]}
     (target,) = rules[0]["Targets"]
-    assert target["Arn"]["Fn::GetAtt"][0].startswith("QueuesNotifyQueue")
-    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("QueuesNotifyDeadLetterQueue")
+    assert target["Arn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyQueue")
+    assert target["DeadLetterConfig"]["Arn"]["Fn::GetAtt"][0].startswith("NotificationsNotifyDeadLetterQueue")
 
 
 # --------------------------------------------------------------------------- API
@@ -471,7 +515,7 @@ def test_alarms_and_topic(any_synth: Synth) -> None:
     alarms = {k: v["Properties"] for k, v in any_synth.of_type("AWS::CloudWatch::Alarm").items()}
     described = {p.get("AlarmDescription", ""): p for p in alarms.values()}
     dlq = [d for d in described if "dead-letter queue" in d]
-    assert len(dlq) == 3
+    assert len(dlq) == 4  # work, signal, notify and the async-failure queue
     errors = [d for d in described if d.endswith("function errors")]
     assert len(errors) == 5
     (silent,) = [p for d, p in described.items() if "no watchdog heartbeat" in d]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import boto3
-from spotguard_core import aws
+from spotguard_core import aws, runtime_env
 from spotguard_core.contracts import (
     FLEET_TAG_KEY,
     Env,
@@ -170,21 +170,23 @@ def build(
         AvailabilityZones=[f"{REGION}a"],
         Tags=[{"Key": FLEET_TAG_KEY, "Value": fleet, "PropagateAtLaunch": True}],
     )
+    resources = runtime_env.FleetResources(
+        fleet=fleet,
+        region=REGION,
+        account_id=ACCOUNT_ID,
+        work_queue_url=work,
+        work_dlq_url="",
+        signal_queue_url=signals,
+        lease_table=tables[Env.LEASE_TABLE],
+        fleet_table=tables[Env.FLEET_TABLE],
+        idempotency_table=tables[Env.IDEMPOTENCY_TABLE],
+        asg_name=group,
+        notification_bus=bus,
+    )
+    # As the stack builds it (runtime_env); a short heartbeat staleness keeps tests quick.
+    options = runtime_env.ControlOptions(heartbeat_stale_seconds=180)
     env = {
-        Env.FLEET_NAME.value: fleet,
-        Env.WORK_QUEUE_URL.value: work,
-        Env.SIGNAL_QUEUE_URL.value: signals,
-        Env.FLEET_TABLE.value: tables[Env.FLEET_TABLE],
-        Env.LEASE_TABLE.value: tables[Env.LEASE_TABLE],
-        Env.IDEMPOTENCY_TABLE.value: tables[Env.IDEMPOTENCY_TABLE],
-        Env.ASG_NAME.value: group,
-        Env.NOTIFICATION_BUS.value: bus,
-        Env.ACCOUNT_ID.value: ACCOUNT_ID,
-        Env.REGION.value: REGION,
-        Env.EARLY_REPLACEMENT.value: "true",
-        Env.REQUEUE_ENABLED.value: "true",
-        Env.BOOTSTRAP_DEADLINE_SECONDS.value: "1200",
-        Env.HEARTBEAT_STALE_SECONDS.value: "180",
+        **runtime_env.control_plane_env(resources, options),
         "POWERTOOLS_SERVICE_NAME": "spotguard-test",
         **(extra_env or {}),
     }

@@ -7,15 +7,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from spotguard_cdk.settings import CONTEXT_KEY, ConfigurationError, Settings, overrides_from_context
 from spotguard_core import contracts
-
-from stacks.settings import CONTEXT_KEY, Settings, SettingsError, overrides_from_context
 
 CDK_JSON = Path(__file__).resolve().parents[2] / "cdk.json"
 
 
 def settings_error(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> str:
-    with pytest.raises(SettingsError) as caught:
+    with pytest.raises(ConfigurationError) as caught:
         Settings.from_mapping(data, overrides)
     return str(caught.value)
 
@@ -47,7 +46,7 @@ def test_dotted_overrides_from_command_line_context() -> None:
 def test_whole_object_as_json_string() -> None:
     settings = Settings.from_context({CONTEXT_KEY: json.dumps({"fleet": {"name": "batch"}})}.get)
     assert settings.stack_name == "Spotguard-batch"
-    with pytest.raises(SettingsError, match="spotguard: not valid JSON"):
+    with pytest.raises(ConfigurationError, match="spotguard: not valid JSON"):
         Settings.from_context({CONTEXT_KEY: "{nope"}.get)
 
 

@@ -4,10 +4,9 @@
 from __future__ import annotations
 
 import pytest
+from spotguard_cdk.settings import ConfigurationError, Settings
 from spotguard_core.contracts import Env
 from spotguard_core.url_safety import UnsafeUrlError, check_outbound_url
-
-from stacks.settings import Settings, SettingsError
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +115,7 @@ def test_loopback_only_where_explicitly_allowed(monkeypatch):
 def test_settings_reject_unsafe_urls_at_synth(field, url, monkeypatch):
     monkeypatch.setenv(Env.ALLOW_LOOPBACK_URLS.value, "true")  # never affects synth
     section, name = field.split(".")
-    with pytest.raises(SettingsError, match=f"spotguard.{field}: must"):
+    with pytest.raises(ConfigurationError, match=f"spotguard.{field}: must"):
         Settings.from_mapping({section: {name: url}})
 
 

@@ -1,155 +1,39 @@
-"""The agent bundle and the stage-1 user data, built exactly as CDK ships them.
-
-``build_bundle`` packs ``instance_assets/`` plus the two stdlib-only modules of the core the
-agent imports (``spotguard_core/__init__.py`` and ``spotguard_core/contracts.py``) into a
-deterministic ``tar.gz``: sorted entries, fixed mtimes and owners, gzip header mtime 0.
-The same sources give the same bytes, so the S3 asset hash (and the ``BundleSha256`` the
-user data checks) only changes when the agent changes.
-
-``render_user_data`` does what ``Fn::Sub`` does to ``bootstrap/user-data.sh`` so tests run
-exactly what an instance receives.
-
-    python -m spotguard_tools.bundle build OUTPUT_DIR   # prints BundleInfo as JSON
-"""
+"""The agent bundle builder lives on the CDK side (``spotguard_cdk.bundle``); this thin
+re-export keeps ``python -m spotguard_tools.bundle build DIR`` and the tests' imports."""
 
 from __future__ import annotations
 
-import argparse
-import gzip
-import hashlib
-import io
-import json
-import re
-import tarfile
-from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from spotguard_core import contracts
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
-INSTANCE_ASSETS = REPO_ROOT / "instance_assets"
-CORE_PACKAGE = REPO_ROOT / "lambdas" / "spotguard_core"
-#: The only core modules the agent needs; both use the standard library only.
-CORE_FILES = (
-    "__init__.py",
-    "aws.py",
-    "contracts.py",
-    "dynamo.py",
-    "fault_injection.py",
-    "fleet_store.py",
-    "lease_store.py",
-    "ports.py",
-    "requeue.py",
+from spotguard_cdk.bundle import (
+    BUNDLE_NAME,
+    CORE_FILES,
+    CORE_PACKAGE,
+    FIXED_MTIME,
+    INSTANCE_ASSETS,
+    BundleInfo,
+    build_bundle,
+    bundle_bytes,
+    bundle_entries,
+    main,
+    render_user_data,
+    template_placeholders,
+    user_data_template,
 )
-BUNDLE_NAME = "spotguard-agent-bundle.tar.gz"
-#: 2000-01-01T00:00:00Z: a fixed, valid mtime for every entry.
-FIXED_MTIME = 946684800
-_EXCLUDED_DIRS = {"__pycache__", ".mypy_cache", ".pytest_cache", ".ruff_cache", "tests"}
-_EXCLUDED_SUFFIXES = (".pyc", ".pyo", ".egg-info")
-_EXECUTABLE = {"install.py", "bootstrap/user-data.sh"}
-_PLACEHOLDER = re.compile(r"\$\{([^}]*)\}")
 
-
-@dataclass(frozen=True)
-class BundleInfo:
-    path: Path
-    sha256: str
-    size_bytes: int
-
-    def to_json(self) -> dict[str, object]:
-        data = asdict(self)
-        data["path"] = str(self.path)
-        return data
-
-
-def bundle_entries() -> Iterator[tuple[str, Path]]:
-    """(name in the archive, source file), sorted by name."""
-    entries: dict[str, Path] = {}
-    for source in INSTANCE_ASSETS.rglob("*"):
-        relative = source.relative_to(INSTANCE_ASSETS)
-        if not source.is_file() or any(part in _EXCLUDED_DIRS for part in relative.parts):
-            continue
-        if source.name.endswith(_EXCLUDED_SUFFIXES) or any(
-            part.endswith(".egg-info") for part in relative.parts
-        ):
-            continue
-        entries[relative.as_posix()] = source
-    for name in CORE_FILES:
-        entries[f"spotguard_core/{name}"] = CORE_PACKAGE / name
-    yield from sorted(entries.items())
-
-
-def _tar_info(name: str, size: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.size = size
-    info.mtime = FIXED_MTIME
-    info.mode = 0o755 if name in _EXECUTABLE else 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
-
-
-def bundle_bytes() -> bytes:
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as archive:
-        for name, source in bundle_entries():
-            data = source.read_bytes()
-            archive.addfile(_tar_info(name, len(data)), io.BytesIO(data))
-    compressed = io.BytesIO()
-    # mtime=0 and no file name in the gzip header: identical input, identical bytes.
-    with gzip.GzipFile(filename="", mode="wb", fileobj=compressed, mtime=0, compresslevel=9) as gz:
-        gz.write(raw.getvalue())
-    return compressed.getvalue()
-
-
-def build_bundle(output_dir: Path) -> BundleInfo:
-    """Write the agent bundle into ``output_dir`` and describe it."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    data = bundle_bytes()
-    path = output_dir / BUNDLE_NAME
-    path.write_bytes(data)
-    return BundleInfo(path=path, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-
-
-def user_data_template() -> str:
-    return (INSTANCE_ASSETS / contracts.USER_DATA_TEMPLATE).read_text()
-
-
-def template_placeholders(template: str) -> set[str]:
-    return set(_PLACEHOLDER.findall(template))
-
-
-def render_user_data(values: Mapping[str, str], template: str | None = None) -> str:
-    """Substitute ``${Name}`` like ``Fn::Sub`` does.
-
-    Every placeholder must be one of ``contracts.BOOTSTRAP_PLACEHOLDERS`` and have a value;
-    an unknown ``${...}`` (a bash variable written with braces, say) raises, because
-    CloudFormation would reject or mangle it.
-    """
-    text = user_data_template() if template is None else template
-
-    def substitute(match: re.Match[str]) -> str:
-        name = match.group(1)
-        if name not in contracts.BOOTSTRAP_PLACEHOLDERS:
-            raise ValueError(f"unknown placeholder ${{{name}}} in the user data template")
-        if name not in values:
-            raise KeyError(f"no value for placeholder ${{{name}}}")
-        return str(values[name])
-
-    return _PLACEHOLDER.sub(substitute, text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build the agent bundle.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="write the bundle and print its path, sha256 and size")
-    build.add_argument("output_dir", type=Path)
-    args = parser.parse_args(argv)
-    info = build_bundle(args.output_dir)
-    print(json.dumps(info.to_json()))
-    return 0
-
+__all__ = [
+    "BUNDLE_NAME",
+    "CORE_FILES",
+    "CORE_PACKAGE",
+    "FIXED_MTIME",
+    "INSTANCE_ASSETS",
+    "BundleInfo",
+    "build_bundle",
+    "bundle_bytes",
+    "bundle_entries",
+    "main",
+    "render_user_data",
+    "template_placeholders",
+    "user_data_template",
+]
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from spotguard_core import contracts
+from spotguard_core import contracts, runtime_env
 from spotguard_core.contracts import Env
 
 from spotguard_tools.local_tables import TableKind, create_table
@@ -170,24 +170,28 @@ def control_plane_environment(
     account_id: str,
     region: str,
 ) -> dict[str, str]:
-    """The Lambda functions' environment, as the stack sets it."""
+    """The Lambda functions' environment, built where the stack builds it (``runtime_env``)."""
+    fleet = runtime_env.FleetResources(
+        fleet=resources.fleet,
+        region=region,
+        account_id=account_id,
+        work_queue_url=resources.work_queue_url,
+        work_dlq_url=resources.work_dlq_url,
+        signal_queue_url=resources.signal_queue_url,
+        lease_table=resources.lease_table,
+        fleet_table=resources.fleet_table,
+        jobs_table=resources.jobs_table,
+        idempotency_table=resources.idempotency_table,
+        asg_name=resources.asg_name,
+        notification_bus=resources.notification_bus,
+    )
+    options = runtime_env.ControlOptions(
+        rebalance_policy=contracts.RebalancePolicy(rebalance_policy),
+        heartbeat_stale_seconds=heartbeat_stale_seconds,
+        bootstrap_deadline_seconds=bootstrap_deadline_seconds,
+        requeue_enabled=requeue_enabled,
+    )
     return {
-        Env.FLEET_NAME.value: resources.fleet,
-        Env.LEASE_TABLE.value: resources.lease_table,
-        Env.FLEET_TABLE.value: resources.fleet_table,
-        Env.JOBS_TABLE.value: resources.jobs_table,
-        Env.IDEMPOTENCY_TABLE.value: resources.idempotency_table,
-        Env.WORK_QUEUE_URL.value: resources.work_queue_url,
-        Env.WORK_DLQ_URL.value: resources.work_dlq_url,
-        Env.SIGNAL_QUEUE_URL.value: resources.signal_queue_url,
-        Env.ASG_NAME.value: resources.asg_name,
-        Env.NOTIFICATION_BUS.value: resources.notification_bus,
+        **runtime_env.control_plane_env(fleet, options),
         Env.LAUNCH_TEMPLATE_ID.value: resources.launch_template_id,
-        Env.REBALANCE_POLICY.value: rebalance_policy,
-        Env.EARLY_REPLACEMENT.value: "true",
-        Env.HEARTBEAT_STALE_SECONDS.value: str(heartbeat_stale_seconds),
-        Env.BOOTSTRAP_DEADLINE_SECONDS.value: str(bootstrap_deadline_seconds),
-        Env.REQUEUE_ENABLED.value: "true" if requeue_enabled else "false",
-        Env.ACCOUNT_ID.value: account_id,
-        Env.REGION.value: region,
     }

@@ -1,33 +1,32 @@
-"""The worker fleet: instance role, launch template, Auto Scaling group and its scaling.
+"""The worker fleet: launch template, Auto Scaling group and its scaling (role: ``permissions``).
 
 - Launch template: IMDSv2 required with hop limit 1 (containers on the host cannot reach
   IMDS), instance tags in metadata, encrypted gp3 root volume, no key pair (SSM Session
   Manager instead of SSH), shutdown behaviour *terminate* (a failed bootstrap shuts the
   instance down and that ends its billing without TerminateInstances permission).
 - ASG: mixed instances over several types, spot with price-capacity-optimized allocation,
-  on-demand only for the configured base, capacity rebalance, a launch lifecycle hook the
-  bootstrap answers (ABANDON by default: silence means failure) and a terminate hook that
-  gives the agent time to drain on scale-in.
+  on-demand only for the configured base, capacity rebalancing per ``capacity_rebalance``,
+  a launch lifecycle hook the bootstrap answers (ABANDON by default: silence means failure)
+  and a terminate hook that gives the agent time to drain on scale-in.
 - Scaling on backlog per instance (see ``BacklogScaling``).
 """
 
 from __future__ import annotations
 
-from aws_cdk import Aws, Duration, Stack, Tags
+from aws_cdk import Duration, Tags
 from aws_cdk import aws_autoscaling as autoscaling
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
-from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.agent_bundle import AgentBundle
-from stacks.nag import acknowledge, iam5_resource
-from stacks.network import Network
-from stacks.settings import EmulatorGap, Settings
+from spotguard_cdk.agent_bundle import AgentBundle
+from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.network import Network
+from spotguard_cdk.settings import EmulatorGap, Settings
 
 #: How long the ASG waits for the agent to drain on scale-in before terminating anyway.
 #: The agent records heartbeats on the hook when it needs longer (up to 48 hours).
@@ -38,148 +37,24 @@ MAX_HOOK_TIMEOUT_SECONDS = 7200
 LAUNCH_HOOK_MARGIN_SECONDS = 300
 
 
-def instance_arn_pattern(scope: Construct) -> str:
-    return Stack.of(scope).format_arn(service="ec2", resource="instance", resource_name="*")
+def capacity_rebalance(policy: contracts.RebalancePolicy) -> bool:
+    """The ASG's own Capacity Rebalancing, from ``control_plane.rebalance_policy``.
 
-
-def asg_arn(scope: Construct, name: str) -> str:
-    """ARN of an Auto Scaling group by name (its id part is a generated uuid)."""
-    return (
-        f"arn:{Aws.PARTITION}:autoscaling:{Aws.REGION}:{Aws.ACCOUNT_ID}:autoScalingGroup:*:"
-        f"autoScalingGroupName/{name}"
-    )
-
-
-def fleet_tag_condition(fleet: str) -> dict[str, dict[str, str]]:
-    """IAM condition: only resources carrying this fleet's tag."""
-    return {"StringEquals": {f"aws:ResourceTag/{contracts.FLEET_TAG_KEY}": fleet}}
-
-
-class InstanceRole(Construct):
-    """Least-privilege role of the worker instances."""
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        settings: Settings,
-        work_queue: sqs.IQueue,
-        work_dlq: sqs.IQueue,
-        leases: dynamodb.ITable,
-        fleet_table: dynamodb.ITable,
-        config_parameter_name: str,
-    ) -> None:
-        super().__init__(scope, construct_id)
-        fleet = settings.fleet.name
-        asg = contracts.asg_name(fleet)
-        self.role = iam.Role(
-            self,
-            "Role",
-            assumed_by=iam.ServicePrincipal("ec2.amazonaws.com"),
-            description=f"spotguard {fleet} worker instances",
-            managed_policies=[iam.ManagedPolicy.from_aws_managed_policy_name("AmazonSSMManagedInstanceCore")],
-        )
-        role = self.role
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="ConsumeWorkQueue",
-                actions=[
-                    "sqs:ReceiveMessage",
-                    "sqs:DeleteMessage",
-                    "sqs:ChangeMessageVisibility",
-                    "sqs:GetQueueAttributes",
-                    "sqs:GetQueueUrl",
-                ],
-                resources=[work_queue.queue_arn],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="MovePoisonMessagesToDlq",
-                actions=["sqs:SendMessage", "sqs:GetQueueAttributes", "sqs:GetQueueUrl"],
-                resources=[work_dlq.queue_arn],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="LeaseAndFleetRecords",
-                actions=[
-                    "dynamodb:GetItem",
-                    "dynamodb:PutItem",
-                    "dynamodb:UpdateItem",
-                    "dynamodb:DeleteItem",
-                    "dynamodb:Query",
-                    "dynamodb:BatchWriteItem",
-                ],
-                resources=[leases.table_arn, fleet_table.table_arn],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="AnswerOwnLifecycleHooks",
-                actions=["autoscaling:CompleteLifecycleAction", "autoscaling:RecordLifecycleActionHeartbeat"],
-                resources=[asg_arn(self, asg)],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="TagOwnBootstrapOutcome",
-                actions=["ec2:CreateTags"],
-                resources=[instance_arn_pattern(self)],
-                conditions={
-                    **fleet_tag_condition(fleet),
-                    "ForAllValues:StringEquals": {
-                        "aws:TagKeys": [contracts.BOOTSTRAP_TAG_KEY, contracts.BOOTSTRAP_REASON_TAG_KEY]
-                    },
-                },
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="ReadAgentConfig",
-                actions=["ssm:GetParameter"],
-                resources=[
-                    Stack.of(self).format_arn(
-                        service="ssm", resource="parameter", resource_name=config_parameter_name.lstrip("/")
-                    )
-                ],
-            )
-        )
-        role.add_to_policy(
-            iam.PolicyStatement(
-                sid="PutAgentMetrics",
-                actions=["cloudwatch:PutMetricData"],
-                resources=["*"],
-                conditions={"StringEquals": {"cloudwatch:namespace": contracts.METRIC_NAMESPACE}},
-            )
-        )
-        acknowledge(
-            role,
-            "AwsSolutions-IAM4[Policy::arn:<AWS::Partition>:iam::aws:policy/AmazonSSMManagedInstanceCore]",
-            "SSM Session Manager replaces SSH (no key pair, no ingress); the AWS managed core policy "
-            "is the documented minimum for the SSM agent and tracks its API changes.",
-        )
-        acknowledge(
-            role,
-            "AwsSolutions-IAM5[Resource::*]",
-            "cloudwatch:PutMetricData has no resource-level permissions; it is limited by the "
-            f"cloudwatch:namespace condition to {contracts.METRIC_NAMESPACE}.",
-        )
-        acknowledge(
-            role,
-            iam5_resource(role, instance_arn_pattern(role)),
-            "ec2:CreateTags is limited by conditions to instances tagged with this fleet and to the "
-            "bootstrap outcome tag keys; instance ids are not known in advance.",
-        )
-        acknowledge(
-            role,
-            iam5_resource(role, asg_arn(role, asg)),
-            "Auto Scaling group ARNs contain a generated id; the ARN is pinned by the group name.",
-        )
+    - ``ignore``: off. The user asked that a rebalance recommendation change nothing, and
+      the ASG would otherwise launch a replacement and retire the instance on its own.
+    - ``replace`` / ``drain``: off as well. spotguard's dispatcher is the one that replaces:
+      it detaches the instance with desired capacity kept (the ASG launches exactly one
+      replacement at once) and the old instance drains and ends. With the ASG's Capacity
+      Rebalancing on as well, one recommendation would launch two replacements (the ASG's
+      and the one the detach causes). One event, at most one replacement.
+    """
+    del policy  # every policy: see above
+    return False
 
 
 class Fleet(Construct):
+    """The fleet's launch template, Auto Scaling group, lifecycle hooks and backlog scaling."""
+
     def __init__(
         self,
         scope: Construct,
@@ -194,28 +69,6 @@ class Fleet(Construct):
         super().__init__(scope, construct_id)
         fleet = settings.fleet
         self.asg_name = contracts.asg_name(fleet.name)
-        bundle.asset.grant_read(instance_role)
-        acknowledge(
-            instance_role,
-            "AwsSolutions-IAM5[Action::s3:GetObject*]",
-            "Granted by the CDK asset construct: read-only access to the agent bundle object.",
-        )
-        acknowledge(
-            instance_role,
-            "AwsSolutions-IAM5[Action::s3:GetBucket*]",
-            "Granted by the CDK asset construct: read-only access to the asset bucket metadata.",
-        )
-        acknowledge(
-            instance_role,
-            "AwsSolutions-IAM5[Action::s3:List*]",
-            "Granted by the CDK asset construct for the bundle download (aws s3 cp).",
-        )
-        acknowledge(
-            instance_role,
-            iam5_resource(instance_role, bundle.asset.bucket.arn_for_objects("*")),
-            "Asset objects are content-addressed in the CDK bootstrap bucket; read-only.",
-        )
-
         machine_image: ec2.IMachineImage
         if fleet.ami_id:
             machine_image = _FixedImage(fleet.ami_id)
@@ -258,7 +111,7 @@ class Fleet(Construct):
             min_capacity=fleet.min_capacity,
             max_capacity=fleet.max_capacity,
             desired_capacity=fleet.desired_capacity,
-            capacity_rebalance=True,
+            capacity_rebalance=capacity_rebalance(settings.control_plane.rebalance_policy),
             group_metrics=[autoscaling.GroupMetrics.all()],
             mixed_instances_policy=autoscaling.MixedInstancesPolicy(
                 launch_template=self.launch_template,
@@ -326,6 +179,7 @@ class _FixedImage(ec2.GenericLinuxImage):
         self._ami_id = ami_id
 
     def get_image(self, scope: Construct) -> ec2.MachineImageConfig:
+        """The fixed AMI id as a Linux image."""
         return ec2.MachineImageConfig(
             image_id=self._ami_id, os_type=ec2.OperatingSystemType.LINUX, user_data=ec2.UserData.for_linux()
         )

@@ -1,4 +1,5 @@
-"""EventBridge: interruption signal rules, schedules and the notification bus.
+"""EventBridge: interruption signal rules and schedules (the notification bus is in
+``notifications``).
 
 Signal rules use ``contracts.event_patterns`` verbatim (the same patterns the drill and
 ``spotguard explain`` use) and deliver to the signal queue; events EventBridge cannot
@@ -18,7 +19,7 @@ from aws_cdk import aws_sqs as sqs
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.settings import Settings
+from spotguard_cdk.settings import Settings
 
 
 def event_pattern(pattern: dict[str, Any]) -> events.EventPattern:
@@ -107,35 +108,4 @@ class Schedules(Construct):
                 event=events.RuleTargetInput.from_object({"source": "schedule", "trigger": "scheduled"}),
                 retry_attempts=0,
             )
-        )
-
-
-class NotificationBus(Construct):
-    """spotguard's own bus: notifications from the control plane -> notify queue (webhooks)."""
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        settings: Settings,
-        notify_queue: sqs.IQueue,
-        notify_dlq: sqs.IQueue,
-    ) -> None:
-        super().__init__(scope, construct_id)
-        self.bus = events.EventBus(
-            self,
-            "Bus",
-            event_bus_name=f"spotguard-{settings.fleet.name}",
-            description="spotguard notifications",
-        )
-        self.rule = events.Rule(
-            self,
-            "ToNotifyQueue",
-            event_bus=self.bus,
-            description="spotguard notifications to the webhook notifier",
-            event_pattern=events.EventPattern(source=[contracts.NOTIFICATION_EVENT_SOURCE]),
-        )
-        self.rule.add_target(
-            targets.SqsQueue(notify_queue, dead_letter_queue=notify_dlq, max_event_age=Duration.hours(24))
         )

@@ -12,7 +12,6 @@ from collections.abc import Mapping
 from aws_cdk import Duration
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as cloudwatch_actions
-from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_sns as sns
@@ -22,16 +21,34 @@ from constructs import Construct
 from spotguard_core import contracts
 from spotguard_core.contracts import Metric
 
-from stacks.settings import Settings
+from spotguard_cdk.settings import Settings
 
 PERIOD = Duration.minutes(1)
+
+
+#: Metrics the instances publish (into ``contracts.AGENT_METRIC_NAMESPACE``, the only
+#: namespace the instance role may write); every other spotguard metric is the control plane's.
+AGENT_METRICS = frozenset(
+    {
+        Metric.TASKS_COMPLETED,
+        Metric.TASKS_FAILED,
+        Metric.TASKS_RELEASED_ON_DRAIN,
+        Metric.POISON_MESSAGES,
+        Metric.CHECKPOINTS_SAVED,
+        Metric.CHECKPOINTS_REJECTED,
+        Metric.TASKS_RESUMED,
+        Metric.TASKS_KILLED,
+    }
+)
 
 
 def spotguard_metric(
     fleet: str, name: Metric, *, statistic: str = "Sum", period: Duration = PERIOD, label: str | None = None
 ) -> cloudwatch.Metric:
+    """A spotguard metric of ``fleet`` (agent metrics from the agent namespace)."""
+    namespace = contracts.AGENT_METRIC_NAMESPACE if name in AGENT_METRICS else contracts.METRIC_NAMESPACE
     return cloudwatch.Metric(
-        namespace=contracts.METRIC_NAMESPACE,
+        namespace=namespace,
         metric_name=name.value,
         dimensions_map={contracts.METRIC_DIMENSION_FLEET: fleet},
         statistic=statistic,
@@ -41,12 +58,15 @@ def spotguard_metric(
 
 
 class Observability(Construct):
+    """The fleet's alarm topic, alarms and dashboard."""
+
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
         settings: Settings,
+        key: kms.IKey,
         work_queue: sqs.IQueue,
         dead_letter_queues: Mapping[str, sqs.IQueue],
         functions: Mapping[str, lambda_.IFunction],
@@ -55,20 +75,6 @@ class Observability(Construct):
     ) -> None:
         super().__init__(scope, construct_id)
         fleet = settings.fleet.name
-        key = kms.Key(
-            self,
-            "AlarmTopicKey",
-            description=f"spotguard {fleet} alarm topic",
-            enable_key_rotation=True,
-        )
-        key.add_to_resource_policy(
-            iam.PolicyStatement(
-                sid="CloudWatchAlarmsPublish",
-                principals=[iam.ServicePrincipal("cloudwatch.amazonaws.com")],
-                actions=["kms:Decrypt", "kms:GenerateDataKey"],
-                resources=["*"],
-            )
-        )
         self.topic = sns.Topic(
             self, "AlarmTopic", display_name=f"spotguard {fleet} alarms", master_key=key, enforce_ssl=True
         )
@@ -135,6 +141,33 @@ class Observability(Construct):
             missing=cloudwatch.TreatMissingData.BREACHING,
             description="no watchdog heartbeat for 5 minutes",
         )
+        # One unreadable table item is skipped (never stops a sweep): counted, and alarmed here.
+        alarm(
+            "UnreadableTableItems",
+            cloudwatch.MathExpression(
+                expression="FILL(sweep, 0) + FILL(api, 0)",
+                using_metrics={
+                    "sweep": spotguard_metric(
+                        fleet, Metric.UNREADABLE_TABLE_ITEMS, period=Duration.minutes(5)
+                    ),
+                    "api": spotguard_metric(fleet, Metric.API_UNREADABLE_RECORDS, period=Duration.minutes(5)),
+                },
+                label="Unreadable table items skipped",
+                period=Duration.minutes(5),
+            ),
+            threshold=1,
+            comparison=above,
+            description="table items the control plane could not read (skipped)",
+        )
+        alarm(
+            "CapacityShortfall",
+            spotguard_metric(
+                fleet, Metric.CAPACITY_SHORTFALL, period=Duration.minutes(15), statistic="Maximum"
+            ),
+            threshold=1,
+            comparison=above,
+            description="the group is stuck below its desired capacity (no spot capacity in its pools)",
+        )
         alarm(
             "BootstrapFailures",
             spotguard_metric(fleet, Metric.BOOTSTRAP_FAILURES, period=Duration.minutes(5)),
@@ -148,6 +181,26 @@ class Observability(Construct):
             dimensions_map={"AutoScalingGroupName": asg_name},
             statistic="Minimum",
             period=PERIOD,
+        )
+        # Always present (also with a minimum of 0): work is waiting and nothing runs it for
+        # longer than a bootstrap takes, e.g. no spot capacity in any pool or every launch fails.
+        alarm(
+            "WorkWaitingNoInstance",
+            cloudwatch.MathExpression(
+                expression="IF(visible > 0 AND inservice < 1, 1, 0)",
+                using_metrics={
+                    "visible": work_queue.metric_approximate_number_of_messages_visible(
+                        period=PERIOD, statistic="Minimum"
+                    ),
+                    "inservice": in_service.with_(statistic="Maximum"),
+                },
+                label="Work waiting and no instance in service",
+                period=PERIOD,
+            ),
+            threshold=1,
+            comparison=above,
+            evaluation_periods=settings.bootstrap.deadline_minutes + 5,
+            description="work is waiting and no instance is in service",
         )
         if settings.fleet.min_capacity > 0:
             alarm(
@@ -283,6 +336,28 @@ class Observability(Construct):
                 left=[
                     cloudwatch.Metric(metric_name="4XXError", label="4xx", **api_metric),  # type: ignore[arg-type]
                     cloudwatch.Metric(metric_name="5XXError", label="5xx", **api_metric),  # type: ignore[arg-type]
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Checkpoints and stopped tasks (agent)",
+                left=[
+                    m(Metric.CHECKPOINTS_SAVED),
+                    m(Metric.CHECKPOINTS_REJECTED),
+                    m(Metric.TASKS_RESUMED),
+                    m(Metric.TASKS_KILLED),
+                ],
+                width=8,
+            ),
+            cloudwatch.GraphWidget(
+                title="Capacity and table health",
+                left=[
+                    m(Metric.INSTANCES_RETIRED),
+                    m(Metric.CAPACITY_SHORTFALL, "Maximum"),
+                    m(Metric.UNREADABLE_TABLE_ITEMS),
+                    m(Metric.API_UNREADABLE_RECORDS),
+                    m(Metric.API_INTERNAL_ERRORS),
+                    m(Metric.MIGRATION_JOBS_ABANDONED),
                 ],
                 width=8,
             ),

@@ -15,12 +15,14 @@ from aws_cdk import aws_iam as iam
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.fleet import instance_arn_pattern
-from stacks.nag import acknowledge, iam5_resource
-from stacks.settings import Settings
+from spotguard_cdk.nag import acknowledge, iam5_resource
+from spotguard_cdk.permissions import instance_arn_pattern
+from spotguard_cdk.settings import Settings
 
 
 class SpotInterruptionExperiment(Construct):
+    """AWS FIS template: a spot interruption for one tagged fleet instance."""
+
     def __init__(
         self, scope: Construct, construct_id: str, *, settings: Settings, stop_alarm: cloudwatch.IAlarm
     ) -> None:

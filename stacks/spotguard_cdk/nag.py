@@ -28,11 +28,6 @@ def acknowledge(construct: IConstruct, rule: str, reason: str) -> None:
     Validations.of(construct).acknowledge(Acknowledgment(id=rule, reason=reason))
 
 
-def acknowledge_all(construct: IConstruct, rules: list[str], reason: str) -> None:
-    for rule in rules:
-        acknowledge(construct, rule, reason)
-
-
 def iam5_resource(scope: IConstruct, resource: str) -> str:
     """The cdk-nag finding id for a wildcard ``resource`` (an ARN, possibly with tokens).
 

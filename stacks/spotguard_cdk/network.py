@@ -12,20 +12,37 @@ from aws_cdk import aws_ec2 as ec2
 from aws_cdk import aws_logs as logs
 from constructs import Construct
 
-from stacks.common import cfn_lint_ignore, retention
-from stacks.nag import acknowledge
-from stacks.settings import EmulatorGap, Settings
+from spotguard_cdk.common import cfn_lint_ignore, retention
+from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.settings import EmulatorGap, Settings
 
 
 class Network(Construct):
-    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+    """The VPC (the user's ``vpc``, a looked-up ``network.vpc_id``, or a new one) and the
+    instances' security group."""
+
+    def __init__(
+        self,
+        scope: Construct,
+        construct_id: str,
+        *,
+        settings: Settings,
+        vpc: ec2.IVpc | None = None,
+        vpc_subnets: ec2.SubnetSelection | None = None,
+    ) -> None:
         super().__init__(scope, construct_id)
-        if settings.network.vpc_id:
+        self.vpc: ec2.IVpc
+        if vpc is not None:
+            # The user's own VPC (created or imported in their app): no lookup, no credentials.
+            self.vpc = vpc
+        elif settings.network.vpc_id:
             # Needs an explicit environment and AWS credentials at synth (the result is
             # cached in cdk.context.json); settings validation enforces the environment.
+            # Needs AWS credentials at synth; pass vpc= (an ec2.IVpc) to SpotWorkerFleet instead
+            # to synthesize offline.
             self.vpc = ec2.Vpc.from_lookup(self, "Vpc", vpc_id=settings.network.vpc_id)
         else:
-            vpc = ec2.Vpc(
+            new_vpc = ec2.Vpc(
                 self,
                 "Vpc",
                 ip_addresses=ec2.IpAddresses.cidr("10.40.0.0/16"),
@@ -53,18 +70,19 @@ class Network(Construct):
                     "FlowLogs",
                     retention=retention(settings.control_plane.log_retention_days),
                 )
-                vpc.add_flow_log(
+                new_vpc.add_flow_log(
                     "FlowLog",
                     destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
                     traffic_type=ec2.FlowLogTrafficType.REJECT,
                 )
             else:
-                acknowledge(vpc, "AwsSolutions-VPC7", "profile 'emulator': the emulator has no flow logs")
-            self.vpc = vpc
+                acknowledge(new_vpc, "AwsSolutions-VPC7", "profile 'emulator': the emulator has no flow logs")
+            self.vpc = new_vpc
             if settings.environment.availability_zones:
-                self._accept_configured_azs(vpc)
+                self._accept_configured_azs(new_vpc)
 
-        self.subnets = ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
+        # Public subnets by default (no NAT gateway needed); a user's VPC may name others.
+        self.subnets = vpc_subnets or ec2.SubnetSelection(subnet_type=ec2.SubnetType.PUBLIC)
         self.instance_security_group = ec2.SecurityGroup(
             self,
             "InstanceSecurityGroup",

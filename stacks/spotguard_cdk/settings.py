@@ -6,7 +6,7 @@ value can be overridden on the command line with a dotted key, for example::
     cdk deploy -c spotguard.fleet.max_capacity=20 -c spotguard.staging.allow_test_events=true
 
 A bad value fails synth with a message naming the setting, what is allowed and
-what was given (``SettingsError``).
+what was given (``ConfigurationError``).
 """
 
 from __future__ import annotations
@@ -15,12 +15,16 @@ import enum
 import json
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from spotguard_core import contracts, url_safety
 
 CONTEXT_KEY = "spotguard"
+#: Closing line of a configuration error, per front door (cdk.json or the construct's props).
+CONTEXT_HINT = "Change these values in cdk.json (context 'spotguard') or the -c overrides."
+PROPS_HINT = "Change these SpotWorkerFleet props (or the Settings passed as settings=)."
 
 _FLEET_NAME = re.compile(r"^[a-z][a-z0-9-]{1,30}[a-z0-9]$")
 _INSTANCE_TYPE = re.compile(r"^[a-z][a-z0-9-]*\d[a-z0-9-]*\.[a-z0-9]+$")
@@ -32,8 +36,10 @@ _ACCOUNT = re.compile(r"^\d{12}$")
 _REGION = re.compile(r"^[a-z]{2}(-[a-z]+)+-\d$")
 
 
-class SettingsError(ValueError):
-    """Raised for invalid configuration; the message says what to change."""
+class ConfigurationError(ValueError):
+    """Invalid spotguard configuration (cdk.json context or ``SpotWorkerFleet`` props); the
+    message names each bad setting and says what to change. (The control plane's runtime
+    counterpart is ``spotguard_core.control_settings.SettingsError``.)"""
 
 
 class _Section(BaseModel):
@@ -41,6 +47,8 @@ class _Section(BaseModel):
 
 
 class EnvironmentSettings(_Section):
+    """Account, region and availability zones of the ready app's stack."""
+
     #: Leave both empty for an environment-agnostic template (the default).
     account: str | None = None
     region: str | None = None
@@ -63,6 +71,8 @@ class EnvironmentSettings(_Section):
 
 
 class NetworkSettings(_Section):
+    """The VPC: an existing one by id (looked up at synth, needs credentials) or a new one."""
+
     #: Use an existing VPC (its public subnets) instead of creating one.
     vpc_id: str | None = None
     max_azs: int = Field(default=2, ge=1, le=6)
@@ -75,7 +85,34 @@ class NetworkSettings(_Section):
         return value
 
 
+class WorkloadSettings(_Section):
+    """The user's own code: a local directory shipped as an S3 asset next to the agent bundle.
+
+    Python mode: ``fleet.handler = module:function`` importable from ``path``. Command mode:
+    ``command`` is run per message in ``path`` (body on stdin). Exactly one of the two when
+    ``path`` is set; without ``path`` the built-in sample handler runs.
+    """
+
+    #: Local directory (relative to where ``cdk`` runs): code, optional requirements.txt, wheelhouse/.
+    path: str | None = None
+    #: Command mode: a shell command line run in the workload directory for each message.
+    command: str | None = None
+    #: SIGTERM -> SIGKILL grace for a task the agent gives back (command mode and handlers).
+    stop_grace_seconds: int = Field(default=contracts.DEFAULT_STOP_GRACE_SECONDS, ge=1, le=110)
+    #: Largest checkpoint a task may save; a bigger one is an error, never truncated.
+    checkpoint_max_bytes: int = Field(default=contracts.DEFAULT_CHECKPOINT_MAX_BYTES, ge=1024, le=5 * 1024**3)
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("must not be empty (leave it unset for Python handler mode)")
+        return value
+
+
 class FleetSettings(_Section):
+    """The worker fleet: name, instance types, capacity, image, workload and agent port."""
+
     name: str = "default"
     #: Several types across families spread the fleet over more spot pools.
     instance_types: list[str] = Field(
@@ -91,14 +128,19 @@ class FleetSettings(_Section):
     #: Override the default Amazon Linux 2023 image (resolved from SSM at deploy time).
     ami_id: str | None = None
     root_volume_gb: int = Field(default=20, ge=8, le=16_384)
-    #: ``module:function`` the worker runs for each message.
-    handler: str = "spotguard_agent.sample_handler:handle"
-    concurrency: int = Field(default=2, ge=1, le=64)
+    #: Python mode: ``module:function`` the worker runs for each message, importable from
+    #: ``workload.path``. Unset without a workload: the built-in sample handler.
+    handler: str | None = None
+    workload: WorkloadSettings = WorkloadSettings()
+    concurrency: int = Field(default=contracts.DEFAULT_CONCURRENCY, ge=1, le=64)
     #: Port the bootstrap verifies is listening (the agent's own health endpoint by default;
     #: e.g. 8080 for the code-server box of the seed).
-    health_port: int = Field(default=9880, ge=1, le=65_535)
+    health_port: int = Field(default=contracts.DEFAULT_HEALTH_PORT, ge=1, le=65_535)
     #: Tag instances for AWS FIS spot-interruption drills (staging).
     fis_target: bool = False
+    #: Instance types the reconciler may add to the group's pools when capacity is stuck below
+    #: desired (no spot capacity in the configured pools). Empty: it only reports.
+    fallback_instance_types: list[str] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod
@@ -121,6 +163,14 @@ class FleetSettings(_Section):
             raise ValueError("lists an instance type twice")
         return value
 
+    @field_validator("fallback_instance_types")
+    @classmethod
+    def _fallback_types(cls, value: list[str]) -> list[str]:
+        bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
+        if bad:
+            raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
+        return value
+
     @field_validator("ami_id")
     @classmethod
     def _ami(cls, value: str | None) -> str | None:
@@ -130,10 +180,53 @@ class FleetSettings(_Section):
 
     @field_validator("handler")
     @classmethod
-    def _handler(cls, value: str) -> str:
-        if not _HANDLER.match(value):
+    def _handler(cls, value: str | None) -> str | None:
+        if value is not None and not _HANDLER.match(value):
             raise ValueError("must be 'module:function', e.g. mypackage.tasks:handle")
         return value
+
+    @model_validator(mode="after")
+    def _workload(self) -> FleetSettings:
+        workload = self.workload
+        if workload.path is None:
+            if workload.command is not None:
+                raise ValueError("workload.command needs workload.path (the directory the command runs in)")
+            if self.handler not in (None, contracts.DEFAULT_HANDLER):
+                raise ValueError(
+                    f"handler {self.handler!r} needs workload.path: the directory that holds its "
+                    "module (nothing else reaches the instance)"
+                )
+            return self
+        directory = Path(workload.path)
+        if not directory.is_dir():
+            raise ValueError(
+                f"workload.path {workload.path!r} is not a directory (resolved to {directory.resolve()})"
+            )
+        if (self.handler is None) == (workload.command is None):
+            raise ValueError(
+                "with workload.path set exactly one of handler (Python mode, module:function) and "
+                "workload.command (command mode) must be set; "
+                + ("both are" if self.handler is not None else "neither is")
+            )
+        if self.handler is not None:
+            module = self.handler.split(":", 1)[0]
+            relative = Path(*module.split("."))
+            candidates = (directory / relative.with_suffix(".py"), directory / relative / "__init__.py")
+            if not any(c.is_file() for c in candidates):
+                raise ValueError(
+                    f"handler module {module!r} is not in workload.path {workload.path!r} "
+                    f"(expected {candidates[0].relative_to(directory)} or "
+                    f"{candidates[1].relative_to(directory)})"
+                )
+        return self
+
+    @property
+    def effective_handler(self) -> str | None:
+        """The agent's ``Env.HANDLER``: the user's handler, the sample handler without a workload,
+        None in command mode."""
+        if self.workload.command is not None:
+            return None
+        return self.handler or contracts.DEFAULT_HANDLER
 
     @model_validator(mode="after")
     def _capacity(self) -> FleetSettings:
@@ -154,33 +247,50 @@ class FleetSettings(_Section):
 
 
 class QueueSettings(_Section):
+    """The work queue the fleet creates (ready app) and the poison rule."""
+
     #: Initial visibility timeout; the worker extends it while a task runs.
-    visibility_timeout_seconds: int = Field(default=120, ge=30, le=43_200)
+    visibility_timeout_seconds: int = Field(
+        default=contracts.DEFAULT_VISIBILITY_TIMEOUT_SECONDS, ge=30, le=43_200
+    )
     retention_days: int = Field(default=4, ge=1, le=14)
     #: Genuine processing failures before a message goes to the DLQ (interruptions do not count).
-    max_failures: int = Field(default=5, ge=1, le=50)
+    max_failures: int = Field(default=contracts.DEFAULT_MAX_FAILURES, ge=1, le=50)
     #: Alarm when the oldest visible work message is older than this.
     max_message_age_seconds: int = Field(default=900, ge=60, le=1_209_600)
+    #: Keep the work queue and its DLQ (pending and dead-lettered tasks) on ``cdk destroy``.
+    #: Set false to delete them with the stack (their messages are then lost).
+    retain_on_delete: bool = True
 
 
 class BootstrapSettings(_Section):
+    """How long an instance may take to become ready."""
+
     #: An instance not ready this long after boot terminates itself (seed: 20 minutes).
-    deadline_minutes: int = Field(default=20, ge=3, le=120)
+    deadline_minutes: int = Field(default=contracts.DEFAULT_BOOTSTRAP_DEADLINE_MINUTES, ge=3, le=120)
 
 
 class AgentSettings(_Section):
-    imds_poll_seconds: float = Field(default=1.0, ge=0.2, le=30)
+    """The instance agent's polling and drain margin."""
+
+    imds_poll_seconds: float = Field(default=contracts.DEFAULT_IMDS_POLL_SECONDS, ge=0.2, le=30)
+    #: Messages received ahead of free task slots while tasks are short (0 = none).
+    prefetch: int = Field(default=contracts.DEFAULT_PREFETCH, ge=0, le=100)
     #: Tasks that cannot finish this long before the interruption deadline are released.
-    drain_margin_seconds: int = Field(default=15, ge=0, le=110)
+    drain_margin_seconds: int = Field(default=contracts.DEFAULT_DRAIN_MARGIN_SECONDS, ge=0, le=110)
 
 
 class ControlPlaneSettings(_Section):
+    """What the dispatcher and watchdog decide, and the functions' runtime."""
+
     rebalance_policy: contracts.RebalancePolicy = contracts.RebalancePolicy.REPLACE
     #: Detach an instance from its ASG at the spot warning (desired capacity kept), so the
     #: replacement launches at once instead of after the old instance is gone.
     early_replacement: bool = True
+    #: Reserved concurrency of each function (the reconciler always has 1: one job at a time).
+    reserved_concurrency: int = Field(default=5, ge=1, le=1000)
     #: The watchdog ends instances whose agent has not heartbeated for this long.
-    heartbeat_stale_minutes: int = Field(default=5, ge=2, le=120)
+    heartbeat_stale_minutes: int = Field(default=contracts.DEFAULT_HEARTBEAT_STALE_MINUTES, ge=2, le=120)
     #: CloudWatch Logs retention of every function, in days.
     log_retention_days: Literal[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365] = 30
     #: Version of the public Powertools for AWS Lambda (Python) v3 layer.
@@ -188,7 +298,7 @@ class ControlPlaneSettings(_Section):
     #: ``public``: the Powertools layer AWS publishes (``powertools_layer_version``).
     #: ``bundled``: a layer built at synth from ``requirements.lock`` (the tested pins; for
     #: partitions or regions without the public layer, and the local emulator), see
-    #: ``stacks/powertools_layer.py``.
+    #: ``spotguard_cdk/powertools_layer.py``.
     powertools_layer: Literal["public", "bundled"] = "public"
 
 
@@ -237,6 +347,8 @@ class MigrationSettings(_Section):
 
 
 class NotificationSettings(_Section):
+    """Signed webhooks."""
+
     #: HTTPS endpoint that receives signed webhooks; empty disables webhooks.
     webhook_url: str | None = None
 
@@ -249,7 +361,30 @@ class NotificationSettings(_Section):
         return value
 
 
+class ApiSettings(_Section):
+    """The operations API: stage throttling and who may call it."""
+
+    #: Steady-state requests per second for the whole stage, and the burst above it.
+    throttle_rate_per_second: int = Field(default=10, ge=1, le=10_000)
+    throttle_burst: int = Field(default=20, ge=1, le=5_000)
+    #: IAM principal ARNs (roles, users) allowed to call the API. Empty: any IAM-authorised
+    #: principal of this account (its identity policy must allow execute-api:Invoke).
+    allowed_principal_arns: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_principal_arns")
+    @classmethod
+    def _arns(cls, value: list[str]) -> list[str]:
+        bad = [arn for arn in value if not re.match(r"^arn:aws[a-z-]*:(iam|sts)::\d{12}:\S+$", arn)]
+        if bad:
+            raise ValueError(
+                f"not IAM principal ARNs: {', '.join(bad)} (e.g. arn:aws:iam::123456789012:role/ops)"
+            )
+        return value
+
+
 class ObservabilitySettings(_Section):
+    """Where alarms are sent."""
+
     #: Subscribed to the alarm topic when set.
     alarm_email: str | None = None
 
@@ -262,6 +397,8 @@ class ObservabilitySettings(_Section):
 
 
 class StagingSettings(_Section):
+    """Test events and the AWS FIS experiment (staging only)."""
+
     #: Rules also accept source ``spotguard.test`` (``spotguard send-test-event``). Staging only.
     allow_test_events: bool = False
     #: Create the AWS FIS experiment template that interrupts the fleet's tagged instances.
@@ -291,6 +428,8 @@ EMULATOR_GAPS: frozenset[EmulatorGap] = frozenset(EmulatorGap)
 
 # --- end emulator profile ---------------------------------------------------------------
 class Settings(_Section):
+    """Every spotguard setting, typed: cdk.json's ``spotguard`` context and the construct's props."""
+
     #: ``aws`` (default) or ``emulator``: a local CloudFormation emulator for ``make e2e``, which
     #: leaves out the ``EmulatorGap`` features and needs the bundled Powertools layer.
     profile: Literal["aws", "emulator"] = "aws"
@@ -303,6 +442,7 @@ class Settings(_Section):
     control_plane: ControlPlaneSettings = ControlPlaneSettings()
     migration: MigrationSettings = MigrationSettings()
     notifications: NotificationSettings = NotificationSettings()
+    api: ApiSettings = ApiSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     staging: StagingSettings = StagingSettings()
 
@@ -338,6 +478,7 @@ class Settings(_Section):
 
     @property
     def stack_name(self) -> str:
+        """The ready app's stack name, ``Spotguard-<fleet>``."""
         return f"Spotguard-{self.fleet.name}"
 
     @classmethod
@@ -350,14 +491,17 @@ class Settings(_Section):
         return cls.from_mapping(base, overrides)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
+    def from_mapping(
+        cls, data: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, *, hint: str = CONTEXT_HINT
+    ) -> Settings:
+        """Validate ``data`` with dotted ``overrides``; a bad value raises ConfigurationError."""
         merged = _deep_copy(data)
         for dotted, value in (overrides or {}).items():
             _set_dotted(merged, dotted, value)
         try:
             return cls.model_validate(merged)
         except ValidationError as exc:
-            raise SettingsError(_describe(exc)) from None
+            raise ConfigurationError(_describe(exc, hint)) from None
 
 
 def overrides_from_context(context: Mapping[str, Any]) -> dict[str, Any]:
@@ -383,9 +527,9 @@ def _parse_json(name: str, text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise SettingsError(f"{name}: not valid JSON ({exc.msg})") from None
+        raise ConfigurationError(f"{name}: not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise SettingsError(f"{name}: must be a JSON object")
+        raise ConfigurationError(f"{name}: must be a JSON object")
     return value
 
 
@@ -399,7 +543,7 @@ def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise SettingsError(f"{CONTEXT_KEY}.{dotted}: '{part}' is not a section")
+            raise ConfigurationError(f"{CONTEXT_KEY}.{dotted}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -425,7 +569,7 @@ def _allowed_range(loc: tuple[int | str, ...]) -> str | None:
     return f"must be between {low} and {high}"
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, hint: str = CONTEXT_HINT) -> str:
     lines = []
     for error in exc.errors():
         location = ".".join(str(part) for part in error["loc"])
@@ -438,8 +582,4 @@ def _describe(exc: ValidationError) -> str:
         given = error.get("input")
         shown = "" if error["type"] == "extra_forbidden" or isinstance(given, dict) else f" (got {given!r})"
         lines.append(f"{name}: {message}{shown}")
-    return (
-        "invalid spotguard configuration:\n  "
-        + "\n  ".join(lines)
-        + ("\nChange these values in cdk.json (context 'spotguard') or the -c overrides.")
-    )
+    return "invalid spotguard configuration:\n  " + "\n  ".join(lines) + "\n" + hint

@@ -1,6 +1,7 @@
 """The control-plane functions, one least-privilege role each.
 
-Plain code assets (no Docker bundling): the ``lambdas/`` directory is the asset; Powertools
+Plain code assets (no Docker bundling): ``spotguard_core`` + ``spotguard_functions`` are the
+asset (staged by ``assets.lambda_source_dir``, from a checkout or an installed wheel); Powertools
 (and pydantic) come from the public Powertools layer, boto3 from the runtime.
 ``POWERTOOLS_SERVICE_NAME`` is deliberately not set: the metric dimension contract is
 ``Fleet`` only (see ``spotguard_functions.observability``).
@@ -9,8 +10,6 @@ Plain code assets (no Docker bundling): the ``lambdas/`` directory is the asset;
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from pathlib import Path
 
 from aws_cdk import Aws, Duration
 from aws_cdk import aws_iam as iam
@@ -19,12 +18,12 @@ from aws_cdk import aws_logs as logs
 from constructs import Construct
 from spotguard_core import contracts
 
-from stacks.common import cfn_lint_ignore, retention
-from stacks.nag import acknowledge
-from stacks.powertools_layer import LayerSpec, build_layer
-from stacks.settings import Settings
+from spotguard_cdk.assets import lambda_source_dir
+from spotguard_cdk.common import cfn_lint_ignore, retention
+from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.powertools_layer import LayerSpec, build_layer
+from spotguard_cdk.settings import Settings
 
-LAMBDA_SOURCE = Path(__file__).resolve().parents[1] / "lambdas"
 ASSET_EXCLUDES = [
     "tests",
     "**/tests",
@@ -53,6 +52,7 @@ RESOURCE_STAR_REASON = (
 
 
 def powertools_layer_arn(version: int) -> str:
+    """ARN of the public Powertools for AWS Lambda (Python) v3 layer in the deploy region."""
     return (
         f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:{POWERTOOLS_ACCOUNT}:layer:"
         f"AWSLambdaPowertoolsPythonV3-python313-x86_64:{version}"
@@ -79,38 +79,45 @@ def powertools_layer(scope: Construct, settings: Settings) -> lambda_.ILayerVers
     )
 
 
-@dataclass(frozen=True)
-class FunctionSpec:
-    name: str  # construct id, e.g. "Dispatcher"
-    module: str  # spotguard_functions.<module>
-    description: str
-    timeout_seconds: int
-    memory_mb: int = 512
+class FunctionRuntime(Construct):
+    """What every control-plane function of a fleet shares: the code asset and the layer."""
+
+    def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
+        super().__init__(scope, construct_id)
+        self.code = lambda_.Code.from_asset(str(lambda_source_dir()), exclude=ASSET_EXCLUDES)
+        self.layer = powertools_layer(self, settings)
+        self.log_retention_days = settings.control_plane.log_retention_days
+        self.reserved_concurrency = settings.control_plane.reserved_concurrency
+        self.fleet = settings.fleet.name
 
 
 class ControlPlaneFunction(Construct):
-    """A Python 3.13 function with its own role, log group, X-Ray tracing and the layer."""
+    """A Python 3.13 function with its own role, log group, X-Ray tracing and the layer.
+
+    ``module`` is the handler module in ``spotguard_functions``; the feature construct that
+    creates the function grants its role what it needs.
+    """
 
     def __init__(
         self,
         scope: Construct,
         construct_id: str,
         *,
-        spec: FunctionSpec,
-        settings: Settings,
-        code: lambda_.Code,
-        layer: lambda_.ILayerVersion,
+        runtime: FunctionRuntime,
+        module: str,
+        description: str,
+        timeout_seconds: int,
         environment: Mapping[str, str],
+        memory_mb: int = 512,
+        reserved_concurrency: int | None = None,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.log_group = logs.LogGroup(
-            self, "Logs", retention=retention(settings.control_plane.log_retention_days)
-        )
+        self.log_group = logs.LogGroup(self, "Logs", retention=retention(runtime.log_retention_days))
         self.role = iam.Role(
             self,
             "Role",
             assumed_by=iam.ServicePrincipal("lambda.amazonaws.com"),
-            description=f"spotguard {settings.fleet.name} {spec.module} function",
+            description=f"spotguard {runtime.fleet} {module} function",
         )
         # Instead of the AWSLambdaBasicExecutionRole managed policy: write to its own log group.
         self.role.add_to_policy(
@@ -124,17 +131,20 @@ class ControlPlaneFunction(Construct):
         self.function = lambda_.Function(
             self,
             "Function",
-            description=spec.description,
+            description=description,
             runtime=FUNCTION_RUNTIME,
             architecture=lambda_.Architecture.X86_64,
-            handler=f"spotguard_functions.{spec.module}.handler",
-            code=code,
-            layers=[layer],
+            handler=f"spotguard_functions.{module}.handler",
+            code=runtime.code,
+            layers=[runtime.layer],
             role=self.role,
-            timeout=Duration.seconds(spec.timeout_seconds),
-            memory_size=spec.memory_mb,
+            timeout=Duration.seconds(timeout_seconds),
+            memory_size=memory_mb,
             tracing=lambda_.Tracing.ACTIVE,
             log_group=self.log_group,
+            # A bound per function: a signal storm or a burst of API calls cannot take the
+            # account's whole concurrency (or each other's).
+            reserved_concurrent_executions=reserved_concurrency or runtime.reserved_concurrency,
             environment={
                 "POWERTOOLS_METRICS_NAMESPACE": contracts.METRIC_NAMESPACE,
                 **environment,
@@ -143,63 +153,9 @@ class ControlPlaneFunction(Construct):
         cfn_function = self.function.node.default_child
         assert isinstance(cfn_function, lambda_.CfnFunction)
         cfn_lint_ignore(cfn_function, {"W3005": CDK_ROLE_DEPENDENCY_REASON})
-
-
-class Functions(Construct):
-    """dispatcher, watchdog, reconciler, api and notifier."""
-
-    SPECS = (
-        FunctionSpec("Dispatcher", "dispatcher", "Normalises interruption signals and requeues work", 60),
-        FunctionSpec("Watchdog", "watchdog", "Ends instances past their bootstrap or heartbeat deadline", 55),
-        FunctionSpec("Reconciler", "reconciler", "Migrates or replaces spot-reclaimed instances", 900, 1024),
-        FunctionSpec("Api", "api", "spotguard operations API", 29),
-        FunctionSpec("Notifier", "notifier", "Signs and delivers webhooks", 90),
-    )
-
-    def __init__(
-        self,
-        scope: Construct,
-        construct_id: str,
-        *,
-        settings: Settings,
-        environment: Mapping[str, str],
-        extra_environment: Mapping[str, Mapping[str, str]],
-    ) -> None:
-        super().__init__(scope, construct_id)
-        code = lambda_.Code.from_asset(str(LAMBDA_SOURCE), exclude=ASSET_EXCLUDES)
-        layer = powertools_layer(self, settings)
-        self.by_name: dict[str, ControlPlaneFunction] = {}
-        for spec in self.SPECS:
-            timeout = spec.timeout_seconds
-            if spec.name == "Reconciler":
-                # Stop at the job timeout plus a margin; Lambda's own limit is 15 minutes.
-                timeout = min(settings.migration.job_timeout_ms // 1000 + 60, 900)
-            self.by_name[spec.name] = ControlPlaneFunction(
-                self,
-                spec.name,
-                spec=FunctionSpec(spec.name, spec.module, spec.description, timeout, spec.memory_mb),
-                settings=settings,
-                code=code,
-                layer=layer,
-                environment={**environment, **extra_environment.get(spec.name, {})},
-            )
-
-    @property
-    def dispatcher(self) -> ControlPlaneFunction:
-        return self.by_name["Dispatcher"]
-
-    @property
-    def watchdog(self) -> ControlPlaneFunction:
-        return self.by_name["Watchdog"]
-
-    @property
-    def reconciler(self) -> ControlPlaneFunction:
-        return self.by_name["Reconciler"]
-
-    @property
-    def api(self) -> ControlPlaneFunction:
-        return self.by_name["Api"]
-
-    @property
-    def notifier(self) -> ControlPlaneFunction:
-        return self.by_name["Notifier"]
+        acknowledge(
+            self.function,
+            "AwsSolutions-L1",
+            "Functions run Python 3.13 to match the public Powertools layer built for python3.13 "
+            "(settings.control_plane.powertools_layer_version).",
+        )

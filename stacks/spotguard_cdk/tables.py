@@ -41,6 +41,8 @@ def _table(
 
 
 class Tables(Construct):
+    """The fleet's lease, fleet, jobs and idempotency tables."""
+
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
         self.leases = _table(

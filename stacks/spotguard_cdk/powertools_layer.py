@@ -29,7 +29,9 @@ from pathlib import Path
 
 from packaging.requirements import Requirement
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from spotguard_cdk.assets import CHECKOUT_ROOT
+
+REPO_ROOT = CHECKOUT_ROOT
 LOCK_FILE = REPO_ROOT / "requirements.lock"
 
 #: What the functions import beyond the standard library and the runtime's boto3, by

@@ -18,9 +18,9 @@ from aws_cdk import aws_s3_assets as s3_assets
 from aws_cdk import aws_ssm as ssm
 from constructs import Construct
 from spotguard_core import contracts
-from spotguard_tools.bundle import build_bundle, user_data_template
 
-from stacks.settings import Settings
+from spotguard_cdk.bundle import build_bundle, user_data_template
+from spotguard_cdk.settings import Settings
 
 
 class AgentBundle(Construct):
@@ -56,8 +56,10 @@ class AgentBundle(Construct):
         self.user_data = ec2.UserData.custom(Fn.sub(user_data_template(), dict(placeholders)))
 
 
-class AgentConfig(Construct):
-    """SSM parameter with the agent's configuration (read by the installer)."""
+class AgentConfigParameter(Construct):
+    """SSM parameter with the agent's configuration (read by the installer). The values come
+    from ``spotguard_core.runtime_env.agent_config`` (the agent's own reader is
+    ``spotguard_agent.config.AgentConfig``)."""
 
     def __init__(self, scope: Construct, construct_id: str, *, name: str, values: Mapping[str, str]) -> None:
         super().__init__(scope, construct_id)
