@@ -268,7 +268,7 @@ class BacklogScaling(Construct):
             ),
         )
 
-        if not settings.supports(EmulatorGap.METRIC_MATH_SCALING_ALARMS):
+        if not settings.supports(EmulatorGap.METRIC_MATH_ALARMS):
             return
 
         desired = cloudwatch.Metric(

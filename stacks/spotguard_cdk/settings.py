@@ -413,14 +413,19 @@ class EmulatorGap(enum.StrEnum):
 
     #: "Template format error: Unrecognized resource types: [AWS::EC2::FlowLog]".
     VPC_FLOW_LOGS = "vpc_flow_logs"
-    #: "AWS::CloudWatch::Alarm Properties.Metrics (metric math) is not supported": the two
-    #: backlog step-scaling alarms (and their step policies, which only they trigger). Target
-    #: tracking on backlog per instance stays.
-    METRIC_MATH_SCALING_ALARMS = "metric_math_scaling_alarms"
+    #: "AWS::CloudWatch::Alarm Properties.Metrics (metric math) is not supported": every alarm
+    #: on a metric-math expression (the two backlog step-scaling alarms with their step
+    #: policies, which only they trigger; the unreadable-items and work-waiting alarms).
+    #: Target tracking on backlog per instance and every plain-metric alarm stay.
+    METRIC_MATH_ALARMS = "metric_math_alarms"
     #: CDK's ``Custom::VpcRestrictDefaultSG`` is a Node.js function calling
     #: ``@aws-sdk/client-ec2``, which the emulator has no stub for. Nothing uses the default
     #: security group (instances have their own, no ingress), so there is nothing to restrict.
     DEFAULT_SECURITY_GROUP_RESTRICTION = "default_security_group_restriction"
+    #: "Template format error: Unrecognized resource types: [AWS::Events::EventBusPolicy]": the
+    #: notification bus's deny-all-but-the-control-plane policy. The emulator evaluates no IAM
+    #: (its AUTH mode is off), so there the policy would not be enforced anyway.
+    EVENT_BUS_POLICY = "event_bus_policy"
 
 
 EMULATOR_GAPS: frozenset[EmulatorGap] = frozenset(EmulatorGap)

@@ -84,8 +84,10 @@ def _anchor_gap(resource: dict[str, Any]) -> EmulatorGap | None:
         return EmulatorGap.VPC_FLOW_LOGS
     if kind == "Custom::VpcRestrictDefaultSG":
         return EmulatorGap.DEFAULT_SECURITY_GROUP_RESTRICTION
+    if kind == "AWS::Events::EventBusPolicy":
+        return EmulatorGap.EVENT_BUS_POLICY
     if kind == "AWS::CloudWatch::Alarm" and any("Expression" in m for m in props.get("Metrics", [])):
-        return EmulatorGap.METRIC_MATH_SCALING_ALARMS
+        return EmulatorGap.METRIC_MATH_ALARMS
     return None
 
 
@@ -134,9 +136,10 @@ def test_the_emulator_profile_removes_exactly_the_named_gaps(
         EmulatorGap.DEFAULT_SECURITY_GROUP_RESTRICTION: Counter(
             {"Custom::VpcRestrictDefaultSG": 1, "AWS::Lambda::Function": 1, "AWS::IAM::Role": 1}
         ),
-        EmulatorGap.METRIC_MATH_SCALING_ALARMS: Counter(
-            {"AWS::CloudWatch::Alarm": 2, "AWS::AutoScaling::ScalingPolicy": 2}
+        EmulatorGap.METRIC_MATH_ALARMS: Counter(
+            {"AWS::CloudWatch::Alarm": 4, "AWS::AutoScaling::ScalingPolicy": 2}
         ),
+        EmulatorGap.EVENT_BUS_POLICY: Counter({"AWS::Events::EventBusPolicy": 1}),
     }
 
 
