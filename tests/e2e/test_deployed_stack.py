@@ -480,12 +480,15 @@ def _queue_empty(sqs: Any, url: str) -> bool:
 
 
 def _log_group(deployment: Deployment, function: str) -> str:
-    (group,) = [
-        pid
-        for pid in deployment.physical_ids("AWS::Logs::LogGroup")
-        if f"Functions{function}Logs" in pid or pid.endswith(f"{function}Logs")
+    """The deployed log group of a function (``Dispatcher`` -> spotguard_functions.dispatcher),
+    as its template's LoggingConfig names it."""
+    handler = f"spotguard_functions.{function.lower()}.handler"
+    (config,) = [
+        r["Properties"]["LoggingConfig"]
+        for r in deployment.template["Resources"].values()
+        if r["Type"] == "AWS::Lambda::Function" and r["Properties"].get("Handler") == handler
     ]
-    return group
+    return deployment.resources[config["LogGroup"]["Ref"]][1]
 
 
 def _emf_value(message: str, metric: str) -> float:
