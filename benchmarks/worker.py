@@ -1,6 +1,7 @@
 """Worker overhead and notice-to-drain latency, on one moto server in one run. Prints JSON.
 
-1. Throughput: the same number of no-op messages consumed (a) by a bare receive/delete
+1. Throughput (steady state, each worker run paired with a bare run just before it): the
+   same number of no-op messages consumed (a) by a bare receive/delete
    loop (receive up to 10, one DeleteMessageBatch) and (b) by the spotguard worker (poison
    check, one lease batch per receive, heartbeat thread, handler call, batched deletes of
    messages and leases). ``ratio`` = worker throughput / bare throughput, at concurrency 1
@@ -98,11 +99,18 @@ def config(resources: dict[str, str], concurrency: int) -> AgentConfig:
 
 
 def worker_loop(resources: dict[str, str], count: int, concurrency: int) -> float:
+    """Steady-state throughput: a warm-up first starts the worker and its handler processes
+    (one per slot, kept for the agent's lifetime), then ``count`` messages are timed."""
     worker = Worker(config(resources, concurrency), instance_id=f"i-bench{concurrency:012d}")
     thread = threading.Thread(target=worker.run, daemon=True)
-    started = time.perf_counter()
     thread.start()
-    while worker.counters[Metric.TASKS_COMPLETED] < count:
+    warm_up = 2 * concurrency
+    fill(resources["queue"], warm_up, {"seconds": 0.3})  # every slot busy at once: all hosts start
+    while worker.counters[Metric.TASKS_COMPLETED] < warm_up:
+        time.sleep(0.005)
+    started = time.perf_counter()
+    fill(resources["queue"], count, {"seconds": 0})
+    while worker.counters[Metric.TASKS_COMPLETED] < warm_up + count:
         time.sleep(0.005)
     elapsed = time.perf_counter() - started
     worker.request_stop()
@@ -111,16 +119,17 @@ def worker_loop(resources: dict[str, str], count: int, concurrency: int) -> floa
 
 
 def throughput(messages: int) -> dict[str, Any]:
+    """Each worker run is paired with a bare run just before it (the machine's load moves)."""
     results: dict[str, Any] = {"messages": messages}
-    bare = setup("bare")
-    fill(bare["queue"], messages, {"seconds": 0})
-    results["bare_msgs_per_s"] = round(bare_loop(bare["queue"], messages), 1)
     for concurrency in (1, 8):
+        bare = setup(f"bare{concurrency}")
+        fill(bare["queue"], messages, {"seconds": 0})
+        bare_rate = bare_loop(bare["queue"], messages)
         resources = setup(f"worker{concurrency}")
-        fill(resources["queue"], messages, {"seconds": 0})
         rate = worker_loop(resources, messages, concurrency)
+        results[f"bare_c{concurrency}_msgs_per_s"] = round(bare_rate, 1)
         results[f"worker_c{concurrency}_msgs_per_s"] = round(rate, 1)
-        results[f"ratio_c{concurrency}"] = round(rate / results["bare_msgs_per_s"], 3)
+        results[f"ratio_c{concurrency}"] = round(rate / bare_rate, 3)
     return results
 
 

@@ -420,10 +420,16 @@ class Worker:
         """How many more messages to receive now: free slots, plus the prefetch while tasks are short."""
         limit = self.config.concurrency
         mean = self._mean_task_seconds
-        if self.config.prefetch and mean is not None and mean <= PREFETCH_MAX_TASK_SECONDS:
-            limit += self.config.prefetch
+        prefetching = bool(self.config.prefetch) and mean is not None and mean <= PREFETCH_MAX_TASK_SECONDS
         with self._tasks_lock:
-            return limit - len(self._tasks)
+            held = len(self._tasks)
+        if not prefetching:
+            return limit - held
+        # Receive ahead once the backlog has run down to what is running: one receive and
+        # one lease batch then serve a full batch, not the one slot that just came free.
+        if held > limit:
+            return 0
+        return limit + self.config.prefetch - held
 
     def _wait_for_tasks(self) -> None:
         """Until no task is held and every delete is done. Released tasks whose handler has
