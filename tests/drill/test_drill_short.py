@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 from spotguard_tools.cli import main as spotguard
-from spotguard_tools.drill import Drill, DrillConfig
+from spotguard_tools.drill import Drill
+
+from tests.drill.configs import short_config
 
 pytestmark = [pytest.mark.drill, pytest.mark.xdist_group("drill")]
 
@@ -26,32 +28,6 @@ REPORT_FIELDS = {
     "terminated_by_watchdog",
     "wall_s",
 }
-
-
-def short_config(out_dir: Path, **overrides: object) -> DrillConfig:
-    settings: dict[str, object] = {
-        "instances": 4,
-        "concurrency": 2,
-        "tasks": 48,
-        "task_min_seconds": 0.5,
-        "task_max_seconds": 2.0,
-        "long_task_fraction": 0.15,
-        "long_task_seconds": 9.0,
-        "spot_warnings": 1,
-        "hard_kills": 2,
-        "rebalances": 1,
-        "bootstrap_failures": 1,
-        "chaos_start_seconds": 2.0,
-        "chaos_end_seconds": 12.0,
-        "warning_seconds": 6.0,
-        "visibility_timeout_seconds": 20,
-        "bootstrap_deadline_seconds": 25,
-        "watchdog_interval_seconds": 2.0,
-        "timeout_seconds": 90.0,
-        "out_dir": out_dir,
-        **overrides,
-    }
-    return DrillConfig(**settings)  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

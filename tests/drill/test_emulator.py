@@ -7,11 +7,19 @@ race here; every message sent must be received exactly once or more, never zero 
 
 from __future__ import annotations
 
+import json
 import threading
+from pathlib import Path
 
 import boto3
 import pytest
+from boto3.dynamodb.types import TypeSerializer
+from spotguard_core.contracts import Lease
+from spotguard_tools.drill import ledger
+from spotguard_tools.drill.ledger import Ledger
 from spotguard_tools.drill.moto import MotoServer
+from spotguard_tools.drill.resources import lease_table_name, work_queue_name
+from spotguard_tools.local_tables import TableKind, create_table
 
 pytestmark = pytest.mark.integration
 
@@ -73,3 +81,65 @@ def test_concurrent_send_and_delete_lose_nothing() -> None:
             thread.join(timeout=60)
         assert len(sent) == SENDERS * BATCHES * 10
         assert sent - received == set()
+
+
+def test_agent_ledger_counts_what_the_agents_did(tmp_path: Path) -> None:
+    """Lease written = start, message deleted = done, lease gone without a delete =
+    released; the instance comes from the lease key, the task from the message body."""
+    path = tmp_path / "agent-ledger.jsonl"
+    environment = {
+        ledger.AGENT_LEDGER_ENV: str(path),
+        ledger.WORK_QUEUE_ENV: work_queue_name("hook"),
+        ledger.LEASE_TABLE_ENV: lease_table_name("hook"),
+    }
+    with MotoServer(environment=environment) as server:
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+        sqs = session.client("sqs", endpoint_url=server.endpoint)
+        dynamodb = session.client("dynamodb", endpoint_url=server.endpoint)
+        create_table(dynamodb, TableKind.LEASES, lease_table_name("hook"))
+        url = sqs.create_queue(QueueName=work_queue_name("hook"))["QueueUrl"]
+        other = sqs.create_queue(QueueName="not-the-work-queue")["QueueUrl"]
+        for task in ("a", "b"):
+            sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"task_id": task, "seconds": 1}))
+        sqs.send_message(QueueUrl=other, MessageBody=json.dumps({"task_id": "x", "seconds": 1}))
+        messages = sqs.receive_message(QueueUrl=url, MaxNumberOfMessages=10)["Messages"]
+        assert len(messages) == 2
+        by_task = {json.loads(m["Body"])["task_id"]: m for m in messages}
+        leases = {
+            task: Lease(
+                instance_id=f"i-{task}",
+                message_id=message["MessageId"],
+                receipt_handle=message["ReceiptHandle"],
+                queue_url=url,
+                leased_at=1.0,
+                heartbeat_at=1.0,
+            )
+            for task, message in by_task.items()
+        }
+        for lease in leases.values():
+            dynamodb.put_item(TableName=lease_table_name("hook"), Item=_attributes(lease.to_item()))
+        # a: done (deleted, then its lease removed); a repeated delete is the same completion
+        sqs.delete_message(QueueUrl=url, ReceiptHandle=by_task["a"]["ReceiptHandle"])
+        sqs.delete_message(QueueUrl=url, ReceiptHandle=by_task["a"]["ReceiptHandle"])
+        dynamodb.delete_item(TableName=lease_table_name("hook"), Key=_attributes(leases["a"].key()))
+        # b: released (visible again, lease removed, never deleted)
+        sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=by_task["b"]["ReceiptHandle"], VisibilityTimeout=0
+        )
+        dynamodb.delete_item(TableName=lease_table_name("hook"), Key=_attributes(leases["b"].key()))
+        [unrelated] = sqs.receive_message(QueueUrl=other)["Messages"]
+        sqs.delete_message(QueueUrl=other, ReceiptHandle=unrelated["ReceiptHandle"])
+    record = Ledger.read(path)
+    assert record.done == {"a"}
+    assert record.duplicated == 0
+    attempts = {(a.task_id, a.instance_id): a for a in record.attempts}
+    assert set(attempts) == {("a", "i-a"), ("b", "i-b")}
+    assert attempts[("a", "i-a")].finished_at is not None
+    assert attempts[("b", "i-b")].released_at is not None
+    assert attempts[("b", "i-b")].receive_count == 1
+
+
+def _attributes(item: dict[str, object]) -> dict[str, object]:
+    return {key: TypeSerializer().serialize(value) for key, value in item.items()}

@@ -2,22 +2,26 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from spotguard_tools.drill.config import DrillConfig
-from spotguard_tools.drill.journal import Journal
-from spotguard_tools.drill.ledger import DONE, RELEASED, START, Ledger, append
-from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
-from spotguard_tools.drill.report import (
+from spotguard_tools.drill.config import DrillConfig, add_arguments, cli_fields, config_from_arguments
+from spotguard_tools.drill.drill_report import (
     Interruption,
     build_report,
     format_table,
     percentile,
     requeue_latencies,
+    tasks_resumed_from_checkpoint,
+    work_redone_seconds,
 )
+from spotguard_tools.drill.journal import Journal, Mark
+from spotguard_tools.drill.ledger import CHECKPOINT, DONE, RELEASED, START, Ledger, append
+from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
 
 
 def test_plan_is_reproducible_from_its_seed() -> None:
@@ -133,3 +137,59 @@ def test_requeue_latency_runs_from_interruption_to_next_pick_up(tmp_path: Path) 
     table = format_table([report, {**report, "mode": "baseline"}])
     assert table.splitlines()[0].split() == ["spotguard", "baseline"]
     assert "tasks lost" in table
+
+
+def test_redone_work_counts_only_what_no_checkpoint_saved(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    write_ledger(
+        path,
+        [
+            # long-1: 4 s on i-1, checkpointed at 3 s of work, instance killed at t=14
+            {"ev": START, "task": "long-1", "instance": "i-1", "t": 10.0},
+            {"ev": CHECKPOINT, "task": "long-1", "instance": "i-1", "t": 13.0, "done": 3.0},
+            {"ev": START, "task": "long-1", "instance": "i-2", "t": 15.0, "from": 3.0},
+            {"ev": DONE, "task": "long-1", "instance": "i-2", "t": 20.0},
+            # long-2: released after 2 s without a checkpoint: all of it is done again
+            {"ev": START, "task": "long-2", "instance": "i-3", "t": 10.0},
+            {"ev": RELEASED, "task": "long-2", "instance": "i-3", "t": 12.0},
+            {"ev": START, "task": "long-2", "instance": "i-2", "t": 12.5},
+            {"ev": DONE, "task": "long-2", "instance": "i-2", "t": 30.0},
+            # never picked up again: lost, not redone
+            {"ev": START, "task": "lost", "instance": "i-1", "t": 11.0},
+        ],
+    )
+    journal = Journal()
+    journal.record(Mark.HARD_KILL, "i-1", at=14.0)
+    ledger = Ledger.read(path)
+    [resumed] = [a for a in ledger.attempts if a.resumed_from is not None]
+    assert resumed.resumed_from == 3.0
+    assert tasks_resumed_from_checkpoint(ledger) == 1
+    # long-1: 4 s run, 3 s saved -> 1 s; long-2: 2 s, nothing saved -> 2 s
+    assert work_redone_seconds(ledger, journal) == 3.0
+
+
+def test_every_documented_config_field_is_a_flag() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    defaults = config_from_arguments(parser.parse_args([]))
+    assert defaults == DrillConfig()
+    args = parser.parse_args(
+        ["--instances", "3", "--visibility-timeout", "12", "--no-checkpoints", "--aws-faults", "0.05",
+         "--rebalance-policy", "drain", "--out-dir", "elsewhere", "--health-events", "2"]
+    )  # fmt: skip
+    config = config_from_arguments(args)
+    assert (config.instances, config.visibility_timeout_seconds, config.checkpoints) == (3, 12, False)
+    assert (config.aws_faults, config.rebalance_policy, config.health_events) == (0.05, "drain", 2)
+    assert config.out_dir == Path("elsewhere")
+    flags = {action.dest for action in parser._actions}
+    assert {f"drill_{spec.name}" for spec in cli_fields()} <= flags
+    assert "drill_requeue_enabled" not in flags  # --baseline / --compare
+
+
+def test_workload_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        DrillConfig(workload=Path(), handler="tasks:handle", command="true")
+    with pytest.raises(ValueError, match="name the directory"):
+        DrillConfig(command="true")
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        DrillConfig(workload=Path(), handler="tasks")

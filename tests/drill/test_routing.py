@@ -15,7 +15,7 @@ from spotguard_core import aws
 from spotguard_core.contracts import SignalKind
 from spotguard_core.signals import Rejection, parse_event
 from spotguard_tools import events
-from spotguard_tools.drill.control_plane import Runner
+from spotguard_tools.drill.lambda_host import LambdaHost
 from spotguard_tools.drill.resources import DrillResources, control_plane_environment, create_resources
 
 pytestmark = pytest.mark.integration
@@ -110,7 +110,7 @@ def test_events_that_match_reach_the_dispatcher(
         monkeypatch.setenv(env_key, value)
     aws.reset_clients()
     log = tmp_path / "control-plane.jsonl"
-    runner = Runner(
+    host = LambdaHost(
         signal_queue_url=fleet.signal_queue_url,
         signal_queue_arn=fleet.signal_queue_arn,
         watchdog_interval=60,
@@ -135,7 +135,7 @@ def test_events_that_match_reach_the_dispatcher(
         SignalKind.HEALTH_SCHEDULED,
     }
 
-    runner.dispatch_once(wait_seconds=1)
+    host.dispatch_once(wait_seconds=1)
     [record] = [json.loads(line) for line in log.read_text().splitlines()]
     assert record["fn"] == "dispatcher"
     assert record["records"] == len(published)

@@ -10,13 +10,12 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from spotguard_core.contracts import RebalancePolicy
+from rich.console import Console
 
 from spotguard_tools.drill import Drill, DrillConfig
+from spotguard_tools.drill.config import add_arguments, config_from_arguments
+from spotguard_tools.drill.drill_report import report_table
 from spotguard_tools.drill.progress import Progress
-from spotguard_tools.drill.report import format_table
-
-_DEFAULTS = DrillConfig()
 
 
 def register(subparsers: Any) -> None:
@@ -47,65 +46,17 @@ def register(subparsers: Any) -> None:
     mode.add_argument(
         "--compare", action="store_true", help="run spotguard and the baseline; print them side by side"
     )
-    parser.add_argument(
-        "--seed", type=int, default=_DEFAULTS.seed, help="chaos plan and task durations (default %(default)s)"
-    )
-    parser.add_argument(
-        "--instances", type=int, default=_DEFAULTS.instances, help="fleet size (default %(default)s)"
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=_DEFAULTS.concurrency, help="tasks per agent (default %(default)s)"
-    )
-    parser.add_argument(
-        "--tasks", type=int, default=_DEFAULTS.tasks, help="tasks to run (default %(default)s)"
-    )
-    parser.add_argument("--spot-warnings", type=int, default=_DEFAULTS.spot_warnings)
-    parser.add_argument("--hard-kills", type=int, default=_DEFAULTS.hard_kills)
-    parser.add_argument("--rebalances", type=int, default=_DEFAULTS.rebalances)
-    parser.add_argument("--bootstrap-failures", type=int, default=_DEFAULTS.bootstrap_failures)
-    parser.add_argument(
-        "--warning-seconds",
-        type=float,
-        default=_DEFAULTS.warning_seconds,
-        help="the 2-minute spot warning, compressed (default %(default)s)",
-    )
-    parser.add_argument(
-        "--visibility-timeout",
-        type=int,
-        default=_DEFAULTS.visibility_timeout_seconds,
-        help="work queue (default %(default)s)",
-    )
-    parser.add_argument(
-        "--rebalance-policy",
-        choices=[p.value for p in RebalancePolicy],
-        default=_DEFAULTS.rebalance_policy,
-    )
-    parser.add_argument("--timeout", type=float, default=_DEFAULTS.timeout_seconds, help="hard stop, seconds")
-    parser.add_argument(
-        "--out-dir", type=Path, default=_DEFAULTS.out_dir, help="logs, ledger, reports (default %(default)s)"
-    )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
-    parser.set_defaults(run=run)
+    add_arguments(parser)
+    parser.set_defaults(run=run, parser=parser)
 
 
 def config_from(args: argparse.Namespace) -> DrillConfig:
-    return replace(
-        _DEFAULTS,
-        seed=args.seed,
-        instances=args.instances,
-        concurrency=args.concurrency,
-        tasks=args.tasks,
-        spot_warnings=args.spot_warnings,
-        hard_kills=args.hard_kills,
-        rebalances=args.rebalances,
-        bootstrap_failures=args.bootstrap_failures,
-        warning_seconds=args.warning_seconds,
-        visibility_timeout_seconds=args.visibility_timeout,
-        rebalance_policy=args.rebalance_policy,
-        timeout_seconds=args.timeout,
-        out_dir=args.out_dir,
-        requeue_enabled=not args.baseline,
-    )
+    try:
+        return config_from_arguments(args, requeue_enabled=not args.baseline)
+    except ValueError as error:
+        args.parser.error(str(error))
+        raise  # not reached: error() exits
 
 
 def _stop_on_sigterm() -> None:
@@ -133,19 +84,20 @@ def run(args: argparse.Namespace) -> int:
                 path = args.timeline.with_name(f"{args.timeline.stem}-{each.mode}{args.timeline.suffix}")
             report["timeline"] = str(drill.draw_timeline(path))
         reports.append(report)
-    print(format_table(reports))
+    console = Console(soft_wrap=True, highlight=False, markup=False)
+    console.print(report_table(reports))
     if len(reports) == 2:
-        print(_comparison(reports[0], reports[1]))
+        console.print(_comparison(reports[0], reports[1]))
     elif config.requeue_enabled:
-        print("the same plan without spotguard's requeue: spotguard drill --compare (or --baseline)")
+        console.print("the same plan without spotguard's requeue: spotguard drill --compare (or --baseline)")
     for report in reports:
         if report.get("timeline"):
-            print(f"timeline ({report['mode']}): {report['timeline']}")
+            console.print(f"timeline ({report['mode']}): {report['timeline']}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         document: Any = reports[0] if len(reports) == 1 else {"spotguard": reports[0], "baseline": reports[1]}
         args.json.write_text(json.dumps(document, indent=2) + "\n")
-        print(f"report: {args.json}")
+        console.print(f"report: {args.json}")
     lost = reports[0]["tasks_lost"]
     if lost:
         print(f"FAILED: {lost} task(s) lost", file=sys.stderr)

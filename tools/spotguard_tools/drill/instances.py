@@ -84,6 +84,8 @@ class SimulatedInstance:
         #: A spot warning (deadline) or hard kill is under way: not a chaos target any more.
         self.doomed = False
         self.reclaim_at: float | None = None
+        #: The start time of an AWS Health scheduled change: EC2 retires the instance then.
+        self.retire_at: float | None = None
         self.in_asg = True
         self.ec2_state = "running"
         self.terminated_by_drill = False
@@ -160,12 +162,16 @@ class SimulatedInstance:
             self.exit_code = self.process.returncode
         return alive
 
-    def stop(self, timeout: float = 8.0) -> None:
-        """End of drill: ask the agent to stop (SIGTERM), then kill what is left."""
+    def terminate_processes(self) -> None:
+        """SIGTERM the agent and its reporter without waiting (see :meth:`stop`)."""
         for process in (self.process, self.reporter):
             if process is not None and process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 8.0) -> None:
+        """End of drill: ask the agent to stop (SIGTERM), then kill what is left."""
+        self.terminate_processes()
         deadline = time.monotonic() + timeout
         for process in (self.process, self.reporter):
             if process is None:

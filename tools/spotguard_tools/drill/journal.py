@@ -17,6 +17,8 @@ class Mark(StrEnum):
     READY = "ready"  # bootstrap reported ready
     SPOT_WARNING = "spot_warning"
     REBALANCE = "rebalance"
+    HEALTH_EVENT = "health_event"  # AWS Health scheduled change (EventBridge only)
+    RETIRED = "retired"  # a Health scheduled change's start time passed with the instance running
     HARD_KILL = "hard_kill"
     RECLAIMED = "reclaimed"  # the spot deadline passed: the instance was taken
     DETACHED = "detached"  # left the ASG while still running (replacement requested early)

@@ -10,6 +10,7 @@ fixes a moto race that could drop SQS messages under concurrent load.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -32,8 +33,12 @@ def free_port() -> int:
 class MotoServer:
     """A moto server subprocess on 127.0.0.1."""
 
-    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, log_path: Path | None = None, environment: dict[str, str] | None = None
+    ) -> None:
         self.port = port or free_port()
+        #: Added to the server's environment (the drill's agent-ledger settings).
+        self._environment = environment or {}
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._log_path = log_path
         self._process: subprocess.Popen[bytes] | None = None
@@ -45,6 +50,7 @@ class MotoServer:
                 [sys.executable, "-m", MOTO_MAIN, "-H", "127.0.0.1", "-p", str(self.port)],
                 stdout=log,
                 stderr=log,
+                env={**os.environ, **self._environment} if self._environment else None,
             )
         finally:
             if not isinstance(log, int):

@@ -11,15 +11,33 @@ moto's server answers requests on several threads, and its SQS queue is not guar
 The drill counts lost and duplicated tasks, so the emulator must not add its own. Both
 fixes take the queue's own lock (a condition variable: a long poll waiting for messages
 releases it); nothing else changes.
+
+It also keeps the **agent ledger** when ``SPOTGUARD_DRILL_AGENT_LEDGER`` names a file: what
+the agents did to the work queue, as SQS and the lease table saw it, in the drill
+ledger's format (:mod:`spotguard_tools.drill.ledger`):
+
+- ``start``: an agent wrote a lease for a message it received (instance from the lease key);
+- ``done``: an agent deleted the message (a task is done when the agent deleted its
+  message after success, whoever's code ran it: the drill's handler or the user's);
+- ``released``: the lease went away and the message did not (drain, release, failure).
+
+The drill counts completions from it, so the count does not depend on the task's code.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import threading
+import time
 from typing import Any
 
 from moto.server import main as moto_server_main
 from moto.sqs import models
+from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK
+
+from spotguard_tools.drill import ledger
 
 
 def _install_sqs_locks() -> None:
@@ -41,8 +59,131 @@ def _install_sqs_locks() -> None:
     models.SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
 
 
+_INSTANCE_PREFIX = "instance#"
+_LEASE_PREFIX = "lease#"
+
+
+class AgentLedger:
+    """Appends what agents did to the work queue (see the module docstring)."""
+
+    def __init__(self, path: str, work_queue: str, lease_table: str) -> None:
+        self.path = path
+        self.work_queue = work_queue
+        self.lease_table = lease_table
+        self.lock = threading.Lock()
+        self.tasks: dict[str, tuple[str, int]] = {}  # message id -> (task id, receive count)
+        self.holders: dict[str, str] = {}  # message id -> instance holding its lease
+        self.deleted: set[str] = set()
+        self.completed_receipts: set[str] = set()
+
+    def _append(self, record: dict[str, Any]) -> None:
+        ledger.append(self.path, {**record, "t": time.time()}, durable=record["ev"] == ledger.DONE)
+
+    def received(self, queue_name: str, messages: list[Any]) -> None:
+        if queue_name != self.work_queue:
+            return
+        with self.lock:
+            for message in messages:
+                try:
+                    task = str(json.loads(message.body)["task_id"])
+                except (ValueError, KeyError, TypeError):
+                    task = f"message:{message.id}"
+                self.tasks[message.id] = (task, int(message.approximate_receive_count))
+
+    def leased(self, table: str, pk: str, sk: str) -> None:
+        is_lease = pk.startswith(_INSTANCE_PREFIX) and sk.startswith(_LEASE_PREFIX)
+        if table != self.lease_table or not is_lease:
+            return
+        message_id, instance = sk[len(_LEASE_PREFIX) :], pk[len(_INSTANCE_PREFIX) :]
+        with self.lock:
+            task, receive_count = self.tasks.get(message_id, (f"message:{message_id}", 0))
+            self.holders[message_id] = instance
+            self._append(
+                {
+                    "ev": ledger.START,
+                    "task": task,
+                    "instance": instance,
+                    "rc": receive_count,
+                    "message": message_id,
+                }
+            )
+
+    def unleased(self, table: str, pk: str, sk: str) -> None:
+        if table != self.lease_table or not sk.startswith(_LEASE_PREFIX):
+            return
+        message_id = sk[len(_LEASE_PREFIX) :]
+        with self.lock:
+            if message_id in self.deleted or self.holders.get(message_id) != pk[len(_INSTANCE_PREFIX) :]:
+                return
+            del self.holders[message_id]
+            task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
+            instance = pk[len(_INSTANCE_PREFIX) :]
+            self._append({"ev": ledger.RELEASED, "task": task, "instance": instance, "message": message_id})
+
+    def deleting(self, queue_name: str, message_id: str, receipt_handle: str) -> None:
+        if queue_name != self.work_queue:
+            return
+        with self.lock:
+            if receipt_handle in self.completed_receipts:
+                return
+            self.completed_receipts.add(receipt_handle)
+            self.deleted.add(message_id)
+            task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
+            instance = self.holders.get(message_id, "unknown")
+            self._append({"ev": ledger.DONE, "task": task, "instance": instance, "message": message_id})
+
+
+def _install_agent_ledger(agent_ledger: AgentLedger) -> None:
+    from moto.dynamodb.models.table import Table  # noqa: PLC0415 - only with the agent ledger
+
+    original_receive = models.SQSBackend.receive_message
+    original_delete = models.Queue.delete_message
+    original_put = Table.put_item
+    original_delete_item = Table.delete_item
+
+    def receive_message(self: Any, queue_name: str, *args: Any, **kwargs: Any) -> Any:
+        messages = original_receive(self, queue_name, *args, **kwargs)
+        agent_ledger.received(queue_name, messages)
+        return messages
+
+    def delete_message(self: Any, receipt_handle: str) -> None:
+        # Under the queue's own (re-entrant) lock, so the message found is the one deleted.
+        # One completion per receive: a retried delete of the same receipt handle (the
+        # client timed out, botocore sent it again) is the same completion, not a new one.
+        with self._messages_lock:
+            message = next((m for m in self._messages if m.had_receipt_handle(receipt_handle)), None)
+            original_delete(self, receipt_handle)
+            if message is not None:
+                agent_ledger.deleting(self.name, message.id, receipt_handle)
+
+    def put_item(self: Any, item_attrs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        item = original_put(self, item_attrs, *args, **kwargs)
+        pk = item_attrs.get(LEASE_TABLE_PK, {}).get("S", "")
+        sk = item_attrs.get(LEASE_TABLE_SK, {}).get("S", "")
+        agent_ledger.leased(self.name, pk, sk)
+        return item
+
+    def delete_item(self: Any, hash_key: Any, range_key: Any) -> Any:
+        item = original_delete_item(self, hash_key, range_key)
+        if item is not None and range_key is not None:
+            agent_ledger.unleased(self.name, str(hash_key.value), str(range_key.value))
+        return item
+
+    models.SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
+    models.Queue.delete_message = delete_message  # type: ignore[method-assign]
+    Table.put_item = put_item  # type: ignore[method-assign]
+    Table.delete_item = delete_item  # type: ignore[method-assign]
+
+
 def main(argv: list[str] | None = None) -> None:
     _install_sqs_locks()
+    path = os.environ.get(ledger.AGENT_LEDGER_ENV)
+    if path:
+        _install_agent_ledger(
+            AgentLedger(
+                path, os.environ.get(ledger.WORK_QUEUE_ENV, ""), os.environ.get(ledger.LEASE_TABLE_ENV, "")
+            )
+        )
     moto_server_main(argv if argv is not None else sys.argv[1:])
 
 

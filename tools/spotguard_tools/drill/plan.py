@@ -20,6 +20,7 @@ class ChaosKind(StrEnum):
     SPOT_WARNING = "spot_warning"  # IMDS notice + EventBridge warning; reclaimed at the deadline
     HARD_KILL = "hard_kill"  # SIGKILL + terminate, no notice at all
     REBALANCE = "rebalance"  # IMDS rebalance recommendation + EventBridge event
+    HEALTH_EVENT = "health_event"  # AWS Health scheduled change (EventBridge only)
     BOOTSTRAP_FAILURE = "bootstrap_failure"  # the bootstrap never reports ready
 
 
@@ -48,6 +49,7 @@ def build_plan(config: DrillConfig) -> list[ChaosAction]:
         [ChaosKind.SPOT_WARNING] * config.spot_warnings
         + [ChaosKind.HARD_KILL] * config.hard_kills
         + [ChaosKind.REBALANCE] * config.rebalances
+        + [ChaosKind.HEALTH_EVENT] * config.health_events
     )
     rng.shuffle(kinds)
     actions = [

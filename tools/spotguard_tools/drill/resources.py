@@ -34,6 +34,16 @@ class DrillResources:
     asg_name: str
     launch_template_id: str
     rule_names: tuple[str, ...]
+    #: Where agents keep task checkpoints (``contracts.checkpoint_key``); None: not created.
+    checkpoint_bucket: str | None = None
+
+
+def work_queue_name(fleet: str) -> str:
+    return f"spotguard-{fleet}-work"
+
+
+def lease_table_name(fleet: str) -> str:
+    return f"spotguard-{fleet}-leases"
 
 
 def _queue(sqs: Any, name: str, attributes: dict[str, str]) -> tuple[str, str]:
@@ -53,13 +63,15 @@ def create_resources(
     ec2: Any,
     autoscaling: Any,
     events: Any,
+    s3: Any = None,
 ) -> DrillResources:
-    """Queues, tables, launch template, ASG and EventBridge rules of one fleet."""
+    """Queues, tables, launch template, ASG and EventBridge rules of one fleet (and, given
+    an S3 client, its checkpoint bucket)."""
     prefix = f"spotguard-{fleet}"
     work_dlq_url, work_dlq_arn = _queue(sqs, f"{prefix}-work-dlq", {"MessageRetentionPeriod": "1209600"})
     work_queue_url, _ = _queue(
         sqs,
-        f"{prefix}-work",
+        work_queue_name(fleet),
         {
             "VisibilityTimeout": str(visibility_timeout_seconds),
             "RedrivePolicy": json.dumps(
@@ -82,7 +94,7 @@ def create_resources(
         },
     )
 
-    lease_table = f"{prefix}-leases"
+    lease_table = lease_table_name(fleet)
     fleet_table = f"{prefix}-fleet"
     jobs_table = f"{prefix}-jobs"
     idempotency_table = f"{prefix}-idempotency"
@@ -143,6 +155,11 @@ def create_resources(
         )
         rule_names.append(rule)
 
+    checkpoint_bucket = None
+    if s3 is not None:
+        checkpoint_bucket = f"{prefix}-checkpoints"
+        s3.create_bucket(Bucket=checkpoint_bucket)
+
     return DrillResources(
         fleet=fleet,
         work_queue_url=work_queue_url,
@@ -157,6 +174,7 @@ def create_resources(
         asg_name=group,
         launch_template_id=str(template["LaunchTemplateId"]),
         rule_names=tuple(rule_names),
+        checkpoint_bucket=checkpoint_bucket,
     )
 
 

@@ -1,6 +1,6 @@
-"""The local control-plane runner: the real dispatcher and watchdog, driven like Lambda.
+"""The local Lambda host: the real dispatcher and watchdog, driven like Lambda.
 
-Runs as its own process (``python -m spotguard_tools.drill.control_plane``), one
+Runs as its own process (``python -m spotguard_tools.drill.lambda_host``), one
 invocation at a time like a Lambda function with reserved concurrency 1:
 
 - the signal queue is long-polled and each batch is handed to the real dispatcher as an
@@ -10,6 +10,9 @@ invocation at a time like a Lambda function with reserved concurrency 1:
 - the real watchdog runs on its schedule (every few seconds of drill time, standing in
   for EventBridge's ``rate(1 minute)``; moto never fires scheduled rules).
 
+Several hosts may dispatch at once (the SQS event source mapping runs several concurrent
+batches, each in its own execution environment); one of them runs the watchdog.
+
 Every invocation is appended to a JSON-lines log the drill reads for its report.
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import signal
 import sys
 import time
@@ -101,7 +105,7 @@ def _summary(body: str) -> dict[str, Any]:
         return {"detail_type": None}
 
 
-class Runner:
+class LambdaHost:
     def __init__(self, *, signal_queue_url: str, signal_queue_arn: str, watchdog_interval: float, log: Path):
         self.signal_queue_url = signal_queue_url
         self.signal_queue_arn = signal_queue_arn
@@ -169,17 +173,20 @@ class Runner:
         self._write(record)
 
     def run(self) -> None:
-        next_watchdog = time.monotonic() + self.watchdog_interval
+        """Dispatch until stopped; run the watchdog on its schedule (an interval of 0: this
+        host only dispatches, another one runs the watchdog)."""
+        schedule = self.watchdog_interval if self.watchdog_interval > 0 else math.inf
+        next_watchdog = time.monotonic() + schedule
         while not self.stopping:
             until_watchdog = next_watchdog - time.monotonic()
             if until_watchdog <= 0:
                 self.watchdog_once()
-                next_watchdog += self.watchdog_interval
+                next_watchdog += schedule
                 continue
             try:
-                self.dispatch_once(wait_seconds=max(0, min(1, int(until_watchdog))))
-            except Exception as error:  # noqa: BLE001 - the emulator hiccuped; keep the runner alive
-                self._write({"fn": "runner", "t": time.time(), "error": f"{type(error).__name__}: {error}"})
+                self.dispatch_once(wait_seconds=max(0, int(min(1.0, until_watchdog))))
+            except Exception as error:  # noqa: BLE001 - the emulator hiccuped; keep the host alive
+                self._write({"fn": "host", "t": time.time(), "error": f"{type(error).__name__}: {error}"})
                 time.sleep(0.2)
 
 
@@ -187,10 +194,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Feed the signal queue to the dispatcher; run the watchdog.")
     parser.add_argument("--signal-queue-url", required=True)
     parser.add_argument("--signal-queue-arn", required=True)
-    parser.add_argument("--watchdog-interval", type=float, default=3.0)
+    parser.add_argument(
+        "--watchdog-interval", type=float, default=3.0, help="seconds; 0: no watchdog in this host"
+    )
     parser.add_argument("--log", type=Path, required=True)
     args = parser.parse_args(argv)
-    runner = Runner(
+    host = LambdaHost(
         signal_queue_url=args.signal_queue_url,
         signal_queue_arn=args.signal_queue_arn,
         watchdog_interval=args.watchdog_interval,
@@ -198,12 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def stop(signum: int, frame: FrameType | None) -> None:
-        runner.stopping = True
+        host.stopping = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    runner._write({"fn": "runner", "t": time.time(), "started": True})
-    runner.run()
+    host._write({"fn": "host", "t": time.time(), "started": True})
+    host.run()
     return 0
 
 
