@@ -16,11 +16,12 @@ export JSII_SILENCE_WARNING_UNTESTED_NODE_VERSION := 1
 # Nothing here may reach AWS: no credentials are needed to synth or test.
 export AWS_EC2_METADATA_DISABLED := true
 
-.PHONY: help setup demo drill test test-unit test-integration test-infra test-drill fuzz lint typecheck synth bench clean
+.PHONY: help setup demo drill test test-unit test-integration test-infra test-drill fuzz e2e lint typecheck synth bench clean
 
 help:
 	@echo "make demo    run the local drill (no AWS account needed)"
 	@echo "make test    run every test (unit, integration on moto, infrastructure, drill)"
+	@echo "make e2e     deploy the staging stack to a local emulator (MiniStack) and drive it"
 	@echo "make synth   synthesize cdk.out/ offline, with cdk-nag and cfn-lint"
 	@echo "make fuzz    property-based fuzzing, 10,000 inputs per target (parse_event, api, verify)"
 	@echo "make lint    ruff + mypy"
@@ -60,6 +61,26 @@ test-drill: $(STAMP)
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/fuzz -p no:cacheprovider -q $(PYTEST_ARGS)
 
+# --- e2e: cdk deploy to MiniStack (a local AWS emulator) ------------------------------
+# Its own venv on Python 3.13 (the functions' runtime: MiniStack runs them with its own
+# python3 and the bundled layer's cp313 wheels), pinned by requirements-e2e.lock.
+E2E_VENV := .venv-e2e
+E2E_STAMP := $(E2E_VENV)/.installed
+E2E_PYTHON ?= $(shell for p in python3.13 $(HOME)/.pyenv/versions/3.13*/bin/python3.13; do \
+	$$p -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null && { echo $$p; break; }; done)
+
+$(E2E_STAMP): requirements-e2e.lock
+	@test -n "$(E2E_PYTHON)" || { echo "make e2e needs Python 3.13 (set E2E_PYTHON=...)"; exit 1; }
+	rm -rf $(E2E_VENV)
+	$(E2E_PYTHON) -m venv $(E2E_VENV)
+	$(E2E_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-e2e.lock
+	@touch $(E2E_STAMP)
+
+e2e: setup $(E2E_STAMP)
+	rm -rf e2e-out && mkdir e2e-out
+	SPOTGUARD_E2E=1 SPOTGUARD_E2E_VENV=$(CURDIR)/$(E2E_VENV) SPOTGUARD_E2E_DIR=$(CURDIR)/e2e-out $(PY) -m pytest tests/e2e/test_deployed_stack.py \
+		-p no:cacheprovider $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -77,4 +98,4 @@ bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "# $$b" >&2; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) node_modules cdk.out .pytest_cache .mypy_cache .ruff_cache drill-out
+	rm -rf $(VENV) $(E2E_VENV) node_modules cdk.out .pytest_cache .mypy_cache .ruff_cache drill-out

@@ -1,8 +1,8 @@
 """The agent bundle and the stage-1 user data, built exactly as CDK ships them.
 
-``build_bundle`` packs ``instance_assets/`` plus the two stdlib-only modules of the core the
-agent imports (``spotguard_core/__init__.py`` and ``spotguard_core/contracts.py``) into a
-deterministic ``tar.gz``: sorted entries, fixed mtimes and owners, gzip header mtime 0.
+``build_bundle`` packs ``instance_assets/`` plus the core modules the agent imports
+(``CORE_FILES``: contracts, the stores, the one release path, the client factory; standard
+library and boto3 only) into a deterministic ``tar.gz``: sorted entries, fixed mtimes and owners, gzip header mtime 0.
 The same sources give the same bytes, so the S3 asset hash (and the ``BundleSha256`` the
 user data checks) only changes when the agent changes.
 

@@ -41,7 +41,7 @@ from spotguard_cdk.notifications import Notifications
 from spotguard_cdk.observability import Observability
 from spotguard_cdk.permissions import InstanceRole
 from spotguard_cdk.queues import WorkQueues
-from spotguard_cdk.settings import PROPS_HINT, ConfigurationError, Settings
+from spotguard_cdk.settings import PROPS_HINT, ConfigurationError, EmulatorGap, Settings
 from spotguard_cdk.staging import SpotInterruptionExperiment
 from spotguard_cdk.storage import FleetKey, WorkerStorage
 from spotguard_cdk.tables import Tables
@@ -287,13 +287,14 @@ class SpotWorkerFleet(Construct):
         )
         self.notifications.add_notifier(runtime=runtime, environment=environment, settings=resolved)
         # Only the roles that publish notifications may put events on the fleet's bus.
-        self.notifications.allow_only(
-            [
-                self.control_plane.dispatcher.role,
-                self.control_plane.watchdog.role,
-                self.control_plane.reconciler.role,
-            ]
-        )
+        if resolved.supports(EmulatorGap.EVENT_BUS_POLICY):
+            self.notifications.allow_only(
+                [
+                    self.control_plane.dispatcher.role,
+                    self.control_plane.watchdog.role,
+                    self.control_plane.reconciler.role,
+                ]
+            )
         self.ops_api = OpsApi(
             self,
             "OpsApi",

@@ -26,7 +26,7 @@ from spotguard_core import contracts
 from spotguard_cdk.agent_bundle import AgentBundle
 from spotguard_cdk.nag import acknowledge
 from spotguard_cdk.network import Network
-from spotguard_cdk.settings import Settings
+from spotguard_cdk.settings import EmulatorGap, Settings
 
 #: How long the ASG waits for the agent to drain on scale-in before terminating anyway.
 #: The agent records heartbeats on the hook when it needs longer (up to 48 hours).
@@ -267,6 +267,9 @@ class BacklogScaling(Construct):
                 ),
             ),
         )
+
+        if not settings.supports(EmulatorGap.METRIC_MATH_ALARMS):
+            return
 
         desired = cloudwatch.Metric(
             namespace="AWS/AutoScaling",

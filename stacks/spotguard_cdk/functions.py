@@ -21,6 +21,7 @@ from spotguard_core import contracts
 from spotguard_cdk.assets import lambda_source_dir
 from spotguard_cdk.common import cfn_lint_ignore, retention
 from spotguard_cdk.nag import acknowledge
+from spotguard_cdk.powertools_layer import LayerSpec, build_layer
 from spotguard_cdk.settings import Settings
 
 ASSET_EXCLUDES = [
@@ -58,15 +59,33 @@ def powertools_layer_arn(version: int) -> str:
     )
 
 
+FUNCTION_RUNTIME = lambda_.Runtime.PYTHON_3_13
+
+
+def powertools_layer(scope: Construct, settings: Settings) -> lambda_.ILayerVersion:
+    """The public Powertools layer, or one bundled from requirements.lock (``powertools_layer``)."""
+    if settings.control_plane.powertools_layer == "public":
+        return lambda_.LayerVersion.from_layer_version_arn(
+            scope, "Powertools", powertools_layer_arn(settings.control_plane.powertools_layer_version)
+        )
+    spec = LayerSpec.from_lock(python_version=FUNCTION_RUNTIME.name.removeprefix("python"))
+    return lambda_.LayerVersion(
+        scope,
+        "Powertools",
+        code=lambda_.Code.from_asset(str(build_layer(spec))),
+        compatible_runtimes=[FUNCTION_RUNTIME],
+        compatible_architectures=[lambda_.Architecture.X86_64],
+        description="Powertools, pydantic and the X-Ray SDK pinned by spotguard's requirements.lock",
+    )
+
+
 class FunctionRuntime(Construct):
     """What every control-plane function of a fleet shares: the code asset and the layer."""
 
     def __init__(self, scope: Construct, construct_id: str, *, settings: Settings) -> None:
         super().__init__(scope, construct_id)
         self.code = lambda_.Code.from_asset(str(lambda_source_dir()), exclude=ASSET_EXCLUDES)
-        self.layer = lambda_.LayerVersion.from_layer_version_arn(
-            self, "Powertools", powertools_layer_arn(settings.control_plane.powertools_layer_version)
-        )
+        self.layer = powertools_layer(self, settings)
         self.log_retention_days = settings.control_plane.log_retention_days
         self.reserved_concurrency = settings.control_plane.reserved_concurrency
         self.fleet = settings.fleet.name
@@ -113,7 +132,7 @@ class ControlPlaneFunction(Construct):
             self,
             "Function",
             description=description,
-            runtime=lambda_.Runtime.PYTHON_3_13,
+            runtime=FUNCTION_RUNTIME,
             architecture=lambda_.Architecture.X86_64,
             handler=f"spotguard_functions.{module}.handler",
             code=runtime.code,

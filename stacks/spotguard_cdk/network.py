@@ -14,7 +14,7 @@ from constructs import Construct
 
 from spotguard_cdk.common import cfn_lint_ignore, retention
 from spotguard_cdk.nag import acknowledge
-from spotguard_cdk.settings import Settings
+from spotguard_cdk.settings import EmulatorGap, Settings
 
 
 class Network(Construct):
@@ -51,6 +51,9 @@ class Network(Construct):
                 max_azs=None if settings.environment.availability_zones else settings.network.max_azs,
                 availability_zones=settings.environment.availability_zones,
                 nat_gateways=0,
+                restrict_default_security_group=settings.supports(
+                    EmulatorGap.DEFAULT_SECURITY_GROUP_RESTRICTION
+                ),
                 subnet_configuration=[
                     ec2.SubnetConfiguration(name="public", subnet_type=ec2.SubnetType.PUBLIC, cidr_mask=20)
                 ],
@@ -61,16 +64,19 @@ class Network(Construct):
                     ),
                 },
             )
-            flow_log_group = logs.LogGroup(
-                self,
-                "FlowLogs",
-                retention=retention(settings.control_plane.log_retention_days),
-            )
-            new_vpc.add_flow_log(
-                "FlowLog",
-                destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
-                traffic_type=ec2.FlowLogTrafficType.REJECT,
-            )
+            if settings.supports(EmulatorGap.VPC_FLOW_LOGS):
+                flow_log_group = logs.LogGroup(
+                    self,
+                    "FlowLogs",
+                    retention=retention(settings.control_plane.log_retention_days),
+                )
+                new_vpc.add_flow_log(
+                    "FlowLog",
+                    destination=ec2.FlowLogDestination.to_cloud_watch_logs(flow_log_group),
+                    traffic_type=ec2.FlowLogTrafficType.REJECT,
+                )
+            else:
+                acknowledge(new_vpc, "AwsSolutions-VPC7", "profile 'emulator': the emulator has no flow logs")
             self.vpc = new_vpc
             if settings.environment.availability_zones:
                 self._accept_configured_azs(new_vpc)

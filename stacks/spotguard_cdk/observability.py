@@ -21,7 +21,7 @@ from constructs import Construct
 from spotguard_core import contracts
 from spotguard_core.contracts import Metric
 
-from spotguard_cdk.settings import Settings
+from spotguard_cdk.settings import EmulatorGap, Settings
 
 PERIOD = Duration.minutes(1)
 
@@ -92,7 +92,11 @@ class Observability(Construct):
             description: str,
             evaluation_periods: int = 1,
             missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
-        ) -> cloudwatch.Alarm:
+        ) -> cloudwatch.Alarm | None:
+            if isinstance(metric, cloudwatch.MathExpression) and not settings.supports(
+                EmulatorGap.METRIC_MATH_ALARMS
+            ):
+                return None
             created = cloudwatch.Alarm(
                 self,
                 name,

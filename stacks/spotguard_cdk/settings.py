@@ -11,6 +11,7 @@ what was given (``ConfigurationError``).
 
 from __future__ import annotations
 
+import enum
 import json
 import re
 from collections.abc import Mapping
@@ -294,6 +295,11 @@ class ControlPlaneSettings(_Section):
     log_retention_days: Literal[1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365] = 30
     #: Version of the public Powertools for AWS Lambda (Python) v3 layer.
     powertools_layer_version: int = Field(default=27, ge=1, le=10_000)
+    #: ``public``: the Powertools layer AWS publishes (``powertools_layer_version``).
+    #: ``bundled``: a layer built at synth from ``requirements.lock`` (the tested pins; for
+    #: partitions or regions without the public layer, and the local emulator), see
+    #: ``spotguard_cdk/powertools_layer.py``.
+    powertools_layer: Literal["public", "bundled"] = "public"
 
 
 class MigrationSettings(_Section):
@@ -399,9 +405,39 @@ class StagingSettings(_Section):
     fis_experiment: bool = False
 
 
+# --- emulator profile (e2e) -------------------------------------------------------------
+class EmulatorGap(enum.StrEnum):
+    """One thing a local CloudFormation emulator (MiniStack, ``make e2e``) cannot deploy. The
+    ``emulator`` profile leaves out exactly these (``Settings.supports``) and nothing else;
+    ``tests/infrastructure/test_emulator_profile.py`` lists the resulting template differences."""
+
+    #: "Template format error: Unrecognized resource types: [AWS::EC2::FlowLog]".
+    VPC_FLOW_LOGS = "vpc_flow_logs"
+    #: "AWS::CloudWatch::Alarm Properties.Metrics (metric math) is not supported": every alarm
+    #: on a metric-math expression (the two backlog step-scaling alarms with their step
+    #: policies, which only they trigger; the unreadable-items and work-waiting alarms).
+    #: Target tracking on backlog per instance and every plain-metric alarm stay.
+    METRIC_MATH_ALARMS = "metric_math_alarms"
+    #: CDK's ``Custom::VpcRestrictDefaultSG`` is a Node.js function calling
+    #: ``@aws-sdk/client-ec2``, which the emulator has no stub for. Nothing uses the default
+    #: security group (instances have their own, no ingress), so there is nothing to restrict.
+    DEFAULT_SECURITY_GROUP_RESTRICTION = "default_security_group_restriction"
+    #: "Template format error: Unrecognized resource types: [AWS::Events::EventBusPolicy]": the
+    #: notification bus's deny-all-but-the-control-plane policy. The emulator evaluates no IAM
+    #: (its AUTH mode is off), so there the policy would not be enforced anyway.
+    EVENT_BUS_POLICY = "event_bus_policy"
+
+
+EMULATOR_GAPS: frozenset[EmulatorGap] = frozenset(EmulatorGap)
+
+
+# --- end emulator profile ---------------------------------------------------------------
 class Settings(_Section):
     """Every spotguard setting, typed: cdk.json's ``spotguard`` context and the construct's props."""
 
+    #: ``aws`` (default) or ``emulator``: a local CloudFormation emulator for ``make e2e``, which
+    #: leaves out the ``EmulatorGap`` features and needs the bundled Powertools layer.
+    profile: Literal["aws", "emulator"] = "aws"
     environment: EnvironmentSettings = EnvironmentSettings()
     network: NetworkSettings = NetworkSettings()
     fleet: FleetSettings = FleetSettings()
@@ -428,7 +464,22 @@ class Settings(_Section):
             )
         if self.environment.availability_zones and not self.environment.region:
             raise ValueError("environment.availability_zones needs environment.region")
+        if self.profile == "emulator":
+            if self.control_plane.powertools_layer != "bundled":
+                raise ValueError(
+                    "profile 'emulator' needs control_plane.powertools_layer = bundled "
+                    "(the public Powertools layer does not exist in the emulator)"
+                )
+            if self.staging.fis_experiment:
+                raise ValueError(
+                    "profile 'emulator' cannot deploy AWS::FIS::ExperimentTemplate; set "
+                    "staging.fis_experiment = false"
+                )
         return self
+
+    def supports(self, feature: EmulatorGap) -> bool:
+        """False for a feature the deploy target cannot deploy (``profile = emulator``)."""
+        return self.profile != "emulator" or feature not in EMULATOR_GAPS
 
     @property
     def stack_name(self) -> str:

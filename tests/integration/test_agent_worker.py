@@ -18,7 +18,7 @@ from typing import Any
 import boto3
 import pytest
 from spotguard_agent.config import AgentConfig
-from spotguard_agent.worker import PROCESS_STOP_ORIGIN, Worker
+from spotguard_agent.worker import PREFETCH_MAX_TASK_SECONDS, PROCESS_STOP_ORIGIN, Worker
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
     REQUEUE_COUNTER_ATTRIBUTE,
@@ -485,21 +485,29 @@ def test_leases_left_by_a_crashed_run_are_released_at_start_as_interruptions(aws
 
 def test_messages_received_but_not_started_go_back_at_drain_start_as_interruptions(aws: Aws, run_worker):
     worker, thread, result = run_worker(config_for(aws, concurrency=1, prefetch=9))
-    for index in range(3):  # short tasks: the worker starts receiving ahead of its one slot
+    # Short tasks until the worker receives ahead of its one slot (the first task also starts
+    # the handler process, so its duration is not short).
+    for index in range(40):
         aws.send(task_id=f"warm-{index}", seconds=0.01)
-    wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 3)
+        wait_for(lambda index=index: worker.counters[Metric.TASKS_COMPLETED] == index + 1)
+        mean = worker._mean_task_seconds
+        if mean is not None and mean <= PREFETCH_MAX_TASK_SECONDS:
+            break
+    assert worker._mean_task_seconds is not None and worker._mean_task_seconds <= PREFETCH_MAX_TASK_SECONDS
     long_id = aws.send(task_id="long", seconds=60)
-    waiting = [aws.send(task_id=f"waiting-{index}", seconds=0.01) for index in range(2)]
-    # The long one runs; the two behind it are received and leased, not started.
-    wait_for(lambda: len(aws.leases()) == 3 and len(worker.running_tasks()) == 1, timeout=15)
+    others = [aws.send(task_id=f"waiting-{index}", seconds=0.01) for index in range(2)]
+    # The long one runs; what was received behind it is leased, not started.
+    wait_for(lambda: len(worker.running_tasks()) == 1 and len(worker.held_tasks()) >= 2, timeout=15)
     assert worker.running_tasks()[0].message_id == long_id
+    waiting = [task.message_id for task in worker.held_tasks() if task.message_id != long_id]
+    assert {lease["message_id"] for lease in aws.leases()} == {long_id, *waiting}
     worker.drain(spot_signal(4.0))
     thread.join(timeout=30)
     assert result == [0]
     for message_id in waiting:
         assert counter(aws, message_id) == 1, "handed back at drain start: an interruption"
     assert counter(aws, long_id) == 1
-    assert sorted(m["MessageId"] for m in aws.receive()) == sorted([long_id, *waiting])
+    assert sorted(m["MessageId"] for m in aws.receive()) == sorted([long_id, *others])
     assert aws.leases() == []
 
 
