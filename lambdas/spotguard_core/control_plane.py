@@ -290,12 +290,15 @@ class ControlPlane:
             return {"detached": False, "skipped": f"not in {action.asg_name}"}
         if member.get("LifecycleState") != "InService":
             return {"detached": False, "skipped": f"lifecycle state {member.get('LifecycleState')}"}
+        # The time of the request, read before it: the ASG launches the replacement during the
+        # call, and the watchdog recognises the replacement by a launch after this moment.
+        requested_at = self.clock()
         self.autoscaling.detach_instances(
             AutoScalingGroupName=action.asg_name,
             InstanceIds=[action.instance_id],
             ShouldDecrementDesiredCapacity=False,
         )
-        fields: dict[str, Any] = {"replacement_requested_at": self.clock()}
+        fields: dict[str, Any] = {"replacement_requested_at": requested_at}
         if action.drain_deadline_at is not None:
             fields["drain_deadline_at"] = action.drain_deadline_at
         self.fleet_store.update_fields(action.instance_id, fields)

@@ -316,22 +316,37 @@ def decide_state_change(
     return actions
 
 
+def _drain_order(signal: Signal, record: FleetRecord | None, deadline: float) -> list[Action]:
+    """The drain order by ``deadline``, unless the record has one at least as tight. An
+    instance AWS reclaims or the ASG scales in keeps its own end (and the record of why)."""
+    if record is not None:
+        if record.interrupted_at is not None or _scale_in(record):
+            return []
+        if record.drain_deadline_at is not None:
+            if record.state is InstanceState.DRAINING and record.drain_deadline_at <= deadline:
+                return []
+            deadline = min(deadline, record.drain_deadline_at)
+    return [RecordDraining(signal.instance_id, drain_deadline_at=deadline)]
+
+
 def _drain_policy(signal: Signal, record: FleetRecord | None, settings: ControlSettings) -> list[Action]:
     """Rebalance, Health scheduled change, IMDS stop/retirement: per ``rebalance_policy``.
 
     ``replace``: detach now (replacement requested), keep working; the watchdog sends the
-    drain order once the replacement is in service (or by the event's deadline).
-    ``drain``: drain order now (deadline: the event's, else ``retire_drain_seconds``) and detach."""
+    drain order once the replacement is in service (or by the event's deadline). An instance
+    already replaced early (an earlier rebalance or notice) gets the drain order at once
+    when this event has a deadline (a Health change's start): nothing else would end it then.
+    ``drain``: drain order now (deadline: the event's, else ``retire_drain_seconds``; an
+    earlier order is tightened, never loosened) and detach."""
     if _ended(record) or settings.rebalance_policy is RebalancePolicy.IGNORE:
         return []
     deadline = _epoch(signal.deadline)
-    actions: list[Action] = []
     if settings.rebalance_policy is RebalancePolicy.DRAIN:
-        if record is None or record.state is not InstanceState.DRAINING:
-            if deadline is None:
-                deadline = _signal_time(signal) + settings.retire_drain_seconds
-            actions.append(RecordDraining(signal.instance_id, drain_deadline_at=deadline))
-        return actions + _replacement(signal, record, settings)
+        if deadline is None:
+            deadline = _signal_time(signal) + settings.retire_drain_seconds
+        return _drain_order(signal, record, deadline) + _replacement(signal, record, settings)
+    if record is not None and record.replacement_requested_at is not None:
+        return [] if deadline is None else _drain_order(signal, record, deadline)
     return _replacement(signal, record, settings, drain_deadline_at=deadline)
 
 

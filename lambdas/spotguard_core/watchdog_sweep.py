@@ -47,6 +47,14 @@ from spotguard_core.control_settings import ControlSettings
 from spotguard_core.decisions import counts_as_interruption
 from spotguard_core.requeue import RequeueIncompleteError
 
+#: How much earlier than the recorded request a replacement's launch may be dated. The ASG
+#: launches it during the ``DetachInstances`` call, before the request time is written, and
+#: the launch is dated by its lifecycle event, whose ``time`` has whole seconds only: read
+#: strictly, the very replacement a request caused looks launched before it and is never
+#: matched (the detached instance then waits ``replacement_wait_seconds``, or takes a later
+#: instance's replacement and leaves that one running outside the ASG).
+REPLACEMENT_LAUNCH_SLACK_SECONDS = 10.0
+
 SWEEP_ERRORS: tuple[type[Exception], ...] = (
     ClientError,
     BotoCoreError,
@@ -85,9 +93,10 @@ def in_service_replacements(
 ) -> dict[str, str]:
     """Detached instance id → the id of its replacement, for those whose replacement is in
     service: a ready record (bootstrap verified, heartbeat fresh) launched after the
-    replacement was requested, that no other instance already counts as its replacement.
-    Oldest requests are matched first, each replacement once. Instances that ended in the
-    last ``ended_within`` seconds are matched too (a spot-warned one is usually gone first)."""
+    replacement was requested (less ``REPLACEMENT_LAUNCH_SLACK_SECONDS``), that no other
+    instance already counts as its replacement. Oldest requests are matched first, each
+    replacement once. Instances that ended in the last ``ended_within`` seconds are matched
+    too (a spot-warned one is usually gone first)."""
     claimed = {r.replaced_by for r in records.values() if r.replaced_by}
     candidates = sorted(
         (
@@ -113,11 +122,10 @@ def in_service_replacements(
     )
     matched: dict[str, str] = {}
     for old in waiting:
+        requested = (old.replacement_requested_at or 0.0) - REPLACEMENT_LAUNCH_SLACK_SECONDS
         for candidate in candidates:
             started = candidate.launched_at or candidate.ready_at or 0.0
-            if candidate.instance_id not in matched.values() and started >= (
-                old.replacement_requested_at or 0.0
-            ):
+            if candidate.instance_id not in matched.values() and started >= requested:
                 matched[old.instance_id] = candidate.instance_id
                 break
     return matched

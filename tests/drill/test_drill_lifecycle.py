@@ -6,7 +6,6 @@ Real moto server, real agents, real dispatcher and watchdog, as in ``test_drill_
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,15 +17,6 @@ from tests.drill.configs import short_config
 pytestmark = [pytest.mark.drill, pytest.mark.xdist_group("drill")]
 
 
-#: The agent's checkpoint API (context.checkpoint / context.resumed, the checkpoint bucket)
-#: is the "workload" engineer's (issue 10): the test runs once the agent has it.
-NEEDS_WORKLOAD = pytest.mark.skipif(
-    importlib.util.find_spec("spotguard_agent.checkpoint") is None,
-    reason="the agent has no checkpoint API yet (spotguard_agent.checkpoint, issue 10)",
-)
-
-
-@NEEDS_WORKLOAD
 def test_long_tasks_resume_from_their_checkpoints(tmp_path: Path) -> None:
     """The same plan twice: with checkpoints an interrupted long task continues where it
     stopped; without, its work is done again."""
@@ -58,13 +48,6 @@ def test_long_tasks_resume_from_their_checkpoints(tmp_path: Path) -> None:
     assert with_checkpoints["work_redone_seconds"] < without["work_redone_seconds"]
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="control plane (issue 12): a rebalance under 'replace' detaches without a drain or a "
-    "retirement (RequestReplacement, drain_deadline_at None), and a later Health scheduled change "
-    "for the same instance yields no action, so that instance stays 'ready' outside the ASG; "
-    "passes when the plan's events hit different instances",
-)
 def test_early_replacements_leave_nothing_running_outside_the_asg(tmp_path: Path) -> None:
     """Rebalance recommendations under the default policy (replace) and AWS Health
     scheduled changes: each replaced instance drains and ends; nothing is lost."""

@@ -118,6 +118,25 @@ def test_health_change_under_replace_detaches_and_remembers_its_deadline(cp):
     assert record.drain_deadline_at is not None and record.drain_deadline_at > time.time() + 86_400
 
 
+def test_health_change_after_a_rebalance_replacement_is_a_drain_order_by_its_start(cp):
+    """Issue 12: a rebalance under ``replace`` detached the instance; a later Health change for
+    it must still reach the agent as a drain order whose deadline is the change's start."""
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance)
+    dispatch(sample_event("rebalance_recommendation", instance))
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.READY and record.replacement_requested_at
+    assert record.drain_deadline_at is None
+
+    dispatch(sample_event("health_scheduled_change", instance))
+    item = (
+        boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).get_item(Key={"instance_id": instance})
+    )["Item"]
+    assert item["state"] == "draining"
+    assert float(item["drain_deadline_at"]) > time.time() + 86_400  # the sample's start time
+    assert cp.instance_state(instance) == "running"  # the agent drains it; the watchdog ends it
+
+
 def test_health_change_under_drain_is_a_drain_order_on_the_fleet_record(cp, monkeypatch):
     monkeypatch.setenv(Env.REBALANCE_POLICY.value, "drain")
     [instance] = cp.launch_in_asg(1)

@@ -184,6 +184,31 @@ def test_detached_instance_drains_once_its_replacement_is_in_service_then_ends(c
     assert cp.instance_state(new) == "running"
 
 
+def test_replacements_dated_by_their_whole_second_launch_events_are_matched(cp):
+    """Issue 12: the ASG launches the replacement during ``DetachInstances``, and its launch is
+    dated by a lifecycle event with whole seconds: it looks launched just before the recorded
+    request. Each detached instance must still be matched to its own replacement (a miss used
+    to leave one detached instance running outside the ASG)."""
+    first, second, other = cp.launch_in_asg(3)
+    for instance in (first, second, other):
+        seed_record(instance)
+    dispatch(sample_event("rebalance_recommendation", first))
+    dispatch(sample_event("rebalance_recommendation", second))
+    replacements = sorted(set(cp.asg_instance_ids()) - {other})
+    assert len(replacements) == 2
+    for old, new in zip((first, second), replacements, strict=True):
+        requested = FleetStore().get(old).replacement_requested_at  # type: ignore[union-attr]
+        assert requested is not None
+        seed_record(new, launched_at=float(int(requested)) - 1.0, ready_at=time.time())
+
+    run_watchdog()
+
+    records = {old: FleetStore().get(old) for old in (first, second)}
+    assert all(r is not None and r.state is InstanceState.DRAINING for r in records.values())
+    assert {r.replaced_by for r in records.values() if r is not None} == set(replacements)
+    assert FleetStore().get(other).state is InstanceState.READY  # type: ignore[union-attr]
+
+
 def test_replacement_in_service_publishes_instance_replaced_once(cp):
     sqs = boto3.client("sqs")
     queue = sqs.create_queue(QueueName="replaced")["QueueUrl"]

@@ -238,6 +238,41 @@ def test_a_drain_decision_is_a_drain_order_with_a_deadline():
     assert isinstance(replace, RequestReplacement) and replace.drain_deadline_at == start.timestamp()
 
 
+def test_a_health_change_for_an_instance_already_replaced_early_is_a_drain_order_by_its_start():
+    """Issue 12: a rebalance under ``replace`` detached it (no drain order yet); the later
+    Health change must still reach it as a drain order with the start time as deadline."""
+    start = NOW + timedelta(days=2)
+    health = signal(SignalKind.HEALTH_SCHEDULED, deadline=start)
+    detached = record(InstanceState.READY, replacement_requested_at=NOW.timestamp() - 60)
+    [order] = decide(health, detached, SETTINGS)
+    assert isinstance(order, RecordDraining) and order.drain_deadline_at == start.timestamp()
+    # Already draining by a later deadline: tightened to the start; by an earlier one: kept.
+    later = record(
+        InstanceState.DRAINING, replacement_requested_at=1.0, drain_deadline_at=start.timestamp() + 600
+    )
+    [order] = decide(health, later, SETTINGS)
+    assert isinstance(order, RecordDraining) and order.drain_deadline_at == start.timestamp()
+    earlier = record(InstanceState.DRAINING, replacement_requested_at=1.0, drain_deadline_at=NOW.timestamp())
+    assert decide(health, earlier, SETTINGS) == []
+    # A second rebalance (no deadline) changes nothing; AWS's own reclaims keep their end.
+    assert decide(signal(SignalKind.REBALANCE), detached, SETTINGS) == []
+    warned = record(InstanceState.DRAINING, interrupted_at=1.0, replacement_requested_at=1.0)
+    assert decide(health, warned, SETTINGS) == []
+
+
+def test_under_drain_a_later_deadline_tightens_the_drain_order_never_loosens_it():
+    drain = ControlSettings(fleet="render", asg_name="g", rebalance_policy=RebalancePolicy.DRAIN)
+    start = NOW + timedelta(minutes=3)
+    draining = record(
+        InstanceState.DRAINING,
+        replacement_requested_at=1.0,
+        drain_deadline_at=NOW.timestamp() + drain.retire_drain_seconds,
+    )
+    [order] = decide(signal(SignalKind.HEALTH_SCHEDULED, deadline=start), draining, drain)
+    assert isinstance(order, RecordDraining) and order.drain_deadline_at == start.timestamp()
+    assert decide(signal(SignalKind.REBALANCE), draining, drain) == []
+
+
 @pytest.mark.parametrize(
     ("code", "expected"),
     [
