@@ -5,7 +5,6 @@ is done when its agent deleted the message after success), not from the user's c
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -45,10 +44,6 @@ def _workload(tmp_path: Path) -> Path:
     return directory
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("spotguard_agent.execution") is None,
-    reason="the agent cannot run a workload directory yet (spotguard_agent.execution, issue 10)",
-)
 @pytest.mark.parametrize("mode", ["handler", "command"])
 def test_the_users_workload_runs_and_nothing_is_lost(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
