@@ -496,6 +496,18 @@ class PythonExecution(Execution):
 TASK_SUPERVISOR = str(Path(__file__).resolve().with_name("task_supervisor.py"))
 
 
+def _deadline_file(checkpoint_dir: Path) -> Path:
+    """Next to the checkpoint directory, in the task's scratch space (never checkpointed)."""
+    return checkpoint_dir.parent / "deadline"
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """A reader sees the whole deadline or no file, never half of it."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text + "\n")
+    partial.replace(path)
+
+
 class CommandExecution(Execution):
     def __init__(self, command: str, workload: WorkloadConfig, store: CheckpointStore, **kwargs: Any) -> None:
         super().__init__(workload, store, **kwargs)
@@ -504,7 +516,12 @@ class CommandExecution(Execution):
         self._live_lock = threading.Lock()
 
     def _environment(self, task: Task, checkpoint_dir: Path) -> dict[str, str]:
-        env = {**os.environ, **self.task_environment(task), TaskEnv.CHECKPOINT_DIR.value: str(checkpoint_dir)}
+        env = {
+            **os.environ,
+            **self.task_environment(task),
+            TaskEnv.CHECKPOINT_DIR.value: str(checkpoint_dir),
+            TaskEnv.DEADLINE_FILE.value: str(_deadline_file(checkpoint_dir)),
+        }
         python_bin = Path(self.workload.python).parent
         if (python_bin.parent / "pyvenv.cfg").exists():  # the workload venv: its tools first
             env["PATH"] = os.pathsep.join([str(python_bin), env.get("PATH", os.defpath)])
@@ -559,12 +576,18 @@ class CommandExecution(Execution):
         for pump in pumps:
             pump.start()
         released = False
+        deadline_file = _deadline_file(checkpoint_dir)
+        deadline_written: str | None = None
         try:
             while True:
                 try:
                     process.wait(timeout=_POLL_SECONDS)
                     break
                 except subprocess.TimeoutExpired:
+                    deadline = self.deadline_text()
+                    if deadline is not None and deadline != deadline_written:
+                        _write_atomically(deadline_file, deadline)
+                        deadline_written = deadline
                     if task.context.released.is_set():
                         released = True
                         self._stop(process, task)

@@ -676,6 +676,10 @@ class TaskEnv(StrEnum):
     CHECKPOINT_DIR = "SPOTGUARD_CHECKPOINT_DIR"
     #: ISO 8601 UTC time the instance goes away; set only while the agent drains.
     DEADLINE = "SPOTGUARD_DEADLINE"
+    #: A file holding that same ISO 8601 time, written by the agent as soon as a drain with a
+    #: deadline begins (before the SIGTERM of a release): a command started before the drain
+    #: cannot see a new environment variable, but it can read this file.
+    DEADLINE_FILE = "SPOTGUARD_DEADLINE_FILE"
 
 
 # --------------------------------------------------------------------------------------

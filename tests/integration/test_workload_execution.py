@@ -51,6 +51,10 @@ env > "$RESULTS/$SPOTGUARD_MESSAGE_ID.env"
 pwd > "$RESULTS/$SPOTGUARD_MESSAGE_ID.cwd"
 case "$body" in
   fail) exit 3 ;;
+  deadline)
+    trap 'cat "$SPOTGUARD_DEADLINE_FILE" > "$RESULTS/deadline.seen"; exit 0' TERM
+    echo $$ > "$RESULTS/deadline.pid"
+    while true; do sleep 0.1; done ;;
   polite)
     sleep 300 & echo $! > "$RESULTS/polite.child"
     trap 'echo "got TERM"; exit 0' TERM
@@ -163,6 +167,28 @@ def test_a_released_command_gets_sigterm_and_one_ignoring_it_is_killed_after_the
     assert running.worker.counters[Metric.TASKS_KILLED] == 1
     assert running.worker.counters[Metric.TASKS_RELEASED_ON_DRAIN] == 2
     assert running.worker.counters[Metric.TASKS_FAILED] == 0, "a released task is not a failure"
+
+
+def test_a_running_command_reads_the_interruption_time_from_its_deadline_file(
+    world: World, workers: Workers, tmp_path, monkeypatch
+):
+    """SPOTGUARD_DEADLINE cannot reach a process started before the drain; the file can."""
+    workload, results = command_workload(tmp_path, monkeypatch, stop_grace_seconds=3.0)
+    world.send("deadline")
+    running = workers.start(agent_config(world), workload, INSTANCE)
+    wait_for((results / "deadline.pid").exists)
+    env = environment_of(next(results.glob("*.env")))
+    assert Path(env[TaskEnv.DEADLINE_FILE.value]).name == "deadline"
+    assert not Path(env[TaskEnv.DEADLINE_FILE.value]).exists(), "no drain yet: no deadline"
+    notice = spot_signal(INSTANCE, 60)
+    running.worker.drain(notice)  # no expected duration: released, SIGTERM
+    seen = wait_for(
+        lambda: (results / "deadline.seen").read_text() if (results / "deadline.seen").exists() else None
+    )
+    assert notice.deadline is not None
+    assert seen.strip().endswith("Z"), "ISO 8601 UTC, like SPOTGUARD_DEADLINE"
+    assert abs(datetime.fromisoformat(seen.strip()).timestamp() - notice.deadline.timestamp()) < 0.01
+    assert running.join() == 0
 
 
 STUBBORN_HANDLER = """
