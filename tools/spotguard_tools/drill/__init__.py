@@ -7,7 +7,22 @@ watchdog in a local Lambda host, plays a seeded chaos plan, and reports what hap
 task. See docs/drill.md.
 """
 
-from spotguard_tools.drill.config import DrillConfig
-from spotguard_tools.drill.run_loop import Drill
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from spotguard_tools.drill.config import DrillConfig
+    from spotguard_tools.drill.run_loop import Drill
 
 __all__ = ["Drill", "DrillConfig"]
+_WHERE = {"Drill": "spotguard_tools.drill.run_loop", "DrillConfig": "spotguard_tools.drill.config"}
+
+
+def __getattr__(name: str) -> Any:
+    """Imported on first use: the drill's task handler (``drill.task``) runs in every handler
+    process of every simulated instance and needs none of the run loop, boto3 or rich."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'spotguard_tools.drill' has no attribute {name!r}")
