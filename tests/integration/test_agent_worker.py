@@ -34,6 +34,8 @@ from spotguard_core.contracts import (
 from spotguard_tools.imds_emulator import running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
+from tests.support.workload_env import moto_agent_config
+
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
 
@@ -95,22 +97,14 @@ def aws(moto_server) -> Aws:
 
 
 def config_for(aws: Aws, **overrides: Any) -> AgentConfig:
-    base = AgentConfig(
+    return moto_agent_config(
         fleet="test",
-        region="us-east-1",
-        work_queue_url=aws.queue_url,
-        work_dlq_url=aws.dlq_url,
+        queue_url=aws.queue_url,
+        dlq_url=aws.dlq_url,
         lease_table=aws.lease_table,
         fleet_table=aws.fleet_table,
-        concurrency=2,
-        visibility_timeout_seconds=30,
-        receive_wait_seconds=1,
-        drain_margin_seconds=1.0,
-        failure_backoff_seconds=1.0,
-        fleet_heartbeat_seconds=0.5,
-        health_port=0,
+        **{"concurrency": 2, "failure_backoff_seconds": 1.0, **overrides},
     )
-    return base.with_overrides(**overrides)
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import urllib.request
@@ -19,11 +18,10 @@ import boto3
 import pytest
 from spotguard_agent.installer import Installer
 from spotguard_core.contracts import FLEET_TABLE_PK, Env
-from spotguard_tools.bundle import build_bundle
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
 
 pytestmark = pytest.mark.integration
 PARAMETER = "/spotguard/demo/agent-config"
@@ -44,11 +42,7 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 @pytest.fixture
 def staging(tmp_path: Path) -> Path:
-    info = build_bundle(tmp_path / "dist")
-    target = tmp_path / "staging"
-    with tarfile.open(info.path) as archive:
-        archive.extractall(target, filter="data")
-    return target
+    return unpacked_bundle(tmp_path)
 
 
 @pytest.fixture

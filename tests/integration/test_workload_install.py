@@ -23,10 +23,9 @@ import pytest
 from spotguard_agent.execution import WorkloadConfig
 from spotguard_agent.installer import Installer, InstallError
 from spotguard_core.contracts import WORKLOAD_DIR, Env, Metric
-from spotguard_tools.bundle import build_bundle
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
 from tests.support.workload_env import (
     Workers,
     World,
@@ -124,11 +123,7 @@ def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
 
 @pytest.fixture
 def staging(tmp_path: Path) -> Path:
-    info = build_bundle(tmp_path / "dist")
-    target = tmp_path / "staging"
-    with tarfile.open(info.path) as archive:
-        archive.extractall(target, filter="data")
-    return target
+    return unpacked_bundle(tmp_path)
 
 
 @pytest.fixture

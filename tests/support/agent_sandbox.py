@@ -20,6 +20,7 @@ import contextlib
 import os
 import signal
 import sys
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,3 +203,15 @@ def make_sandbox(base: Path) -> Sandbox:
         path.write_text(text)
         path.chmod(0o755)
     return sandbox
+
+
+def unpacked_bundle(base: Path) -> Path:
+    """The agent bundle built as CDK ships it, unpacked as stage 1 does (the installer's
+    staging directory)."""
+    from spotguard_tools.bundle import build_bundle  # noqa: PLC0415 - only the installer tests need it
+
+    info = build_bundle(base / "dist")
+    target = base / "staging"
+    with tarfile.open(info.path) as archive:
+        archive.extractall(target, filter="data")
+    return target

@@ -79,14 +79,18 @@ def make_world() -> World:
     return World(queue, dlq)
 
 
-def agent_config(world: World, **overrides: Any) -> AgentConfig:
+def moto_agent_config(
+    *, fleet: str, queue_url: str, dlq_url: str, lease_table: str, fleet_table: str, **overrides: Any
+) -> AgentConfig:
+    """An agent configuration for tests against the moto server: fast heartbeats and polls,
+    a short drain margin, no health port; ``overrides`` change any field."""
     base = AgentConfig(
-        fleet=FLEET,
+        fleet=fleet,
         region="us-east-1",
-        work_queue_url=world.queue_url,
-        work_dlq_url=world.dlq_url,
-        lease_table=world.lease_table,
-        fleet_table=world.fleet_table,
+        work_queue_url=queue_url,
+        work_dlq_url=dlq_url,
+        lease_table=lease_table,
+        fleet_table=fleet_table,
         concurrency=1,
         visibility_timeout_seconds=30,
         receive_wait_seconds=1,
@@ -94,9 +98,19 @@ def agent_config(world: World, **overrides: Any) -> AgentConfig:
         failure_backoff_seconds=5.0,
         fleet_heartbeat_seconds=0.5,
         health_port=0,
-        max_failures=5,
     )
     return base.with_overrides(**overrides)
+
+
+def agent_config(world: World, **overrides: Any) -> AgentConfig:
+    return moto_agent_config(
+        fleet=FLEET,
+        queue_url=world.queue_url,
+        dlq_url=world.dlq_url,
+        lease_table=world.lease_table,
+        fleet_table=world.fleet_table,
+        **overrides,
+    )
 
 
 @dataclass
