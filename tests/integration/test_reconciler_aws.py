@@ -7,6 +7,7 @@ dispatcher marks them: a fleet record that ended with ``spot_reclaim``.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import boto3
 import pytest
@@ -138,9 +139,9 @@ def test_dry_run_changes_nothing(ec2_fleet):
     assert FleetStore().get(instance_id).replaced_by is None
 
 
-def test_replacement_prefers_another_pool(ec2_fleet, monkeypatch):
-    """With the fleet's ASG offering two types in two zones, the reclaimed pool comes last."""
-    ec2, image, template = ec2_fleet
+def two_pool_asg(ec2: Any, template: str, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, str], str, str]:
+    """The fleet's ASG over two zones and two instance types (m5.large, c5.large): four
+    pools. Returns the default subnet by zone and the two zones."""
     subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
     by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in subnets}
     zone_a, zone_b = sorted(by_zone)[:2]
@@ -158,6 +159,13 @@ def test_replacement_prefers_another_pool(ec2_fleet, monkeypatch):
         },
     )
     monkeypatch.setenv(Env.ASG_NAME.value, contracts.asg_name(FLEET))
+    return by_zone, zone_a, zone_b
+
+
+def test_replacement_prefers_another_pool(ec2_fleet, monkeypatch):
+    """With the fleet's ASG offering two types in two zones, the reclaimed pool comes last."""
+    ec2, image, template = ec2_fleet
+    by_zone, zone_a, zone_b = two_pool_asg(ec2, template, monkeypatch)
     old = launch(ec2, image, instance_type="m5.large", subnet=by_zone[zone_a])
     stop(ec2, old, end_reason=EndReason.SPOT_RECLAIM)
 
@@ -277,23 +285,7 @@ def test_tagged_but_unenrolled_asg_members_and_early_replacements_are_not_eligib
 def test_pool_memory_holds_across_jobs(ec2_fleet, monkeypatch):
     """After a reclaim, later replacements avoid that pool for a while (stored, not per listing)."""
     ec2, image, template = ec2_fleet
-    subnets = ec2.describe_subnets(Filters=[{"Name": "default-for-az", "Values": ["true"]}])["Subnets"]
-    by_zone = {s["AvailabilityZone"]: s["SubnetId"] for s in subnets}
-    zone_a, zone_b = sorted(by_zone)[:2]
-    boto3.client("autoscaling").create_auto_scaling_group(
-        AutoScalingGroupName=contracts.asg_name(FLEET),
-        MinSize=0,
-        MaxSize=2,
-        DesiredCapacity=0,
-        VPCZoneIdentifier=f"{by_zone[zone_a]},{by_zone[zone_b]}",
-        MixedInstancesPolicy={
-            "LaunchTemplate": {
-                "LaunchTemplateSpecification": {"LaunchTemplateId": template, "Version": "$Default"},
-                "Overrides": [{"InstanceType": "m5.large"}, {"InstanceType": "c5.large"}],
-            },
-        },
-    )
-    monkeypatch.setenv(Env.ASG_NAME.value, contracts.asg_name(FLEET))
+    by_zone, zone_a, zone_b = two_pool_asg(ec2, template, monkeypatch)
     first = launch(ec2, image, instance_type="m5.large", subnet=by_zone[zone_a])
     stop(ec2, first, end_reason=EndReason.SPOT_RECLAIM)
     [done] = run_job().outcomes
