@@ -8,7 +8,6 @@ import base64
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
@@ -26,6 +25,7 @@ from spotguard_core.contracts import WORKLOAD_DIR, Env, Metric
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
 from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
+from tests.support.moto_server import free_port
 from tests.support.workload_env import (
     Workers,
     World,
@@ -64,12 +64,6 @@ def handle(body, context):
         json.dump(result, f)
 """
 HELPERS = {"helpers/__init__.py": "", "helpers/text.py": "def shout(word):\n    return word.upper() + '!'\n"}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
