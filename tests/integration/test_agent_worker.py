@@ -32,28 +32,20 @@ from spotguard_core.contracts import (
     requeue_counter_key,
 )
 from spotguard_tools.imds_emulator import running_imds
-from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.workload_env import moto_agent_config
+from tests.support.moto_server import MotoClients
+from tests.support.workload_env import make_world, moto_agent_config
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
 
 
 @dataclass
-class Aws:
+class Aws(MotoClients):
     queue_url: str
     dlq_url: str
     lease_table: str
     fleet_table: str
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def dynamodb(self) -> Any:
-        return boto3.resource("dynamodb")
 
     def send(self, **body: Any) -> str:
         return str(self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(body))["MessageId"])
@@ -87,13 +79,8 @@ class Aws:
 
 @pytest.fixture
 def aws(moto_server) -> Aws:
-    sqs = boto3.client("sqs")
-    dlq = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
-    queue = sqs.create_queue(QueueName="work", Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
-    dynamodb = boto3.client("dynamodb")
-    create_table(dynamodb, TableKind.LEASES, "leases")
-    create_table(dynamodb, TableKind.FLEET, "fleet")
-    return Aws(queue, dlq, "leases", "fleet")
+    world = make_world()
+    return Aws(world.queue_url, world.dlq_url, world.lease_table, world.fleet_table)
 
 
 def config_for(aws: Aws, **overrides: Any) -> AgentConfig:

@@ -29,7 +29,7 @@ from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.agent_sandbox import Sandbox
 from tests.support.moto_server import free_port
 
 pytestmark = pytest.mark.integration
@@ -101,13 +101,6 @@ def values(
         "LaunchHook": "spotguard-launch",
         "ConfigParameter": CONFIG_PARAMETER,
     }
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path)
-    yield box
-    box.stop_services()
 
 
 def run_user_data(

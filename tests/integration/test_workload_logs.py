@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -21,9 +20,7 @@ from tests.support.workload_env import (
     Workers,
     World,
     agent_config,
-    make_world,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
@@ -33,15 +30,10 @@ GROUP = "/spotguard/test/agent"
 
 
 @pytest.fixture
-def world(moto_server: Any) -> World:
-    created = make_world()
+def world(world: World) -> World:
+    """The shared world (conftest) and the agent's log group."""
     boto3.client("logs").create_log_group(logGroupName=GROUP)
-    return created
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
+    return world
 
 
 def shipped_lines(stream: str) -> list[dict[str, Any]]:

@@ -23,6 +23,8 @@ from spotguard_core.contracts import (
 )
 from spotguard_tools.local_tables import TableKind, create_table
 
+from tests.support.moto_server import MotoClients, restore_environ
+
 FLEET = "render"
 ACCOUNT_ID = "123456789012"
 REGION = "us-east-1"
@@ -42,7 +44,7 @@ def create_tables(prefix: str) -> dict[Env, str]:
 
 
 @dataclass
-class ControlPlaneEnv:
+class ControlPlaneEnv(MotoClients):
     """What a test gets: names, URLs and helpers to make instances and leases."""
 
     fleet: str
@@ -52,14 +54,6 @@ class ControlPlaneEnv:
     bus_name: str
     tables: dict[Env, str]
     env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def ec2(self) -> Any:
-        return boto3.client("ec2")
 
     def launch_in_asg(self, count: int = 1) -> list[str]:
         """Raise the fleet ASG's desired capacity; return the new instance ids (moto launches them)."""
@@ -204,11 +198,7 @@ def build(
 
 
 def restore_environment(saved: Mapping[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    restore_environ(saved)
     aws.reset_clients()
 
 

@@ -22,25 +22,19 @@ from spotguard_agent.worker import Worker
 from spotguard_core.contracts import Signal, SignalKind, SignalSource, lease_pk
 from spotguard_tools.local_tables import TableKind, create_table
 
+from tests.support.moto_server import MotoClients
+
 FLEET = "test"
 BUCKET = "spotguard-checkpoints-test"
 
 
 @dataclass
-class World:
+class World(MotoClients):
     queue_url: str
     dlq_url: str
     lease_table: str = "leases"
     fleet_table: str = "fleet"
     bucket: str = BUCKET
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def s3(self) -> Any:
-        return boto3.client("s3")
 
     def send(self, body: Any) -> str:
         text = body if isinstance(body, str) else json.dumps(body)
