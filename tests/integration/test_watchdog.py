@@ -93,21 +93,28 @@ def test_orphaned_leases_are_released(cp):
     assert list(LeaseStore().scan_leases()) == []
 
 
-# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
-# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
-# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
-# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
-def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
+def draining_with_leases(
+    cp, *, heartbeat_age: float, deadline_age: float, interrupted_age: float
+) -> tuple[str, list[Lease]]:
+    """An ASG instance draining past its deadline (times given as seconds ago) holding four leases."""
     [instance] = cp.launch_in_asg(1)
     now = time.time()
     seed_record(
         instance,
         InstanceState.DRAINING,
-        heartbeat_at=now - 5,
-        drain_deadline_at=now - 30,
-        interrupted_at=now - 150,
+        heartbeat_at=now - heartbeat_age,
+        drain_deadline_at=now - deadline_age,
+        interrupted_at=now - interrupted_age,
     )
-    leases = cp.lease_messages(instance, 4)
+    return instance, cp.lease_messages(instance, 4)
+
+
+# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
+# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
+# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
+# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
+def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
+    instance, leases = draining_with_leases(cp, heartbeat_age=5, deadline_age=30, interrupted_age=150)
     run_watchdog()
     run_watchdog()
     assert cp.receive_all() == []
@@ -116,16 +123,7 @@ def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
 
 
 def test_draining_agent_that_is_gone_has_its_tasks_requeued_as_interruptions(cp):
-    [instance] = cp.launch_in_asg(1)
-    now = time.time()
-    seed_record(
-        instance,
-        InstanceState.DRAINING,
-        heartbeat_at=now - 600,
-        drain_deadline_at=now - 400,
-        interrupted_at=now - 520,
-    )
-    leases = cp.lease_messages(instance, 4)
+    instance, leases = draining_with_leases(cp, heartbeat_age=600, deadline_age=400, interrupted_age=520)
     run_watchdog()
     assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
     record = FleetStore().get(instance)
