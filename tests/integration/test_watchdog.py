@@ -207,19 +207,24 @@ def test_replacements_dated_by_their_whole_second_launch_events_are_matched(cp):
     assert FleetStore().get(other).state is InstanceState.READY  # type: ignore[union-attr]
 
 
-def test_replacement_in_service_publishes_instance_replaced_once(cp):
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="replaced")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+def replaced_events_queue(cp, name: str) -> str:
+    """A queue that a rule on the notification bus fills with every ``instance.replaced`` event."""
+    queue = cp.sqs.create_queue(QueueName=name)["QueueUrl"]
+    arn = cp.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     bus = boto3.client("events")
     bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
     bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    return queue
+
+
+def test_replacement_in_service_publishes_instance_replaced_once(cp):
+    queue = replaced_events_queue(cp, "replaced")
     old, new = cp.launch_in_asg(2)
     seed_record(old, replacement_requested_at=time.time() - 60)
     seed_record(new, launched_at=time.time())
     run_watchdog()
     run_watchdog()
-    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert len(messages) == 1
     detail = json.loads(messages[0]["Body"])["detail"]
     assert detail["instanceId"] == old and detail["replacementInstanceId"] == new
@@ -280,12 +285,7 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
 
 def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_announced(cp):
     """The usual spot case: the warning's two minutes end before the replacement bootstraps."""
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="replaced-late")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = boto3.client("events")
-    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
-    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = replaced_events_queue(cp, "replaced-late")
     [old] = cp.launch_in_asg(1)
     seed_record(old)
     dispatch(sample_event("spot_interruption_warning", old))
@@ -299,5 +299,5 @@ def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_anno
     record = FleetStore().get(old)
     assert record is not None and record.state is InstanceState.ENDED and record.replaced_by == new
     assert record.end_reason is EndReason.SPOT_RECLAIM
-    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert [json.loads(m["Body"])["detail"]["replacementInstanceId"] for m in messages] == [new]
