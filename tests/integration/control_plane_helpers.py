@@ -78,6 +78,14 @@ def seed_record(
     return record
 
 
+def busy_instance(cp: control_plane_env.ControlPlaneEnv, leases: int) -> str:
+    """One instance launched in the fleet ASG, ready (``seed_record``), holding ``leases`` leased messages."""
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance)
+    cp.lease_messages(instance, leases)
+    return instance
+
+
 def fleet_record(instance_id: str) -> FleetRecord | None:
     return FleetStore().get(instance_id)
 

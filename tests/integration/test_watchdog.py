@@ -207,18 +207,8 @@ def test_replacements_dated_by_their_whole_second_launch_events_are_matched(cp):
     assert FleetStore().get(other).state is InstanceState.READY  # type: ignore[union-attr]
 
 
-def replaced_events_queue(cp, name: str) -> str:
-    """A queue that a rule on the notification bus fills with every ``instance.replaced`` event."""
-    queue = cp.sqs.create_queue(QueueName=name)["QueueUrl"]
-    arn = cp.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = boto3.client("events")
-    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
-    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
-    return queue
-
-
 def test_replacement_in_service_publishes_instance_replaced_once(cp):
-    queue = replaced_events_queue(cp, "replaced")
+    queue = cp.bus_to_queue("replaced", '{"detail-type": ["instance.replaced"]}')
     old, new = cp.launch_in_asg(2)
     seed_record(old, replacement_requested_at=time.time() - 60)
     seed_record(new, launched_at=time.time())
@@ -285,7 +275,7 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
 
 def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_announced(cp):
     """The usual spot case: the warning's two minutes end before the replacement bootstraps."""
-    queue = replaced_events_queue(cp, "replaced-late")
+    queue = cp.bus_to_queue("replaced-late", '{"detail-type": ["instance.replaced"]}')
     [old] = cp.launch_in_asg(1)
     seed_record(old)
     dispatch(sample_event("spot_interruption_warning", old))

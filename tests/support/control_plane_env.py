@@ -120,6 +120,18 @@ class ControlPlaneEnv(MotoClients):
                 writer.put_item(Item=lease.to_item())
         return leases
 
+    def bus_to_queue(self, queue_name: str, event_pattern: str) -> str:
+        """A new queue that a rule on the notification bus fills with the events matching
+        ``event_pattern`` (JSON), so a test can read what was published; its URL."""
+        queue = self.sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        events = boto3.client("events")
+        events.put_rule(Name=queue_name, EventBusName=self.bus_name, EventPattern=event_pattern)
+        events.put_targets(Rule=queue_name, EventBusName=self.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+        return queue
+
     def receive_all(self, *, max_rounds: int = 200) -> list[dict[str, Any]]:
         """Everything receivable from the work queue right now (as another consumer)."""
         received: list[dict[str, Any]] = []
