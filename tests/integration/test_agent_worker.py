@@ -26,16 +26,14 @@ from spotguard_core.contracts import (
     Env,
     Lease,
     Metric,
-    Signal,
     SignalKind,
-    SignalSource,
     lease_pk,
     requeue_counter_key,
 )
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
 from tests.support.moto_server import MotoClients
-from tests.support.workload_env import make_world, moto_agent_config, spot_signal, wait_for
+from tests.support.workload_env import imds_signal, make_world, moto_agent_config, spot_signal, wait_for
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
@@ -306,17 +304,7 @@ def test_scale_in_lets_running_tasks_finish_then_answers_the_hook(aws: Aws, run_
         config_for(aws, asg_name="spotguard-test", terminate_hook_name="spotguard-terminate")
     )
     wait_for(aws.leases)
-    received = datetime.now(UTC)
-    worker.drain(
-        Signal(
-            instance_id=INSTANCE,
-            kind=SignalKind.LIFECYCLE_TERMINATE,
-            source=SignalSource.IMDS,
-            event_id="scale-in",
-            received_at=received,
-            state="Terminated",
-        )
-    )
+    worker.drain(imds_signal(INSTANCE, SignalKind.LIFECYCLE_TERMINATE, "scale-in", state="Terminated"))
     thread.join(timeout=60)  # moto's 500s to the lifecycle calls are retried by botocore first
     assert result == [0]
     assert worker.counters[Metric.TASKS_COMPLETED] == 1, "no deadline: the running task finished"
@@ -578,18 +566,8 @@ def test_a_process_stop_drains_but_leaves_the_fleet_record_for_the_restarted_age
     must not turn draining (it cannot go back, and the restarted agent would obey it)."""
     worker, thread, result = run_worker(config_for(aws))
     wait_for(lambda: fleet_item(aws).get("heartbeat_at"))
-    received = datetime.now(UTC)
-    worker.drain(
-        Signal(
-            instance_id=INSTANCE,
-            kind=SignalKind.STATE_CHANGE,
-            source=SignalSource.IMDS,
-            event_id="sigterm",
-            received_at=received,
-            deadline=received + timedelta(seconds=60),
-            attributes={"origin": PROCESS_STOP_ORIGIN, "signal": "SIGTERM"},
-        )
-    )
+    process_stop = {"origin": PROCESS_STOP_ORIGIN, "signal": "SIGTERM"}
+    worker.drain(imds_signal(INSTANCE, SignalKind.STATE_CHANGE, "sigterm", 60, attributes=process_stop))
     thread.join(timeout=30)
     assert result == [0]
     record = fleet_item(aws)

@@ -158,16 +158,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError("condition not met in time")
 
 
-def spot_signal(instance_id: str, seconds_from_now: float) -> Signal:
+def imds_signal(
+    instance_id: str, kind: SignalKind, event_id: str, seconds_from_now: float | None = None, **fields: Any
+) -> Signal:
+    """A notice as the agent's watcher hands it to the worker: received now, with a deadline
+    ``seconds_from_now`` later (none if not given); ``fields`` are the other ``Signal`` fields."""
     received = datetime.now(UTC)
-    return Signal(
-        instance_id=instance_id,
-        kind=SignalKind.SPOT_INTERRUPTION,
-        source=SignalSource.IMDS,
-        event_id=f"test-{instance_id}",
-        received_at=received,
-        deadline=received + timedelta(seconds=seconds_from_now),
-    )
+    deadline = None if seconds_from_now is None else received + timedelta(seconds=seconds_from_now)
+    # Positional in the dataclass's field order: the names above are those of the fields.
+    return Signal(instance_id, kind, SignalSource.IMDS, event_id, received, deadline, **fields)
+
+
+def spot_signal(instance_id: str, seconds_from_now: float) -> Signal:
+    return imds_signal(instance_id, SignalKind.SPOT_INTERRUPTION, f"test-{instance_id}", seconds_from_now)
 
 
 def write_tree(directory: Path, files: dict[str, str]) -> Path:
