@@ -166,37 +166,33 @@ def synths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Synth]:
     return synths
 
 
-@pytest.fixture(scope="session")
-def default_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["default"]
+def succeeded(synth: Synth) -> Synth:
+    """The synth, once it is known to have worked (its stderr tail otherwise)."""
     assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
     return synth
+
+
+@pytest.fixture(scope="session")
+def default_synth(synths: dict[str, Synth]) -> Synth:
+    return succeeded(synths["default"])
 
 
 @pytest.fixture(scope="session")
 def staging_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["staging"]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return succeeded(synths["staging"])
 
 
 @pytest.fixture(scope="session")
 def two_fleets_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["two_fleets"]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return succeeded(synths["two_fleets"])
 
 
 @pytest.fixture(scope="session", params=list(CONFIGS))
 def every_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
     """Every synthesized app, the user's two-fleet app included (compliance checks)."""
-    synth = synths[request.param]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return succeeded(synths[request.param])
 
 
 @pytest.fixture(scope="session", params=list(APP_CONFIGS))
 def any_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
-    synth = synths[request.param]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return succeeded(synths[request.param])

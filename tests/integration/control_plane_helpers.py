@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from spotguard_core.contracts import (
@@ -23,8 +22,6 @@ from spotguard_tools import events
 
 from tests.support import control_plane_env
 
-EVENTS_DIR = Path(__file__).resolve().parents[1] / "events"
-SAMPLE_INSTANCE = "i-1234567890abcdef0"
 SECOND_SAMPLE_INSTANCE = "i-0fedcba0987654321"
 FLEET = control_plane_env.FLEET
 
