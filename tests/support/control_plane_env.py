@@ -43,6 +43,27 @@ def create_tables(prefix: str) -> dict[Env, str]:
     return names
 
 
+def lease_of(
+    message: Mapping[str, Any],
+    *,
+    instance_id: str,
+    queue_url: str,
+    at: float,
+    interruption_requeues: int | None = None,
+) -> Lease:
+    """The lease a worker on ``instance_id`` writes for a ``message`` it received at ``at``
+    (``interruption_requeues``: the count it knows, 0 on a first receive; None: unknown)."""
+    return Lease(
+        instance_id=instance_id,
+        message_id=message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        queue_url=queue_url,
+        leased_at=at,
+        heartbeat_at=at,
+        interruption_requeues=interruption_requeues,
+    )
+
+
 @dataclass
 class ControlPlaneEnv(MotoClients):
     """What a test gets: names, URLs and helpers to make instances and leases."""
@@ -103,17 +124,9 @@ class ControlPlaneEnv(MotoClients):
             if not messages:
                 break
             now = time.time()
-            for message in messages:
-                leases.append(
-                    Lease(
-                        instance_id=instance_id,
-                        message_id=message["MessageId"],
-                        receipt_handle=message["ReceiptHandle"],
-                        queue_url=self.work_queue_url,
-                        leased_at=now,
-                        heartbeat_at=now,
-                    )
-                )
+            leases.extend(
+                lease_of(m, instance_id=instance_id, queue_url=self.work_queue_url, at=now) for m in messages
+            )
         store = LeaseStore(self.tables[Env.LEASE_TABLE])
         with store.table.batch_writer() as writer:
             for lease in leases:
