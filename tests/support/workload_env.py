@@ -73,11 +73,24 @@ def make_world() -> World:
     return World(queue, dlq)
 
 
+#: What a test agent changes from the defaults: one task at a time, fast heartbeats and
+#: polls, a short drain margin, and no health port (tests run many agents side by side).
+MOTO_AGENT_TIMINGS: dict[str, Any] = {
+    "concurrency": 1,
+    "visibility_timeout_seconds": 30,
+    "receive_wait_seconds": 1,
+    "drain_margin_seconds": 1.0,
+    "failure_backoff_seconds": 5.0,
+    "fleet_heartbeat_seconds": 0.5,
+    "health_port": 0,
+}
+
+
 def moto_agent_config(
     *, fleet: str, queue_url: str, dlq_url: str, lease_table: str, fleet_table: str, **overrides: Any
 ) -> AgentConfig:
-    """An agent configuration for tests against the moto server: fast heartbeats and polls,
-    a short drain margin, no health port; ``overrides`` change any field."""
+    """An agent configuration for tests against the moto server, with ``MOTO_AGENT_TIMINGS``;
+    ``overrides`` change any field."""
     base = AgentConfig(
         fleet=fleet,
         region="us-east-1",
@@ -85,13 +98,7 @@ def moto_agent_config(
         work_dlq_url=dlq_url,
         lease_table=lease_table,
         fleet_table=fleet_table,
-        concurrency=1,
-        visibility_timeout_seconds=30,
-        receive_wait_seconds=1,
-        drain_margin_seconds=1.0,
-        failure_backoff_seconds=5.0,
-        fleet_heartbeat_seconds=0.5,
-        health_port=0,
+        **MOTO_AGENT_TIMINGS,
     )
     return base.with_overrides(**overrides)
 
