@@ -151,9 +151,8 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
     worker, thread, result = run_worker(config_for(aws))
     wait_for(lambda: len(aws.leases()) == 2)
     drained_at = time.monotonic()
-    worker.drain(
-        spot_signal(INSTANCE, 4.0)
-    )  # deadline - margin = 3 s: the 1 s task fits, the 60 s one does not
+    # deadline - margin = 3 s: the 1 s task fits, the 60 s one does not
+    worker.drain(spot_signal(INSTANCE, 4.0))
     # Receivable by another consumer right away, not after the 30 s visibility timeout.
     released = wait_for(lambda: aws.receive(visibility=30), timeout=5)
     assert time.monotonic() - drained_at < 3.0  # generous: CI machines are busy
