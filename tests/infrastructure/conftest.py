@@ -166,33 +166,37 @@ def synths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Synth]:
     return synths
 
 
-def succeeded(synth: Synth) -> Synth:
-    """The synth, once it is known to have worked (its stderr tail otherwise)."""
+@pytest.fixture(scope="session")
+def default_synth(synths: dict[str, Synth]) -> Synth:
+    synth = synths["default"]
     assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
     return synth
 
 
 @pytest.fixture(scope="session")
-def default_synth(synths: dict[str, Synth]) -> Synth:
-    return succeeded(synths["default"])
-
-
-@pytest.fixture(scope="session")
 def staging_synth(synths: dict[str, Synth]) -> Synth:
-    return succeeded(synths["staging"])
+    synth = synths["staging"]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
 
 
 @pytest.fixture(scope="session")
 def two_fleets_synth(synths: dict[str, Synth]) -> Synth:
-    return succeeded(synths["two_fleets"])
+    synth = synths["two_fleets"]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
 
 
 @pytest.fixture(scope="session", params=list(CONFIGS))
 def every_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
     """Every synthesized app, the user's two-fleet app included (compliance checks)."""
-    return succeeded(synths[request.param])
+    synth = synths[request.param]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
 
 
 @pytest.fixture(scope="session", params=list(APP_CONFIGS))
 def any_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
-    return succeeded(synths[request.param])
+    synth = synths[request.param]
+    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
+    return synth
