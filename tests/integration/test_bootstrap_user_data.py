@@ -9,7 +9,6 @@ instance. systemctl, shutdown, logger, sleep and dnf are stand-ins on PATH
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -30,17 +29,12 @@ from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.agent_sandbox import Sandbox
+from tests.support.moto_server import free_port
 
 pytestmark = pytest.mark.integration
 BUCKET = "cdk-hnb659fds-assets-123456789012-us-east-1"
 CONFIG_PARAMETER = "/spotguard/demo/agent-config"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def uptime_seconds() -> int:
@@ -107,13 +101,6 @@ def values(
         "LaunchHook": "spotguard-launch",
         "ConfigParameter": CONFIG_PARAMETER,
     }
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path)
-    yield box
-    box.stop_services()
 
 
 def run_user_data(

@@ -34,12 +34,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def notifications(cp) -> Iterator[Any]:
     """The notification bus routed to a queue: returns a function reading what was published."""
-    events_client = boto3.client("events")
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="notifications")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events_client.put_rule(Name="all", EventBusName=cp.bus_name, EventPattern='{"source": ["spotguard"]}')
-    events_client.put_targets(Rule="all", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = cp.bus_to_queue("notifications", '{"source": ["spotguard"]}')
+    sqs = cp.sqs
 
     def read() -> list[dict[str, Any]]:
         found = []

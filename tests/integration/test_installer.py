@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -21,28 +20,11 @@ from spotguard_core.contracts import FLEET_TABLE_PK, Env
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
+from tests.support.agent_sandbox import Sandbox
+from tests.support.moto_server import free_port
 
 pytestmark = pytest.mark.integration
 PARAMETER = "/spotguard/demo/agent-config"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path)
-    yield box
-    box.stop_services()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return unpacked_bundle(tmp_path)
 
 
 @pytest.fixture

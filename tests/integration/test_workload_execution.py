@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,26 +18,14 @@ from tests.support.workload_env import (
     Workers,
     World,
     agent_config,
-    make_world,
     process_alive,
     spot_signal,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0workload00000001"
-
-
-@pytest.fixture
-def world(moto_server: Any) -> World:
-    return make_world()
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
 
 
 COMMAND_SCRIPT = """#!/bin/sh

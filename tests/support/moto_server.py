@@ -8,11 +8,45 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
+import boto3
 from spotguard_tools.drill.moto import ACCOUNT_ID, DEFAULT_REGION, MotoServer, free_port
 
-__all__ = ["ACCOUNT_ID", "DEFAULT_REGION", "MotoServer", "free_port", "running_moto_server"]
+__all__ = [
+    "ACCOUNT_ID",
+    "DEFAULT_REGION",
+    "MotoClients",
+    "MotoServer",
+    "free_port",
+    "restore_environ",
+    "running_moto_server",
+]
+
+
+def restore_environ(saved: Mapping[str, str | None]) -> None:
+    """Put the variables back as ``saved`` holds them (``None``: the variable was not set)."""
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _client(service: str) -> Any:
+    return property(lambda _self: boto3.client(service))
+
+
+class MotoClients:
+    """boto3 clients for the helpers of the tests, made at each use rather than kept: they
+    follow the environment of the moment (the moto endpoint, a test's region)."""
+
+    sqs = _client("sqs")
+    s3 = _client("s3")
+    ec2 = _client("ec2")
+    #: The resource, for ``Table`` reads in the tests' own checks.
+    dynamodb = property(lambda _self: boto3.resource("dynamodb"))
 
 
 @contextlib.contextmanager
@@ -24,9 +58,5 @@ def running_moto_server() -> Iterator[MotoServer]:
     try:
         yield server
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(previous)
         server.stop()
