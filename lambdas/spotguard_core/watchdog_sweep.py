@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotguard_core.contracts import (
+    FLEET_TABLE_PK,
     LEASE_TABLE_SK,
     BootstrapStatus,
     FleetRecord,
@@ -40,11 +40,11 @@ from spotguard_core.contracts import (
     Signal,
     SignalKind,
     SignalSource,
-    lease_sk,
 )
 from spotguard_core.control_plane import UNREADABLE_ITEM_ERRORS, ControlPlane, TransientActionError
 from spotguard_core.control_settings import ControlSettings
 from spotguard_core.decisions import counts_as_interruption
+from spotguard_core.lease_store import lease_filter
 from spotguard_core.requeue import RequeueIncompleteError
 
 #: How much earlier than the recorded request a replacement's launch may be dated. The ASG
@@ -261,14 +261,14 @@ class WatchdogSweep:
                 record = FleetRecord.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:
                 report.unreadable_items += 1
-                self.control_plane.unreadable_item(f"fleet record {item.get('instance_id')!r}", error)
+                self.control_plane.unreadable_item(f"fleet record {item.get(FLEET_TABLE_PK)!r}", error)
                 continue
             records[record.instance_id] = record
         return records
 
     def _leases(self, report: SweepReport) -> Iterator[Lease]:
         table = self.control_plane.lease_store.table
-        for item in _pages(table, FilterExpression=Attr(LEASE_TABLE_SK).begins_with(lease_sk(""))):
+        for item in _pages(table, FilterExpression=lease_filter()):
             try:
                 yield Lease.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:

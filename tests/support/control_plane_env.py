@@ -123,7 +123,7 @@ class ControlPlaneEnv:
         store = LeaseStore(self.tables[Env.LEASE_TABLE])
         with store.table.batch_writer() as writer:
             for lease in leases:
-                writer.put_item(Item=lease.to_item())
+                writer.put_item(Item=lease.to_item(store.arn_prefix))
         return leases
 
     def receive_all(self, *, max_rounds: int = 200) -> list[dict[str, Any]]:
