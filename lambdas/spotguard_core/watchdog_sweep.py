@@ -3,7 +3,9 @@
 Runs every minute. Each finding becomes a ``Signal`` (source ``watchdog``) and goes through
 the same ``ControlPlane.process`` path as EventBridge signals:
 
-- ``BOOTSTRAP_DEADLINE``: launching, not ready, past ``bootstrap_deadline_at``;
+- ``BOOTSTRAP_DEADLINE``: not ended and no verified bootstrap past ``bootstrap_deadline_at``
+  (or ``launched_at`` + the configured time), whatever its state: a lifecycle answer (anyone
+  in the ASG may send one) never stands in for the instance's own bootstrap report;
 - ``HEARTBEAT_STALE``: ready/draining and the agent silent: the agent is gone, the only case
   in which the watchdog takes a live record's tasks (requeue, terminate);
 - ``REPLACEMENT_IN_SERVICE``: an instance replaced early whose replacement is in service (a
@@ -131,17 +133,28 @@ def in_service_replacements(
     return matched
 
 
+def bootstrap_deadline(record: FleetRecord, settings: ControlSettings) -> float | None:
+    """The record's bootstrap deadline; when the launch event that sets it never came (lost,
+    or the record began with an agent's write), its launch time plus the configured time."""
+    if record.bootstrap_deadline_at is not None:
+        return record.bootstrap_deadline_at
+    if record.launched_at is not None:
+        return record.launched_at + settings.bootstrap_deadline_seconds
+    return None
+
+
 def findings(
     record: FleetRecord, *, now: float, settings: ControlSettings, replacement: str | None = None
 ) -> list[SignalKind]:
     """Which watchdog signal kinds an (active) record calls for at ``now``."""
-    if record.state is InstanceState.LAUNCHING:
-        if (
-            record.bootstrap_status is not BootstrapStatus.READY
-            and record.bootstrap_deadline_at is not None
-            and now > record.bootstrap_deadline_at
-        ):
+    if record.state is not InstanceState.ENDED and record.bootstrap_status is not BootstrapStatus.READY:
+        # Whatever answered its launch hook (AWS lets any instance of the ASG CONTINUE
+        # another's), an instance is in service only once its own record shows a verified
+        # bootstrap: past the deadline without one it is a failed bootstrap, launching or not.
+        deadline = bootstrap_deadline(record, settings)
+        if deadline is not None and now > deadline:
             return [SignalKind.BOOTSTRAP_DEADLINE]
+    if record.state is InstanceState.LAUNCHING:
         return []
     if record.state not in (InstanceState.READY, InstanceState.DRAINING):
         return []
