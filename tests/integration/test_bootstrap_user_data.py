@@ -259,7 +259,7 @@ def test_rendered_user_data_is_under_2kb_with_realistic_names(world):
         "Region": "ap-southeast-2",
         "BundleUrl": f"s3://{bucket + 'x' * (63 - len(bucket))}/{'0' * 64}.tar.gz",
         "FleetTable": "Spotguard-default-TablesFleet4F2B1A9C-1Q2W3E4R5T6Y7",
-        "InstanceArnPrefix": "arn:aws:ec2:us-east-1:123456789012:instance/",
+        "InstanceArnPrefix": "arn:aws:ec2:ap-southeast-2:123456789012:instance/",
         "AsgName": "spotguard-default",
         "ConfigParameter": "/spotguard/default/agent-config",
     }
