@@ -33,6 +33,7 @@ from spotguard_core.contracts import (
     RebalancePolicy,
     checked_instance_arn_prefix,
     instance_arn_prefix,
+    partition_of_region,
 )
 
 from spotguard_agent.imds import DEFAULT_IMDS_URL, IDENTITY_DOCUMENT_PATH, ImdsClient, ImdsError
@@ -203,14 +204,6 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     return config
 
 
-def _partition_of_region(region: str) -> str:
-    if region.startswith("cn-"):
-        return "aws-cn"
-    if region.startswith("us-gov-"):
-        return "aws-us-gov"
-    return "aws"
-
-
 def with_instance_arn_prefix(config: AgentConfig, imds: ImdsClient) -> AgentConfig:
     """``config`` with ``instance_arn_prefix`` set: the one built at synth (agent config), else
     from IMDS (identity document region and account, ``services/partition``; without that
@@ -225,7 +218,7 @@ def with_instance_arn_prefix(config: AgentConfig, imds: ImdsClient) -> AgentConf
             region, account_id = str(identity["region"]), str(identity["accountId"])
         except (ValueError, KeyError, TypeError) as error:
             raise ImdsError(f"IMDS identity document unreadable: {error}") from error
-        partition = imds.optional_text(PARTITION_PATH) or _partition_of_region(region)
+        partition = imds.optional_text(PARTITION_PATH) or partition_of_region(region)
         config = replace(
             config,
             instance_arn_prefix=instance_arn_prefix(

@@ -295,6 +295,15 @@ def instance_arn_prefix(*, partition: str, region: str, account_id: str) -> str:
     return f"arn:{partition}:ec2:{region}:{account_id}{INSTANCE_KEY_SEPARATOR}"
 
 
+def partition_of_region(region: str) -> str:
+    """The partition of a commercial, China or GovCloud region (where nothing better says it)."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
 def checked_instance_arn_prefix(value: str | None = None) -> str:
     """``value``, else ``Env.INSTANCE_ARN_PREFIX`` of the environment, checked to be an
     instance ARN prefix of one account and region (a wrong one would key every write
