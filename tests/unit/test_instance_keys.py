@@ -109,31 +109,24 @@ def test_requeue_counters_stay_outside_every_instance_key() -> None:
         instance_id_of_key(key[LEASE_TABLE_PK])
 
 
-def test_runtime_env_sets_the_prefix_for_functions_and_agent() -> None:
-    resources = runtime_env.FleetResources(
-        fleet="demo",
-        region="eu-west-1",
-        account_id="123456789012",
-        work_queue_url="q",
-        work_dlq_url="d",
-        lease_table="l",
-        fleet_table="f",
+def _resources(**names: str) -> runtime_env.FleetResources:
+    return runtime_env.FleetResources(
+        fleet="demo", work_queue_url="q", work_dlq_url="d", lease_table="l", fleet_table="f", **names
     )
+
+
+def test_runtime_env_sets_the_prefix_for_functions_and_agent() -> None:
+    resources = _resources(region="eu-west-1", account_id="123456789012")
     env = runtime_env.control_plane_env(resources, runtime_env.ControlOptions())
     assert env[Env.INSTANCE_ARN_PREFIX.value] == PREFIX
     agent = runtime_env.agent_config(runtime_env.AgentResources(fleet=resources), runtime_env.AgentOptions())
     assert agent[Env.INSTANCE_ARN_PREFIX.value] == PREFIX
-    tokens = runtime_env.FleetResources(
-        fleet="demo",
-        region="${Token[AWS.Region.1]}",
-        account_id="${Token[AWS.AccountId.2]}",
-        work_queue_url="q",
-        work_dlq_url="d",
-        lease_table="l",
-        fleet_table="f",
-        instance_arn_prefix="arn:${Token[AWS.Partition.3]}:ec2:${Token[AWS.Region.1]}:${Token[AWS.AccountId.2]}:instance/",
+    # The stack passes its own (CDK tokens, partition included): never replaced by the default.
+    given = "arn:${Token[AWS.Partition.3]}:ec2:${Token[AWS.Region.1]}:${Token[AWS.AccountId.2]}:instance/"
+    tokens = _resources(
+        region="${Token[AWS.Region.1]}", account_id="${Token[AWS.AccountId.2]}", instance_arn_prefix=given
     )
     assert (
-        "AWS.Partition"
-        in runtime_env.control_plane_env(tokens, runtime_env.ControlOptions())[Env.INSTANCE_ARN_PREFIX.value]
+        runtime_env.control_plane_env(tokens, runtime_env.ControlOptions())[Env.INSTANCE_ARN_PREFIX.value]
+        == given
     )
