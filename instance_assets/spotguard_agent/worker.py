@@ -172,7 +172,11 @@ class Worker:
         self.instance_id = instance_id
         self.clients = clients or AwsClients(config.region)
         self.reporter = reporter or FleetReporter(
-            self.clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
+            self.clients,
+            instance_id=instance_id,
+            fleet=config.fleet,
+            fleet_table=config.fleet_table,
+            arn_prefix=config.instance_arn_prefix,
         )
         # The user's work runs in child processes (spotguard_agent.execution); the handler
         # reports its expected_seconds from there, per task.
@@ -191,7 +195,13 @@ class Worker:
             count=self._count,
         )
         self.sqs = self.clients.sqs
-        self.leases = LeaseStore(config.lease_table, clients=self.clients)
+        # Keys under this instance's ARN; counters one item at a time (the instance role's limits).
+        self.leases = LeaseStore(
+            config.lease_table,
+            clients=self.clients,
+            arn_prefix=config.instance_arn_prefix,
+            batch_counters=False,
+        )
         self.requeuer = Requeuer(lease_store=self.leases, sqs=self.sqs)
         self._tasks: dict[str, Task] = {}
         self._tasks_lock = threading.Lock()

@@ -35,7 +35,7 @@ from spotguard_cdk.api import OpsApi
 from spotguard_cdk.common import cfn_lint_ignore
 from spotguard_cdk.control import ControlPlane, FunctionInputs
 from spotguard_cdk.fleet import Fleet
-from spotguard_cdk.functions import CDK_ROLE_DEPENDENCY_REASON, FunctionRuntime
+from spotguard_cdk.functions import CDK_ROLE_DEPENDENCY_REASON, FunctionRuntime, instance_arn_prefix
 from spotguard_cdk.network import Network
 from spotguard_cdk.notifications import Notifications
 from spotguard_cdk.observability import Observability
@@ -200,6 +200,7 @@ class SpotWorkerFleet(Construct):
             fleet_table=self.tables.fleet.table_name,
             jobs_table=self.tables.jobs.table_name,
             idempotency_table=self.tables.idempotency.table_name,
+            instance_arn_prefix=instance_arn_prefix(self),
         )
         self.agent_config = AgentConfigParameter(
             self,

@@ -185,10 +185,17 @@ def fleet(deployment: Deployment) -> Fleet:
         # record says ready. (The emulator's RunInstances instances are no ASG members, so
         # the record is what makes them managed here; on AWS the ASG membership does too.)
         reporter = FleetReporter(
-            ClientFactory(REGION), instance_id=instance_id, fleet=FLEET, fleet_table=fleet_table
+            ClientFactory(REGION),
+            instance_id=instance_id,
+            fleet=FLEET,
+            fleet_table=fleet_table,
+            arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value],
         )
         assert reporter.ready(instance_type="m7i.large", availability_zone=f"{REGION}a")
-    leases = LeaseStore(agent_config[contracts.Env.LEASE_TABLE.value])
+    leases = LeaseStore(
+        agent_config[contracts.Env.LEASE_TABLE.value],
+        arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value],
+    )
     queue_url = agent_config[contracts.Env.WORK_QUEUE_URL.value]
     workers = []
     for instance_id in [*managed_ids, unmanaged_id]:
@@ -213,7 +220,7 @@ def fleet(deployment: Deployment) -> Fleet:
         managed=workers[:2],
         unmanaged=workers[2],
         leases=leases,
-        records=FleetStore(fleet_table),
+        records=FleetStore(fleet_table, arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value]),
         sqs=sqs,
     )
 

@@ -21,19 +21,28 @@ import pytest
 from spotguard_agent.config import AgentConfig
 from spotguard_agent.worker import PREFETCH_MAX_TASK_SECONDS, PROCESS_STOP_ORIGIN, Worker
 from spotguard_core.contracts import (
-    FLEET_TABLE_PK,
     REQUEUE_COUNTER_ATTRIBUTE,
     Env,
     Lease,
     Metric,
     SignalKind,
+<<<<<<< HEAD
     lease_pk,
+=======
+    SignalSource,
+    instance_key,
+>>>>>>> wip/leading-keys
     requeue_counter_key,
 )
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
+<<<<<<< HEAD
 from tests.support.moto_server import MotoClients
 from tests.support.workload_env import imds_signal, make_world, moto_agent_config, spot_signal, wait_for
+=======
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
+from tests.support.workload_env import moto_agent_config
+>>>>>>> wip/leading-keys
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
@@ -52,7 +61,8 @@ class Aws(MotoClients):
     def leases(self, instance_id: str = INSTANCE) -> list[dict[str, Any]]:
         table = self.dynamodb.Table(self.lease_table)
         items = table.query(
-            KeyConditionExpression="pk = :pk", ExpressionAttributeValues={":pk": lease_pk(instance_id)}
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)},
         )["Items"]
         return list(items)
 
@@ -126,7 +136,7 @@ def test_lease_written_before_work_and_removed_after_delete(aws: Aws, run_worker
     wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 1, timeout=20)
     assert aws.leases() == []
     assert aws.counts() == (0, 0), "deleted on success"
-    fleet = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: INSTANCE})["Item"]
+    fleet = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(INSTANCE))["Item"]
     assert float(fleet["heartbeat_at"]) > time.time() - 10
 
 
@@ -279,7 +289,7 @@ def test_agent_process_releases_work_on_a_spot_notice_and_exits_zero(aws: Aws, m
     assert latency < 3.0, f"notice to release took {latency:.2f} s"
     assert code == 0, stderr
     assert aws.leases("i-0spot00000000001") == []
-    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: "i-0spot00000000001"})["Item"]
+    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key("i-0spot00000000001"))["Item"]
     assert record["state"] == "draining"
 
 
@@ -336,7 +346,7 @@ def test_report_command_records_the_outcome(aws: Aws, moto_server):
         "tag": True,
         "lifecycle": False,  # moto answers 500 to lifecycle actions
     }
-    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id})["Item"]
+    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(instance_id))["Item"]
     assert (record["bootstrap_status"], record["bootstrap_reason"]) == ("failed", "disk full")
     described = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
     assert {t["Key"]: t["Value"] for t in described}["spotguard:bootstrap"] == "failed"
@@ -345,7 +355,7 @@ def test_report_command_records_the_outcome(aws: Aws, moto_server):
 # ---------------------------------------------------------------------- issue 12: lifecycle
 def fleet_item(aws: Aws, instance_id: str = INSTANCE) -> dict[str, Any]:
     return dict(
-        aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item") or {}
+        aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(instance_id)).get("Item") or {}
     )
 
 
@@ -378,7 +388,7 @@ def test_the_fleet_record_orders_a_drain_within_one_heartbeat(aws: Aws, run_work
     wait_for(aws.leases)
     deadline = time.time() + 3
     aws.dynamodb.Table(aws.fleet_table).update_item(
-        Key={FLEET_TABLE_PK: INSTANCE},
+        Key=moto_fleet_key(INSTANCE),
         UpdateExpression="SET #s = :s, state_rank = :r, drain_deadline_at = :d, last_signal = :l",
         ExpressionAttributeNames={"#s": "state"},
         ExpressionAttributeValues={
@@ -416,7 +426,7 @@ def test_leases_left_by_a_crashed_run_are_released_at_start_as_interruptions(aws
             leased_at=time.time() - 30,
             heartbeat_at=time.time() - 30,
             interruption_requeues=0,
-        ).to_item()
+        ).to_item(MOTO_INSTANCE_ARN_PREFIX)
     )
     worker, _, _ = run_worker(config_for(aws))
     # Released at start (not after the 600 s visibility timeout), then taken and finished.

@@ -24,6 +24,7 @@ from tests.integration.ops_fixtures import (
     reconciler_runs_inline,
     rest_event,
 )
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -308,8 +309,10 @@ def test_fleet_view_skips_and_counts_unreadable_items(tables):
         InstanceState.READY,
         BootstrapStatus.READY,
     )
-    _put_raw({"instance_id": {"S": "i-0bad0000000000001"}, "state": {"S": "exploded"}})
-    _put_raw({"instance_id": {"S": "i-0bad0000000000002"}, "launched_at": {"S": "yesterday"}})
+    _put_raw({"pk": {"S": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bad0000000000001"}, "state": {"S": "exploded"}})
+    _put_raw(
+        {"pk": {"S": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bad0000000000002"}, "launched_at": {"S": "yesterday"}}
+    )
     status, body = call(rest_event("GET", "/fleet"))
     assert status == 200
     assert [i["instanceId"] for i in body["instances"]] == ["i-0aaaaaaaaaaaaaaa1"]

@@ -22,15 +22,19 @@ import pytest
 from spotguard_core.contracts import (
     BOOTSTRAP_REASON_TAG_KEY,
     BOOTSTRAP_TAG_KEY,
-    FLEET_TABLE_PK,
     Env,
 )
 from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
 from spotguard_tools.local_tables import TableKind, create_table
 
+<<<<<<< HEAD
 from tests.support.agent_sandbox import Sandbox
 from tests.support.moto_server import free_port
+=======
+from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
+>>>>>>> wip/leading-keys
 
 pytestmark = pytest.mark.integration
 BUCKET = "cdk-hnb659fds-assets-123456789012-us-east-1"
@@ -97,6 +101,7 @@ def values(
         "BundleSha256": sha256 or bundle.sha256,
         "DeadlineSeconds": str(deadline),
         "FleetTable": "fleet",
+        "InstanceArnPrefix": MOTO_INSTANCE_ARN_PREFIX,
         "AsgName": "spotguard-demo",
         "LaunchHook": "spotguard-launch",
         "ConfigParameter": CONFIG_PARAMETER,
@@ -136,9 +141,7 @@ def log_of(sandbox: Sandbox) -> str:
 
 
 def fleet_record(instance_id: str) -> dict[str, Any]:
-    return (
-        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item", {})
-    )
+    return boto3.resource("dynamodb").Table("fleet").get_item(Key=moto_fleet_key(instance_id)).get("Item", {})
 
 
 def tags(instance_id: str) -> dict[str, str]:
@@ -247,6 +250,7 @@ def test_rendered_user_data_is_under_2kb_with_realistic_names(world):
         "Region": "ap-southeast-2",
         "BundleUrl": f"s3://{bucket + 'x' * (63 - len(bucket))}/{'0' * 64}.tar.gz",
         "FleetTable": "Spotguard-default-TablesFleet4F2B1A9C-1Q2W3E4R5T6Y7",
+        "InstanceArnPrefix": "arn:aws:ec2:ap-southeast-2:123456789012:instance/",
         "AsgName": "spotguard-default",
         "ConfigParameter": "/spotguard/default/agent-config",
     }

@@ -16,12 +16,17 @@ from typing import Any
 import boto3
 import pytest
 from spotguard_agent.installer import Installer
-from spotguard_core.contracts import FLEET_TABLE_PK, Env
+from spotguard_core.contracts import Env
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
+<<<<<<< HEAD
 from tests.support.agent_sandbox import Sandbox
 from tests.support.moto_server import free_port
+=======
+from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
+from tests.support.moto_server import moto_fleet_key
+>>>>>>> wip/leading-keys
 
 pytestmark = pytest.mark.integration
 PARAMETER = "/spotguard/demo/agent-config"
@@ -126,9 +131,7 @@ def test_installing_twice_gives_the_same_result_and_no_duplicate_units(sandbox, 
         f"http://127.0.0.1:{agent_config[Env.HEALTH_PORT.value]}/health", timeout=5
     ).read()
     assert json.loads(health)["instance_id"] == imds.instance_id
-    record = (
-        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: imds.instance_id})["Item"]
-    )
+    record = boto3.resource("dynamodb").Table("fleet").get_item(Key=moto_fleet_key(imds.instance_id))["Item"]
     assert record["bootstrap_status"] == "ready"
 
 

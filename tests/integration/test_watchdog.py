@@ -19,6 +19,7 @@ from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
 from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event, seed_record
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 
@@ -252,12 +253,16 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
     """Issue 13: one bad item never stops the sweep for the whole fleet."""
     broken, stale = cp.launch_in_asg(2)
     fleet_table = boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE])
-    fleet_table.put_item(Item={"instance_id": broken, "fleet": cp.fleet, "state": "exploded"})
+    fleet_table.put_item(Item={**moto_fleet_key(broken), "fleet": cp.fleet, "state": "exploded"})
     fleet_table.put_item(
-        Item={"instance_id": "i-0aaaaaaaaaaaaaaaa", "state": "ready", "heartbeat_at": "soon"}
+        Item={**moto_fleet_key("i-0aaaaaaaaaaaaaaaa"), "state": "ready", "heartbeat_at": "soon"}
     )
     boto3.resource("dynamodb").Table(cp.tables[Env.LEASE_TABLE]).put_item(
-        Item={"pk": "instance#i-0bbbbbbbbbbbbbbbb", "sk": "lease#m1", "instance_id": "i-0bbbbbbbbbbbbbbbb"}
+        Item={
+            "pk": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bbbbbbbbbbbbbbbb",
+            "sk": "lease#m1",
+            "instance_id": "i-0bbbbbbbbbbbbbbbb",
+        }
     )
     now = time.time()
     seed_record(stale, ready_at=now - 3000, heartbeat_at=now - 600)

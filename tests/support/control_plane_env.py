@@ -130,7 +130,7 @@ class ControlPlaneEnv(MotoClients):
         store = LeaseStore(self.tables[Env.LEASE_TABLE])
         with store.table.batch_writer() as writer:
             for lease in leases:
-                writer.put_item(Item=lease.to_item())
+                writer.put_item(Item=lease.to_item(store.arn_prefix))
         return leases
 
     def bus_to_queue(self, queue_name: str, event_pattern: str) -> str:

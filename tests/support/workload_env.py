@@ -19,10 +19,10 @@ import boto3
 from spotguard_agent.config import AgentConfig
 from spotguard_agent.execution import WorkloadConfig
 from spotguard_agent.worker import Worker
-from spotguard_core.contracts import Signal, SignalKind, SignalSource, lease_pk
+from spotguard_core.contracts import Signal, SignalKind, SignalSource, instance_key
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.moto_server import MotoClients
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, MotoClients
 
 FLEET = "test"
 BUCKET = "spotguard-checkpoints-test"
@@ -54,7 +54,8 @@ class World(MotoClients):
         table = boto3.resource("dynamodb").Table(self.lease_table)
         return list(
             table.query(
-                KeyConditionExpression="pk = :pk", ExpressionAttributeValues={":pk": lease_pk(instance_id)}
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)},
             )["Items"]
         )
 
@@ -94,6 +95,7 @@ def moto_agent_config(
     base = AgentConfig(
         fleet=fleet,
         region="us-east-1",
+        instance_arn_prefix=MOTO_INSTANCE_ARN_PREFIX,
         work_queue_url=queue_url,
         work_dlq_url=dlq_url,
         lease_table=lease_table,

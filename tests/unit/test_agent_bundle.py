@@ -31,6 +31,7 @@ REALISTIC = {
     "BundleSha256": "4f9c2e1b7a3d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7",
     "DeadlineSeconds": "1200",
     "FleetTable": "SpotguardVideoTranscodeProd-FleetTableA1B2C3D4-1A2B3C4D5E6F7",
+    "InstanceArnPrefix": "arn:aws:ec2:eu-west-1:123456789012:instance/",
     "AsgName": "spotguard-video-transcode-prod",
     "LaunchHook": "spotguard-launch",
     "ConfigParameter": "/spotguard/video-transcode-prod/agent-config",
