@@ -26,23 +26,13 @@ from spotguard_core.contracts import (
     Lease,
     Metric,
     SignalKind,
-<<<<<<< HEAD
-    lease_pk,
-=======
-    SignalSource,
     instance_key,
->>>>>>> wip/leading-keys
     requeue_counter_key,
 )
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
-<<<<<<< HEAD
-from tests.support.moto_server import MotoClients
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, MotoClients, moto_fleet_key
 from tests.support.workload_env import imds_signal, make_world, moto_agent_config, spot_signal, wait_for
-=======
-from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
-from tests.support.workload_env import moto_agent_config
->>>>>>> wip/leading-keys
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"

@@ -28,13 +28,8 @@ from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
 from spotguard_tools.local_tables import TableKind, create_table
 
-<<<<<<< HEAD
 from tests.support.agent_sandbox import Sandbox
-from tests.support.moto_server import free_port
-=======
-from tests.support.agent_sandbox import Sandbox, make_sandbox
-from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
->>>>>>> wip/leading-keys
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, free_port, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 BUCKET = "cdk-hnb659fds-assets-123456789012-us-east-1"

@@ -20,13 +20,8 @@ from spotguard_core.contracts import Env
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
-<<<<<<< HEAD
 from tests.support.agent_sandbox import Sandbox
-from tests.support.moto_server import free_port
-=======
-from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
-from tests.support.moto_server import moto_fleet_key
->>>>>>> wip/leading-keys
+from tests.support.moto_server import free_port, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 PARAMETER = "/spotguard/demo/agent-config"

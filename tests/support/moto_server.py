@@ -11,23 +11,28 @@ import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-<<<<<<< HEAD
 import boto3
-=======
 from spotguard_core.contracts import FLEET_TABLE_PK, Env, instance_arn_prefix, instance_key
->>>>>>> wip/leading-keys
 from spotguard_tools.drill.moto import ACCOUNT_ID, DEFAULT_REGION, MotoServer, free_port
 
 __all__ = [
     "ACCOUNT_ID",
     "DEFAULT_REGION",
-<<<<<<< HEAD
+    "MOTO_INSTANCE_ARN_PREFIX",
     "MotoClients",
     "MotoServer",
     "free_port",
+    "moto_fleet_key",
     "restore_environ",
     "running_moto_server",
 ]
+#: Instance keys on moto (its account and region), as the stack sets them for a deployment.
+MOTO_INSTANCE_ARN_PREFIX = instance_arn_prefix(partition="aws", region=DEFAULT_REGION, account_id=ACCOUNT_ID)
+
+
+def moto_fleet_key(instance_id: str) -> dict[str, str]:
+    """The fleet table key of ``instance_id`` on moto."""
+    return {FLEET_TABLE_PK: instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)}
 
 
 def restore_environ(saved: Mapping[str, str | None]) -> None:
@@ -52,21 +57,6 @@ class MotoClients:
     ec2 = _client("ec2")
     #: The resource, for ``Table`` reads in the tests' own checks.
     dynamodb = property(lambda _self: boto3.resource("dynamodb"))
-=======
-    "MOTO_INSTANCE_ARN_PREFIX",
-    "MotoServer",
-    "free_port",
-    "moto_fleet_key",
-    "running_moto_server",
-]
-#: Instance keys on moto (its account and region), as the stack sets them for a deployment.
-MOTO_INSTANCE_ARN_PREFIX = instance_arn_prefix(partition="aws", region=DEFAULT_REGION, account_id=ACCOUNT_ID)
-
-
-def moto_fleet_key(instance_id: str) -> dict[str, str]:
-    """The fleet table key of ``instance_id`` on moto."""
-    return {FLEET_TABLE_PK: instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)}
->>>>>>> wip/leading-keys
 
 
 @contextlib.contextmanager
