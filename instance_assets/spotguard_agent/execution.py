@@ -19,7 +19,7 @@ Two modes (``Env.HANDLER`` xor ``Env.COMMAND``), both outside the agent's own pr
 
 The worker calls ``run(task)`` in the task's thread: it returns when the task succeeded or
 was released (the worker tells those apart by the task state) and raises ``TaskFailed``
-when it failed. ``succeeded(task)`` deletes the checkpoint; ``close()`` waits for stopping
+when it failed. ``succeeded(tasks)`` deletes their checkpoints; ``close()`` waits for stopping
 tasks and ends the child processes at exit.
 """
 
@@ -38,7 +38,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,6 +182,7 @@ class Execution:
         try:
             self._run(task)
         finally:
+            self.store.forget([task.message_id])  # this attempt saves nothing more
             with self._active_changed:
                 self._active -= 1
                 self._active_changed.notify_all()
@@ -189,11 +190,14 @@ class Execution:
     def _run(self, task: Task) -> None:
         raise NotImplementedError
 
-    def succeeded(self, task: Task) -> None:
-        """After the message was deleted: its checkpoint is not needed any more. Only a
-        message that was received before, or saved one now, can have one."""
-        if self.store.enabled and (task.receive_count > 1 or task.context.checkpointed):
-            self.store.delete(task.message_id)
+    def succeeded(self, tasks: Sequence[Task]) -> None:
+        """After the messages were deleted: their checkpoints are not needed any more (one
+        DeleteObjects call). Only a message that was received before, or saved one now, can
+        have one."""
+        if self.store.enabled:
+            self.store.delete_many(
+                t.message_id for t in tasks if t.receive_count > 1 or t.context.checkpointed
+            )
 
     def close(self, timeout: float | None = None) -> None:
         """Wait (bounded) for running/stopping tasks, then end the child processes."""

@@ -911,8 +911,7 @@ class DeleteBatcher:
             worker.leases.delete([task.lease for task in batch])
         except BOOKKEEPING_ERRORS as error:
             LOG.warning("lease delete failed for %d messages: %s", len(batch), error)
-        for task in deleted:  # done for good: its checkpoint is not needed any more
-            worker.execution.succeeded(task)
+        worker.execution.succeeded(deleted)  # done for good: their checkpoints are not needed any more
         worker._count(Metric.TASKS_COMPLETED, len(batch))
 
 
