@@ -49,6 +49,9 @@ class DrillConfig:
     checkpoints: bool = field(
         default=True, metadata=cli("the drill's task handler saves progress with context.checkpoint")
     )
+    checkpoint_every_seconds: float = field(
+        default=1.0, metadata=cli("seconds of a task's work between two of its checkpoints")
+    )
     # ---- chaos plan
     spot_warnings: int = field(
         default=2, metadata=cli("spot interruption warnings (reclaimed at the deadline)")
