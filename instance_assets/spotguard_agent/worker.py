@@ -189,6 +189,7 @@ class Worker:
             fleet=config.fleet,
             deadline=lambda: self.drain_signal.deadline if self.drain_signal is not None else None,
             count=self._count,
+            slots=config.concurrency,
         )
         self.sqs = self.clients.sqs
         self.leases = LeaseStore(config.lease_table, clients=self.clients)

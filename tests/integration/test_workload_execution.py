@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from spotguard_agent.checkpoint import CheckpointStore
-from spotguard_agent.execution import WorkloadConfig, WorkloadError
-from spotguard_agent.worker import Worker
-from spotguard_core.contracts import Metric, TaskEnv, checkpoint_key
+from spotguard_agent.execution import WorkloadConfig, WorkloadError, build_execution
+from spotguard_agent.worker import TaskContext, Worker
+from spotguard_core.contracts import DEFAULT_HANDLER, Metric, TaskEnv, checkpoint_key
 
 from tests.support.workload_env import (
     BUCKET,
@@ -358,3 +360,45 @@ def test_finished_messages_checkpoints_are_deleted_in_one_request(world: World):
     store.delete_many([f"m-{index}" for index in range(10)] + ["m-never-saved"])
     assert calls == {"DeleteObjects": 1}
     assert world.object_keys() == []
+
+
+def handler_host_children() -> list[int]:
+    """Handler host processes this test process started (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X") and b"handler_host" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_every_slot_has_its_handler_process_before_its_first_task(world: World):
+    """A requeued task landing on a fresh instance must not wait for a process start: the
+    hosts of all slots start with the agent, and tasks take them instead of starting more."""
+    execution = build_execution(
+        handler=DEFAULT_HANDLER,
+        workload=WorkloadConfig(),
+        s3=None,
+        fleet=FLEET,
+        deadline=lambda: None,
+        count=lambda _metric: None,
+        slots=3,
+    )
+    try:
+        wait_for(lambda: len(handler_host_children()) == 3)
+        started = set(handler_host_children())
+        message = {"MessageId": "m-1", "ReceiptHandle": "r-1", "Body": json.dumps({"seconds": 0})}
+        for _ in range(3):
+            execution.run(
+                SimpleNamespace(
+                    message=message, message_id="m-1", receive_count=1, context=TaskContext("m-1", 1, {})
+                )
+            )
+        assert set(handler_host_children()) == started, "the tasks ran on the hosts started with the agent"
+    finally:
+        execution.close()
+    wait_for(lambda: not handler_host_children())
