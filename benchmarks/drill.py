@@ -16,7 +16,9 @@ mode): eight workers per agent, tasks of seconds, three in ten of them longer th
 and warnings and kills aimed at the busiest instances, so every interrupted instance holds
 several tasks that cannot finish there. The fleet's throughput on 2 cores is the emulator's
 (every task costs several AWS calls), so what is in flight at an interruption is throughput
-x duration, not the slot count.
+x duration, not the slot count. The interruptions' clock starts once every initial
+instance runs three quarters of its slots at once: on a starved machine the fleet can
+work one task per instance for a minute, and a plan played then cuts little short.
 
 Each task checkpoints every ``--checkpoint-every-seconds`` (4 s) of work, not the drill's
 default 1 s: 160 running tasks checkpointing every second ask the emulator for 160
@@ -73,6 +75,7 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         rebalances=0,
         bootstrap_failures=0,
         chaos_start_seconds=3.0,
+        chaos_when_running=max(1, args.concurrency * 3 // 4),
         chaos_end_seconds=25.0,
         warning_seconds=8.0,
         visibility_timeout_seconds=30,

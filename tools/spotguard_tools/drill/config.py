@@ -72,6 +72,13 @@ class DrillConfig:
         default=8.0, metadata=cli("interruptions start this long after the fleet works ...")
     )
     chaos_end_seconds: float = field(default=40.0, metadata=cli("... and end by here (seconds)"))
+    chaos_when_running: int = field(
+        default=0,
+        metadata=cli(
+            "the interruptions' clock waits until every healthy initial instance runs this many "
+            "tasks at once (0: one started task is enough)"
+        ),
+    )
     # ---- compressed AWS timings
     warning_seconds: float = field(default=12.0, metadata=cli("the 2-minute spot warning, compressed"))
     visibility_timeout_seconds: int = field(
