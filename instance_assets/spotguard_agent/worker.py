@@ -193,6 +193,7 @@ class Worker:
             fleet=config.fleet,
             deadline=lambda: self.drain_signal.deadline if self.drain_signal is not None else None,
             count=self._count,
+            slots=config.concurrency,
         )
         self.sqs = self.clients.sqs
         # Keys under this instance's ARN; counters one item at a time (the instance role's limits).
@@ -921,8 +922,7 @@ class DeleteBatcher:
             worker.leases.delete([task.lease for task in batch])
         except BOOKKEEPING_ERRORS as error:
             LOG.warning("lease delete failed for %d messages: %s", len(batch), error)
-        for task in deleted:  # done for good: its checkpoint is not needed any more
-            worker.execution.succeeded(task)
+        worker.execution.succeeded(deleted)  # done for good: their checkpoints are not needed any more
         worker._count(Metric.TASKS_COMPLETED, len(batch))
 
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from spotguard_tools.drill import task
 from spotguard_tools.drill.config import DrillConfig, add_arguments, cli_fields, config_from_arguments
 from spotguard_tools.drill.drill_report import (
     Interruption,
@@ -20,7 +22,16 @@ from spotguard_tools.drill.drill_report import (
     work_redone_seconds,
 )
 from spotguard_tools.drill.journal import Journal, Mark
-from spotguard_tools.drill.ledger import CHECKPOINT, DONE, RELEASED, START, Ledger, append
+from spotguard_tools.drill.ledger import (
+    CHECKPOINT,
+    CHECKPOINT_EVERY_ENV,
+    DONE,
+    LEDGER_ENV,
+    RELEASED,
+    START,
+    Ledger,
+    append,
+)
 from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
 
 
@@ -201,3 +212,28 @@ def test_workload_settings_are_checked() -> None:
         DrillConfig(command="true")
     with pytest.raises(ValueError, match="MODULE:FUNCTION"):
         DrillConfig(workload=Path(), handler="tasks")
+
+
+def test_the_task_handler_checkpoints_at_the_configured_interval(tmp_path: Path, monkeypatch) -> None:
+    """The benchmark's fleet checkpoints less often than the drill's default (the emulator's
+    capacity): the task handler takes the interval from the drill's environment."""
+    ledger_path = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv(LEDGER_ENV, str(ledger_path))
+    monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "0.2")
+    saved: list[bytes] = []
+
+    class Context:
+        receive_count = 1
+        resumed = None
+        released = threading.Event()
+
+        def checkpoint(self, data: bytes) -> bool:
+            saved.append(data)
+            return True
+
+    task.handle(json.dumps({"task_id": "t-1", "seconds": 0.9}), Context())
+    assert len(saved) == 4, saved  # at 0.2, 0.4, 0.6 and 0.8 s of work
+    monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "2")
+    saved.clear()
+    task.handle(json.dumps({"task_id": "t-2", "seconds": 0.9}), Context())
+    assert saved == []
