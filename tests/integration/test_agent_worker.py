@@ -150,6 +150,14 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
     long_id = aws.send(task_id="long", seconds=60)
     worker, thread, result = run_worker(config_for(aws))
     wait_for(lambda: len(aws.leases()) == 2)
+    # Both handlers have said how long they take (the handler process reports it as the task
+    # starts; until then a drain treats the duration as unknown and releases the task).
+    wait_for(
+        lambda: (
+            len(worker.running_tasks()) == 2
+            and all(task.expected_seconds is not None for task in worker.running_tasks())
+        )
+    )
     drained_at = time.monotonic()
     # deadline - margin = 3 s: the 1 s task fits, the 60 s one does not
     worker.drain(spot_signal(INSTANCE, 4.0))
