@@ -27,10 +27,6 @@ from spotguard_core.contracts import (
 )
 
 
-def _conditional_failed(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
-
-
 class FleetStore:
     """Reads and writes fleet records. The table name comes from ``SPOTGUARD_FLEET_TABLE``."""
 
@@ -51,13 +47,8 @@ class FleetStore:
         if states is not None:
             wanted = [InstanceState(s).value for s in states]
             kwargs["FilterExpression"] = Attr("state").is_in(wanted)
-        while True:
-            page = self.table.scan(**kwargs)
-            for item in page.get("Items", []):
-                yield FleetRecord.from_item(item)
-            if "LastEvaluatedKey" not in page:
-                return
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        for item in dynamo.items(self.table.scan, **kwargs):
+            yield FleetRecord.from_item(item)
 
     # -- writes --------------------------------------------------------------------------
     def put(self, record: FleetRecord) -> None:
@@ -124,7 +115,7 @@ class FleetStore:
                 ExpressionAttributeValues=values,
             )
         except ClientError as error:
-            if _conditional_failed(error):
+            if dynamo.condition_failed(error):
                 return False
             raise
         return True
@@ -153,7 +144,7 @@ class FleetStore:
         try:
             self.table.update_item(**kwargs)
         except ClientError as error:
-            if _conditional_failed(error):
+            if dynamo.condition_failed(error):
                 return False
             raise
         return True
