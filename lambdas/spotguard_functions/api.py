@@ -29,6 +29,7 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from pydantic import BaseModel
@@ -67,7 +68,7 @@ MAX_BODY_BYTES = 16 * 1024
 MAX_BODY_DEPTH = 32
 
 
-def _documented(model: type[BaseModel], description: str) -> dict[str, Any]:
+def _documented(model: type[BaseModel], description: str) -> OpenAPIResponse:
     """A route's OpenAPI entry for one more status it answers with, and its JSON model."""
     return {"description": description, "content": {content_types.APPLICATION_JSON: {"model": model}}}
 
