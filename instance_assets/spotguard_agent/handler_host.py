@@ -68,6 +68,21 @@ def load_handler(spec: str) -> tuple[Handler, ExpectedSeconds | None]:
     return handler, expected if callable(expected) else None
 
 
+def estimate_seconds(
+    expected: ExpectedSeconds | None, body: str, on_error: Callable[[Exception], object]
+) -> float | None:
+    """What the handler's ``expected_seconds(body)`` says, as a float; None when it has none
+    or it fails (user code: a bad estimate only means "unknown", ``on_error`` reports why)."""
+    if expected is None:
+        return None
+    try:
+        value = expected(body)
+        return float(value) if value is not None else None
+    except Exception as error:  # noqa: BLE001 - user code, see above
+        on_error(error)
+        return None
+
+
 class HostContext:
     """The ``context`` a handler receives (the same attributes as the agent's TaskContext)."""
 
@@ -168,13 +183,9 @@ class Host:
         if self._stopping.is_set():
             context.released.set()
         body = str(request.get("body", ""))
-        seconds = None
-        if self.expected is not None:
-            try:
-                value = self.expected(body)
-                seconds = float(value) if value is not None else None
-            except Exception as error:  # noqa: BLE001 - a bad estimate only means "unknown"
-                sys.stderr.write(f"expected_seconds failed: {error}\n")
+        seconds = estimate_seconds(
+            self.expected, body, lambda error: sys.stderr.write(f"expected_seconds failed: {error}\n")
+        )
         self.send({"t": "expected", "seconds": seconds})
         assert self.handler is not None
         try:

@@ -70,7 +70,7 @@ from spotguard_agent.awsclients import AwsClients
 from spotguard_agent.config import AgentConfig
 from spotguard_agent.execution import EXECUTION_METRICS, Execution, WorkloadConfig, build_execution
 from spotguard_agent.fleet_reporter import FleetReporter
-from spotguard_agent.handler_host import load_handler
+from spotguard_agent.handler_host import ExpectedSeconds, estimate_seconds, load_handler
 
 LOG = logging.getLogger("spotguard.worker")
 MAX_BACKOFF_SECONDS = 900
@@ -151,7 +151,6 @@ class Task:
         return self.started + self.expected_seconds <= deadline_monotonic
 
 
-ExpectedSeconds = Callable[[str], "float | None"]
 #: ``load_handler(spec)`` (imported above) now lives in ``handler_host``: handlers are
 #: imported in their child process, never in the agent's.
 __all__ = ["TaskContext", "Worker", "load_handler"]
@@ -541,13 +540,11 @@ class Worker:
     def _task_for(self, message: dict[str, Any], receive_count: int, requeues: int | None) -> Task:
         message_id = str(message["MessageId"])
         body = str(message.get("Body", ""))
-        expected = None
-        if self.expected_seconds is not None:
-            try:
-                value = self.expected_seconds(body)
-                expected = float(value) if value is not None else None
-            except Exception as error:  # noqa: BLE001 - user code: a bad estimate only means "unknown"
-                LOG.info("expected_seconds failed for %s: %s", message_id, error)
+        expected = estimate_seconds(
+            self.expected_seconds,
+            body,
+            lambda error: LOG.info("expected_seconds failed for %s: %s", message_id, error),
+        )
         return Task(
             message=message,
             lease=self._lease_for(message, requeues),

@@ -1,14 +1,17 @@
-"""Small helpers shared by the DynamoDB adapters (value conversion, update expressions).
+"""Small helpers shared by the DynamoDB adapters (value conversion, update expressions,
+pagination).
 
 Standard library + boto3 only: the agent bundle ships this module."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from enum import Enum
 from typing import Any
+
+from botocore.exceptions import ClientError
 
 from spotguard_core import aws
 from spotguard_core.contracts import Env
@@ -38,6 +41,11 @@ def table(env_name: Env, table_name: str | None = None, clients: aws.ClientFacto
     return (clients or aws.default_factory()).table(name)
 
 
+def condition_failed(error: ClientError) -> bool:
+    """The write was refused by its ``ConditionExpression`` (not an outage)."""
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
 def update_expression(fields: Mapping[str, Any]) -> tuple[str, dict[str, str], dict[str, Any]]:
     """``SET #f0 = :f0, …`` (names always aliased: ``state`` is a reserved word) and
     ``REMOVE`` for fields set to ``None``."""
@@ -58,3 +66,21 @@ def update_expression(fields: Mapping[str, Any]) -> tuple[str, dict[str, str], d
     if removes:
         expression += (" " if expression else "") + "REMOVE " + ", ".join(removes)
     return expression, names, values
+
+
+def pages(read: Callable[..., Mapping[str, Any]], **request: Any) -> Iterator[Mapping[str, Any]]:
+    """Every page of a Query or Scan (``read``: a table's ``query`` or ``scan``), each next
+    page read only when asked for: a caller that stops iterating stops reading."""
+    while True:
+        page = read(**request)
+        yield page
+        if "LastEvaluatedKey" not in page:
+            return
+        request = {**request, "ExclusiveStartKey": page["LastEvaluatedKey"]}
+
+
+def items(read: Callable[..., Mapping[str, Any]], **request: Any) -> Iterator[Mapping[str, Any]]:
+    """Every raw item of a Query or Scan, page after page (see ``pages``): callers parse
+    each one (or skip a bad one) as it comes."""
+    for page in pages(read, **request):
+        yield from page.get("Items", [])

@@ -36,10 +36,6 @@ from spotguard_core.contracts import (
 _OWN_FIELDS = (FLEET_TABLE_PK, "instance_id", "fleet")
 
 
-def _conditional_failed(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
-
-
 class FleetStore:
     """Reads and writes fleet records. The table name comes from ``SPOTGUARD_FLEET_TABLE`` and
     the instance ARN prefix from ``SPOTGUARD_INSTANCE_ARN_PREFIX`` unless given."""
@@ -77,13 +73,8 @@ class FleetStore:
         if states is not None:
             wanted = [InstanceState(s).value for s in states]
             kwargs["FilterExpression"] = Attr("state").is_in(wanted)
-        while True:
-            page = self.table.scan(**kwargs)
-            for item in page.get("Items", []):
-                yield FleetRecord.from_item(item)
-            if "LastEvaluatedKey" not in page:
-                return
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        for item in dynamo.items(self.table.scan, **kwargs):
+            yield FleetRecord.from_item(item)
 
     # -- writes --------------------------------------------------------------------------
     def put(self, record: FleetRecord) -> None:
@@ -154,7 +145,7 @@ class FleetStore:
                 ExpressionAttributeValues=values,
             )
         except ClientError as error:
-            if _conditional_failed(error):
+            if dynamo.condition_failed(error):
                 return False
             raise
         return True
@@ -183,7 +174,7 @@ class FleetStore:
         try:
             self.table.update_item(**kwargs)
         except ClientError as error:
-            if _conditional_failed(error):
+            if dynamo.condition_failed(error):
                 return False
             raise
         return True

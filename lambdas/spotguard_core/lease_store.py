@@ -110,24 +110,13 @@ class LeaseStore:
             & Key(LEASE_TABLE_SK).begins_with(LEASE_SK_PREFIX),
             "ConsistentRead": True,
         }
-        leases: list[Lease] = []
-        while True:
-            page = self.table.query(**kwargs)
-            leases.extend(Lease.from_item(item) for item in page.get("Items", []))
-            if "LastEvaluatedKey" not in page:
-                return leases
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        return [Lease.from_item(item) for item in dynamo.items(self.table.query, **kwargs)]
 
     def scan_leases(self) -> Iterator[Lease]:
         """Every lease in the table (the watchdog's orphan sweep)."""
         kwargs: dict[str, Any] = {"FilterExpression": lease_filter()}
-        while True:
-            page = self.table.scan(**kwargs)
-            for item in page.get("Items", []):
-                yield Lease.from_item(item)
-            if "LastEvaluatedKey" not in page:
-                return
-            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+        for item in dynamo.items(self.table.scan, **kwargs):
+            yield Lease.from_item(item)
 
     def delete(self, leases: Iterable[Lease]) -> int:
         """Delete leases with BatchWriteItem (25 per call; unprocessed items retried)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from spotguard_core.contracts import FLEET_TAG_KEY, FleetRecord
@@ -60,24 +61,20 @@ class TtlLru:
         return len(self._data)
 
 
+@dataclass(eq=False)
 class ManagedCheck:
     """Decides "managed?" from the fleet record, else the fleet tag (cached)."""
 
-    def __init__(
-        self,
-        fleet: str,
-        *,
-        ec2: Any,
-        autoscaling: Any = None,
-        asg_name: str | None = None,
-        cache: TtlLru | None = None,
-    ) -> None:
-        self.fleet = fleet
-        self.ec2 = ec2
-        self.autoscaling = autoscaling
-        self.asg_name = asg_name
-        self.cache = cache or TtlLru(maxsize=DEFAULT_CACHE_SIZE, ttl=DEFAULT_CACHE_TTL_SECONDS)
-        self.tag_lookups = 0
+    fleet: str
+    _: KW_ONLY
+    ec2: Any
+    autoscaling: Any = None
+    asg_name: str | None = None
+    cache: TtlLru = field(
+        default_factory=lambda: TtlLru(maxsize=DEFAULT_CACHE_SIZE, ttl=DEFAULT_CACHE_TTL_SECONDS)
+    )
+    #: DescribeTags calls made so far.
+    tag_lookups: int = field(default=0, init=False)
 
     def is_managed(self, instance_id: str, record: FleetRecord | None) -> bool:
         if record is not None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from spotguard_core import dynamo
 from spotguard_core.contracts import FLEET_TABLE_PK, FleetRecord, InstanceState
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.migration.models import JobStatus, JobTrigger, MigrationJobSettings
@@ -70,7 +71,7 @@ def migration_status(*, settings: MigrationJobSettings, store: JobStore) -> Migr
     latest = store.latest(1)
     return MigrationStatusResponse(
         enabled=settings.enabled,
-        statistics=Statistics.model_validate(store.statistics().to_json()),
+        statistics=Statistics.model_validate(store.statistics(), from_attributes=True),
         configuration=Configuration.model_validate(settings.describe()),
         last_execution=latest[0] if latest else None,
     )
@@ -129,12 +130,7 @@ def _items(store: FleetStore, states: list[InstanceState] | None) -> Iterator[Ma
         from boto3.dynamodb.conditions import Attr  # noqa: PLC0415 - only for a filtered scan
 
         kwargs["FilterExpression"] = Attr("state").is_in([s.value for s in states])
-    while True:
-        page = store.table.scan(**kwargs)
-        yield from page.get("Items", [])
-        if "LastEvaluatedKey" not in page:
-            return
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+    yield from dynamo.items(store.table.scan, **kwargs)
 
 
 def fleet(

@@ -34,7 +34,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -83,15 +83,7 @@ class RequeueResult:
     skipped_reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "instance_id": self.instance_id,
-            "leases": self.leases,
-            "requeued": self.requeued,
-            "already_gone": self.already_gone,
-            "failed": list(self.failed),
-            "latency_ms": self.latency_ms,
-            "skipped_reason": self.skipped_reason,
-        }
+        return asdict(self)
 
 
 def _gone(code: str, message: str) -> bool:

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from spotguard_core import dynamo
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
     LEASE_TABLE_SK,
@@ -74,13 +75,7 @@ class SweepReport:
     errors: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "fleet_size": self.fleet_size,
-            "signals": self.signals,
-            "orphan_leases_released": self.orphan_leases_released,
-            "unreadable_items": self.unreadable_items,
-            "errors": self.errors,
-        }
+        return asdict(self)
 
 
 def _alive(record: FleetRecord, now: float, heartbeat_stale_seconds: int) -> bool | None:
@@ -180,16 +175,6 @@ def findings(
     return kinds
 
 
-def _pages(table: Any, **kwargs: Any) -> Iterator[Mapping[str, Any]]:
-    """Every raw item of a scan (paginated), so each can be parsed — or skipped — on its own."""
-    while True:
-        page = table.scan(**kwargs)
-        yield from page.get("Items", [])
-        if "LastEvaluatedKey" not in page:
-            return
-        kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
-
-
 class WatchdogSweep:
     def __init__(
         self, control_plane: ControlPlane, *, clock: Callable[[], float] | None = None, logger: Any = None
@@ -269,7 +254,7 @@ class WatchdogSweep:
 
     def _records(self, report: SweepReport) -> dict[str, FleetRecord]:
         records: dict[str, FleetRecord] = {}
-        for item in _pages(self.control_plane.fleet_store.table):
+        for item in dynamo.items(self.control_plane.fleet_store.table.scan):
             try:
                 record = FleetRecord.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:
@@ -281,7 +266,7 @@ class WatchdogSweep:
 
     def _leases(self, report: SweepReport) -> Iterator[Lease]:
         table = self.control_plane.lease_store.table
-        for item in _pages(table, FilterExpression=lease_filter()):
+        for item in dynamo.items(table.scan, FilterExpression=lease_filter()):
             try:
                 yield Lease.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:

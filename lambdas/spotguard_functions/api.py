@@ -29,8 +29,10 @@ from aws_lambda_powertools.event_handler import APIGatewayRestResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import NotFoundError
 from aws_lambda_powertools.event_handler.openapi.exceptions import RequestValidationError
 from aws_lambda_powertools.event_handler.openapi.params import Path, Query
+from aws_lambda_powertools.event_handler.openapi.types import OpenAPIResponse
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
+from pydantic import BaseModel
 from spotguard_core import aws, ops_views
 from spotguard_core.contracts import Env, InstanceState, Metric
 from spotguard_core.fleet_store import FleetStore
@@ -64,6 +66,11 @@ __all__ = ["HISTORY_MAX_LIMIT", "HISTORY_MAX_OFFSET", "MAX_MIGRATIONS_LIMIT", "a
 MAX_BODY_BYTES = 16 * 1024
 #: JSON nesting a request body may have (the trigger body has one level).
 MAX_BODY_DEPTH = 32
+
+
+def _documented(model: type[BaseModel], description: str) -> OpenAPIResponse:
+    """A route's OpenAPI entry for one more status it answers with, and its JSON model."""
+    return {"description": description, "content": {content_types.APPLICATION_JSON: {"model": model}}}
 
 
 def _error(status: int, message: str, errors: list[dict[str, str]] | None = None) -> Response[str]:
@@ -217,14 +224,10 @@ reconciler_invoker: ops_views.ReconcilerInvoker = invoke_reconciler_function
     "/migration/trigger",
     summary="Run a migration job now",
     responses={
-        202: {
-            "description": "accepted: the reconciler runs the job (follow its id in the history)",
-            "content": {"application/json": {"model": TriggerResponse}},
-        },
-        503: {
-            "description": "no reconciler function configured",
-            "content": {"application/json": {"model": ErrorResponse}},
-        },
+        202: _documented(
+            TriggerResponse, "accepted: the reconciler runs the job (follow its id in the history)"
+        ),
+        503: _documented(ErrorResponse, "no reconciler function configured"),
     },
 )
 def post_migration_trigger(request: TriggerRequest) -> Response[TriggerResponse]:
@@ -261,12 +264,7 @@ def _count_unreadable(unreadable: ops_views.Unreadable) -> None:
 @app.get(
     "/fleet/<instanceId>",
     summary="One managed instance",
-    responses={
-        404: {
-            "description": "instance not managed by spotguard",
-            "content": {"application/json": {"model": ErrorResponse}},
-        }
-    },
+    responses={404: _documented(ErrorResponse, "instance not managed by spotguard")},
 )
 def get_fleet_instance(
     instanceId: Annotated[str, Path(pattern=INSTANCE_ID_PATTERN, description="EC2 instance id")],

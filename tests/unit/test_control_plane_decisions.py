@@ -41,16 +41,24 @@ NOW = datetime(2026, 11, 24, 22, 0, tzinfo=UTC)
 SETTINGS = ControlSettings(fleet="render", asg_name="spotguard-render")
 
 
-def signal(kind: SignalKind, *, state: str | None = None, deadline: datetime | None = None) -> Signal:
+def signal(
+    kind: SignalKind,
+    *,
+    source: SignalSource = SignalSource.EVENTBRIDGE,
+    event_id: str = "e",
+    event_time: datetime | None = NOW,
+    **fields,
+) -> Signal:
+    """A signal about ``INSTANCE`` received at ``NOW`` (an EventBridge event of that time by
+    default); ``fields``: the rest of ``Signal``'s (``state``, ``deadline``, ``attributes`` …)."""
     return Signal(
         instance_id=INSTANCE,
         kind=kind,
-        source=SignalSource.EVENTBRIDGE,
-        event_id="e",
+        source=source,
+        event_id=event_id,
         received_at=NOW,
-        event_time=NOW,
-        state=state,
-        deadline=deadline,
+        event_time=event_time,
+        **fields,
     )
 
 
@@ -284,12 +292,11 @@ def test_under_drain_a_later_deadline_tightens_the_drain_order_never_loosens_it(
     ],
 )
 def test_imds_maintenance_is_decided_by_its_code(code, expected):
-    maintenance = Signal(
-        instance_id=INSTANCE,
-        kind=SignalKind.MAINTENANCE_SCHEDULED,
+    maintenance = signal(
+        SignalKind.MAINTENANCE_SCHEDULED,
         source=SignalSource.IMDS,
         event_id="m",
-        received_at=NOW,
+        event_time=None,
         attributes={"code": code},
     )
     assert names(decide(maintenance, record(InstanceState.READY), SETTINGS)) == expected
@@ -297,13 +304,10 @@ def test_imds_maintenance_is_decided_by_its_code(code, expected):
 
 def test_replacement_in_service_records_announces_and_sends_the_drain_order():
     detached = record(InstanceState.READY, replacement_requested_at=NOW.timestamp() - 300)
-    in_service = Signal(
-        instance_id=INSTANCE,
-        kind=SignalKind.REPLACEMENT_IN_SERVICE,
+    in_service = signal(
+        SignalKind.REPLACEMENT_IN_SERVICE,
         source=SignalSource.WATCHDOG,
         event_id="w",
-        received_at=NOW,
-        event_time=NOW,
         attributes={"replacement": "i-0bbbbbbbbbbbbbbbb"},
     )
     actions = decide(in_service, detached, SETTINGS)

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from spotguard_core import contracts, webhooks
 from spotguard_core.webhooks import SignatureError, sign, verify
+
+from tests.unit.documented_webhook_receiver import documented_receiver
 
 SECRET = "whsec_test"
 BODY = json.dumps({"event": "instance.migrated", "instanceId": "i-0123456789abcdef0"}).encode()
@@ -114,20 +114,9 @@ def test_webhook_payload_has_the_seed_shape():
     assert webhooks.webhook_payload(event)["timestamp"] == "2026-01-15T10:44:59.123Z"
 
 
-def _documented_verify():
-    """The receiver function as printed in docs/operations.md ("Verifying a webhook")."""
-    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
-    section = text[text.index("### Verifying a webhook") :]
-    code = section[
-        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
-    ]
-    namespace: dict = {}
-    exec(compile(code, "operations.md", "exec"), namespace)
-    return namespace["verify"], namespace["SignatureError"]
-
-
 def test_documented_receiver_function_agrees_with_the_library():
-    documented_verify, documented_error = _documented_verify()
+    documented = documented_receiver()
+    documented_verify, documented_error = documented["verify"], documented["SignatureError"]
     header = sign(SECRET, BODY, timestamp=1_700_000_000)
     assert documented_verify(SECRET, header, BODY, now=1_700_000_100) == 1_700_000_000
     with pytest.raises(documented_error):
@@ -194,18 +183,6 @@ def test_non_finite_now_is_never_within_the_tolerance():
             verify(SECRET, GOOD, BODY, now=now)
 
 
-@functools.cache
-def _documented_is_authentic():
-    text = (Path(__file__).resolve().parents[2] / "docs" / "operations.md").read_text()
-    section = text[text.index("### Verifying a webhook") :]
-    code = section[
-        section.index("```python") + len("```python") : section.index("```", section.index("```python") + 9)
-    ]
-    namespace: dict = {}
-    exec(compile(code, "operations.md", "exec"), namespace)
-    return namespace["is_authentic"]
-
-
 @given(
     header=st.one_of(
         st.text(max_size=200),
@@ -224,7 +201,7 @@ def _documented_is_authentic():
     body=st.one_of(st.just(BODY), st.binary(max_size=64)),
 )
 def test_property_documented_copy_agrees_with_the_library(header, body):
-    documented = _documented_is_authentic()
+    documented = documented_receiver()["is_authentic"]
     assert documented(SECRET, header, body, now=1_700_000_000) == webhooks.is_authentic(
         SECRET, header, body, now=1_700_000_000
     )

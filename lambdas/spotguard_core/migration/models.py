@@ -77,16 +77,9 @@ class MigrationJobSettings(BaseSettings):
         return MAX_ATTEMPTS_WITH_RETRY if self.retry_failed else 1
 
     def describe(self) -> dict[str, Any]:
-        """The ``configuration`` block of ``GET /migration/status``."""
-        return {
-            "intervalMinutes": self.interval_minutes,
-            "jobTimeoutMs": self.job_timeout_ms,
-            "maxConcurrent": self.max_concurrent,
-            "dryRun": self.dry_run,
-            "retryFailed": self.retry_failed,
-            "logLevel": self.log_level,
-            "provider": self.provider,
-        }
+        """The ``configuration`` block of ``GET /migration/status``: every setting but
+        ``enabled`` (the response says that on its own), by its camelCase name."""
+        return {to_camel(name): value for name, value in self.model_dump(exclude={"enabled"}).items()}
 
 
 class JobTrigger(StrEnum):

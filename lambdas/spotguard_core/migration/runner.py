@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from spotguard_core import notifications
@@ -54,25 +55,18 @@ ABANDONED_MARGIN_SECONDS = 300
 _TRIGGERED_BY = {JobTrigger.SCHEDULED: "automatic_migration", JobTrigger.MANUAL: "manual_trigger"}
 
 
+@dataclass(eq=False)
 class MigrationJobRunner:
-    def __init__(
-        self,
-        provider: MigrationProvider,
-        store: JobStore,
-        settings: MigrationJobSettings,
-        *,
-        metrics: MetricsSink | None = None,
-        publish: Publisher = notifications.publish,
-        logger: Any = None,
-        capacity: CapacityReconciler | None = None,
-    ) -> None:
-        self._capacity = capacity
-        self._provider = provider
-        self._store = store
-        self._settings = settings
-        self._metrics = metrics
-        self._publish = publish
-        self._log = logger or logging.getLogger("spotguard.migration")
+    """Runs jobs with these dependencies (the reconciler function builds them)."""
+
+    provider: MigrationProvider
+    store: JobStore
+    settings: MigrationJobSettings
+    _: KW_ONLY
+    metrics: MetricsSink | None = None
+    publish: Publisher = notifications.publish
+    logger: Any = field(default_factory=lambda: logging.getLogger("spotguard.migration"))
+    capacity: CapacityReconciler | None = None
 
     def run(
         self,
@@ -86,9 +80,9 @@ class MigrationJobRunner:
         """Run one job. ``timeout_ms`` may only shorten the configured job timeout (the
         reconciler passes the Lambda's remaining time)."""
         budget_ms = (
-            self._settings.job_timeout_ms
+            self.settings.job_timeout_ms
             if timeout_ms is None
-            else min(timeout_ms, self._settings.job_timeout_ms)
+            else min(timeout_ms, self.settings.job_timeout_ms)
         )
         started = time.monotonic()
         deadline = started + budget_ms / 1000
@@ -96,40 +90,40 @@ class MigrationJobRunner:
         job = JobRecord(
             job_id=job_id or new_job_id(),
             trigger=trigger,
-            provider=self._provider.name,
-            dry_run=self._settings.dry_run or dry_run,
+            provider=self.provider.name,
+            dry_run=self.settings.dry_run or dry_run,
             started_at=utc_now(),
             max_migrations=max_migrations,
         )
-        self._store.save(job)
-        self._log.info(
+        self.store.save(job)
+        self.logger.info(
             "Migration job started",
             extra={"jobId": job.job_id, "trigger": trigger.value, "dryRun": job.dry_run},
         )
 
         try:
-            instances = self._provider.list_instances()
-        except Exception as exc:  # noqa: BLE001 - any provider failure fails the job, recorded with its reason
-            self._log.exception("Listing instances failed", extra={"jobId": job.job_id})
+            instances = self.provider.list_instances()
+        except Exception as exc:  # any provider failure fails the job, recorded with its reason
+            self.logger.exception("Listing instances failed", extra={"jobId": job.job_id})
             job.errors.append(f"list instances: {exc}")
             job.status = JobStatus.FAILED
             return self._finish(job, started)
 
-        if self._capacity is not None:
+        if self.capacity is not None:
             try:
-                job.capacity = self._capacity.reconcile(
+                job.capacity = self.capacity.reconcile(
                     previous_shortfall=previous.capacity.shortfall if previous and previous.capacity else 0,
                     dry_run=job.dry_run,
                 )
-            except Exception as exc:  # noqa: BLE001 - a capacity check failure is recorded, migrations go on
-                self._log.exception("Capacity check failed", extra={"jobId": job.job_id})
+            except Exception as exc:  # a capacity check failure is recorded, migrations go on
+                self.logger.exception("Capacity check failed", extra={"jobId": job.job_id})
                 job.errors.append(f"capacity check: {exc}")
-            if job.capacity is not None and self._metrics is not None:
-                self._metrics.add_metric(Metric.CAPACITY_SHORTFALL.value, "Count", job.capacity.shortfall)
+            if job.capacity is not None and self.metrics is not None:
+                self.metrics.add_metric(Metric.CAPACITY_SHORTFALL.value, "Count", job.capacity.shortfall)
 
         eligible = [instance for instance in instances if instance.eligible]
         for instance in instances:
-            self._log.debug(
+            self.logger.debug(
                 "Eligibility",
                 extra={
                     "jobId": job.job_id,
@@ -164,17 +158,17 @@ class MigrationJobRunner:
     def _end_abandoned_jobs(self) -> JobRecord | None:
         """End jobs stuck ``running`` (crashed reconciler) as failed; return the latest job."""
         try:
-            abandoned = self._store.end_abandoned(
-                older_than_seconds=self._settings.job_timeout_ms / 1000 + ABANDONED_MARGIN_SECONDS,
+            abandoned = self.store.end_abandoned(
+                older_than_seconds=self.settings.job_timeout_ms / 1000 + ABANDONED_MARGIN_SECONDS,
                 now=utc_now(),
             )
             for job in abandoned:
-                self._log.warning("Abandoned migration job ended as failed", extra={"jobId": job.job_id})
-            if abandoned and self._metrics is not None:
-                self._metrics.add_metric(Metric.MIGRATION_JOBS_ABANDONED.value, "Count", len(abandoned))
-            latest = self._store.latest(1)
-        except Exception:  # noqa: BLE001 - the sweep is housekeeping: never stops this job
-            self._log.exception("Sweeping abandoned jobs failed")
+                self.logger.warning("Abandoned migration job ended as failed", extra={"jobId": job.job_id})
+            if abandoned and self.metrics is not None:
+                self.metrics.add_metric(Metric.MIGRATION_JOBS_ABANDONED.value, "Count", len(abandoned))
+            latest = self.store.latest(1)
+        except Exception:  # the sweep is housekeeping: never stops this job
+            self.logger.exception("Sweeping abandoned jobs failed")
             return None
         return latest[0] if latest else None
 
@@ -183,7 +177,7 @@ class MigrationJobRunner:
     ) -> list[InstanceOutcome]:
         if not selected:
             return []
-        executor = ThreadPoolExecutor(max_workers=self._settings.max_concurrent, thread_name_prefix="migrate")
+        executor = ThreadPoolExecutor(max_workers=self.settings.max_concurrent, thread_name_prefix="migrate")
         futures: dict[Future[InstanceOutcome], CandidateInstance] = {
             executor.submit(self._migrate_one, job, instance, deadline): instance for instance in selected
         }
@@ -213,8 +207,8 @@ class MigrationJobRunner:
         if time.monotonic() >= deadline:
             return InstanceOutcome(instance_id=instance.instance_id, outcome=OutcomeKind.NOT_STARTED)
         # The claim outlives this job's budget, so an overlapping job cannot start on it.
-        if not self._store.claim(
-            instance.instance_id, job.job_id, ttl_seconds=self._settings.job_timeout_ms // 1000 + 60
+        if not self.store.claim(
+            instance.instance_id, job.job_id, ttl_seconds=self.settings.job_timeout_ms // 1000 + 60
         ):
             return InstanceOutcome(
                 instance_id=instance.instance_id,
@@ -223,14 +217,14 @@ class MigrationJobRunner:
             )
         outcome = self._attempt(job, instance, deadline)
         if outcome.outcome is not OutcomeKind.MIGRATED:
-            self._store.release(instance.instance_id, job.job_id)
+            self.store.release(instance.instance_id, job.job_id)
         return outcome
 
     def _attempt(self, job: JobRecord, instance: CandidateInstance, deadline: float) -> InstanceOutcome:
         started = time.monotonic()
         attempts = 0
         error = ""
-        while attempts < self._settings.max_attempts:
+        while attempts < self.settings.max_attempts:
             if time.monotonic() >= deadline:
                 kind = OutcomeKind.NOT_STARTED if attempts == 0 else OutcomeKind.TIMED_OUT
                 return InstanceOutcome(
@@ -238,10 +232,10 @@ class MigrationJobRunner:
                 )
             attempts += 1
             try:
-                result = self._provider.migrate(instance, job_id=job.job_id, attempt=attempts)
+                result = self.provider.migrate(instance, job_id=job.job_id, attempt=attempts)
             except MigrationError as exc:
                 error = str(exc)
-                self._log.warning(
+                self.logger.warning(
                     "Migration attempt failed",
                     extra={
                         "jobId": job.job_id,
@@ -256,8 +250,8 @@ class MigrationJobRunner:
                     min(RETRY_BACKOFF_SECONDS * 2 ** (attempts - 1), max(0.0, deadline - time.monotonic()))
                 )
                 continue
-            except Exception as exc:  # noqa: BLE001 - an unexpected provider error fails this instance only
-                self._log.exception(
+            except Exception as exc:  # an unexpected provider error fails this instance only
+                self.logger.exception(
                     "Migration attempt crashed",
                     extra={"jobId": job.job_id, "instanceId": instance.instance_id},
                 )
@@ -265,7 +259,7 @@ class MigrationJobRunner:
                 break
             duration_ms = int((time.monotonic() - started) * 1000)
             self._notify_migrated(job, instance, result.new_instance_id, result.status, duration_ms)
-            self._log.info(
+            self.logger.info(
                 "Instance migrated",
                 extra={
                     "jobId": job.job_id,
@@ -313,14 +307,14 @@ class MigrationJobRunner:
         job.ended_at = utc_now()
         job.duration_ms = int((time.monotonic() - started) * 1000)
         job.summary.error_count = len(job.errors)
-        self._store.record_finished(job)
-        if self._metrics is not None:
-            self._metrics.add_metric(Metric.MIGRATION_JOBS.value, "Count", 1)
-            self._metrics.add_metric(Metric.MIGRATION_ELIGIBLE.value, "Count", job.summary.eligible_instances)
-            self._metrics.add_metric(
+        self.store.record_finished(job)
+        if self.metrics is not None:
+            self.metrics.add_metric(Metric.MIGRATION_JOBS.value, "Count", 1)
+            self.metrics.add_metric(Metric.MIGRATION_ELIGIBLE.value, "Count", job.summary.eligible_instances)
+            self.metrics.add_metric(
                 Metric.MIGRATIONS_SUCCEEDED.value, "Count", job.summary.migrated_instances
             )
-            self._metrics.add_metric(
+            self.metrics.add_metric(
                 Metric.MIGRATIONS_FAILED.value,
                 "Count",
                 sum(o.outcome in (OutcomeKind.FAILED, OutcomeKind.TIMED_OUT) for o in job.outcomes),
@@ -340,7 +334,7 @@ class MigrationJobRunner:
                 "errors": job.errors[:20],
             },
         )
-        self._log.info(
+        self.logger.info(
             "Migration job completed",
             extra={
                 "jobId": job.job_id,
@@ -354,7 +348,7 @@ class MigrationJobRunner:
     def _safe_publish(self, kind: NotificationType, detail: Mapping[str, Any]) -> None:
         # Notifications are best effort: a bus outage must not fail a migration.
         try:
-            if not self._publish(kind, detail):
-                self._log.debug("Notification not published", extra={"kind": kind.value})
-        except Exception:  # noqa: BLE001
-            self._log.exception("Publishing notification failed", extra={"kind": kind.value})
+            if not self.publish(kind, detail):
+                self.logger.debug("Notification not published", extra={"kind": kind.value})
+        except Exception:
+            self.logger.exception("Publishing notification failed", extra={"kind": kind.value})

@@ -8,6 +8,7 @@ separate partition, updated when a job finishes: reading them never scans histor
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,6 +16,7 @@ from typing import Any
 
 from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from spotguard_core import contracts, dynamo
 from spotguard_core.contracts import JOBS_TABLE_PK, JOBS_TABLE_SK, TTL_ATTRIBUTE, Env
@@ -27,30 +29,26 @@ def new_job_id() -> str:
     return f"migration-job-{uuid.uuid4().hex[:12]}"
 
 
-@dataclass(frozen=True, slots=True)
-class JobStatistics:
-    """The seed's ``statistics`` block."""
+class JobStatistics(BaseModel):
+    """The running counters of one job kind, read from its statistics item by attribute
+    name (``record_finished`` writes them); the status API shows them as the seed's
+    ``statistics`` block (``ops_models.Statistics``, built from these attributes)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     total_executions: int = 0
     successful_executions: int = 0
     failed_executions: int = 0
     total_duration_ms: int = 0
     total_migrations: int = 0
-    total_instances_processed: int = 0
+    total_instances_processed: int = Field(
+        default=0, validation_alias=AliasChoices("total_instances", "total_instances_processed")
+    )
 
     @property
-    def average_execution_time_ms(self) -> int:
+    def average_execution_time(self) -> int:
+        """Milliseconds per finished job."""
         return self.total_duration_ms // self.total_executions if self.total_executions else 0
-
-    def to_json(self) -> dict[str, int]:
-        return {
-            "totalExecutions": self.total_executions,
-            "successfulExecutions": self.successful_executions,
-            "failedExecutions": self.failed_executions,
-            "averageExecutionTime": self.average_execution_time_ms,
-            "totalMigrations": self.total_migrations,
-            "totalInstancesProcessed": self.total_instances_processed,
-        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +121,7 @@ class JobStore:
                 ExpressionAttributeValues={":now": now, ":job": job_id},
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException":
+            if dynamo.condition_failed(error):
                 return False
             raise
         return True
@@ -159,7 +157,7 @@ class JobStore:
                 ExpressionAttributeValues={":job": job_id},
             )
         except ClientError as error:
-            if error.response.get("Error", {}).get("Code") != "ConditionalCheckFailedException":
+            if not dynamo.condition_failed(error):
                 raise
 
     # ---------------------------------------------------------------- reads
@@ -167,16 +165,7 @@ class JobStore:
         item = self._table.get_item(Key={JOBS_TABLE_PK: self._stats_kind, JOBS_TABLE_SK: STATS_SORT_KEY}).get(
             "Item"
         )
-        if not item:
-            return JobStatistics()
-        return JobStatistics(
-            total_executions=int(item.get("total_executions", 0)),
-            successful_executions=int(item.get("successful_executions", 0)),
-            failed_executions=int(item.get("failed_executions", 0)),
-            total_duration_ms=int(item.get("total_duration_ms", 0)),
-            total_migrations=int(item.get("total_migrations", 0)),
-            total_instances_processed=int(item.get("total_instances", 0)),
-        )
+        return JobStatistics.model_validate(item or {})
 
     def latest(self, count: int = 1) -> list[JobRecord]:
         return self.history(limit=count, offset=0, with_total=False).jobs
@@ -185,31 +174,19 @@ class JobStore:
         """Newest first. DynamoDB has no offset: read ``offset + limit`` items and slice
         (history is bounded by the record retention and the API bounds ``offset``)."""
         wanted = offset + limit
-        items: list[dict[str, Any]] = []
-        kwargs: dict[str, Any] = {
-            "KeyConditionExpression": Key(JOBS_TABLE_PK).eq(self._kind),
-            "ScanIndexForward": False,
-            "Limit": min(wanted, 1000),
-        }
-        while len(items) < wanted:
-            response = self._table.query(**kwargs)
-            items.extend(response.get("Items", []))
-            if "LastEvaluatedKey" not in response:
-                break
-            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        newest_first = dynamo.items(
+            self._table.query,
+            KeyConditionExpression=Key(JOBS_TABLE_PK).eq(self._kind),
+            ScanIndexForward=False,
+            Limit=min(wanted, 1000),
+        )
+        items = list(itertools.islice(newest_first, wanted))
         jobs = [JobRecord.model_validate(item) for item in items[offset:wanted]]
         total = self.count() if with_total else len(items)
         return HistoryPage(jobs=jobs, total=total, limit=limit, offset=offset)
 
     def count(self) -> int:
-        total = 0
-        kwargs: dict[str, Any] = {
-            "KeyConditionExpression": Key(JOBS_TABLE_PK).eq(self._kind),
-            "Select": "COUNT",
-        }
-        while True:
-            response = self._table.query(**kwargs)
-            total += int(response.get("Count", 0))
-            if "LastEvaluatedKey" not in response:
-                return total
-            kwargs["ExclusiveStartKey"] = response["LastEvaluatedKey"]
+        counted = dynamo.pages(
+            self._table.query, KeyConditionExpression=Key(JOBS_TABLE_PK).eq(self._kind), Select="COUNT"
+        )
+        return sum(int(page.get("Count", 0)) for page in counted)
