@@ -34,6 +34,19 @@ LEASE_SK_PREFIX = "lease#"
 BATCH_WRITE_LIMIT = 25
 BATCH_GET_LIMIT = 100
 BATCH_RETRY_ATTEMPTS = 8
+#: Leases per Query page of a release: the first page's messages are on their way back to
+#: the queue while the next page is read (DynamoDB would answer 1,000 small leases in one page).
+RELEASE_PAGE_SIZE = 100
+#: A lease item's attributes besides its key and TTL (what ``Lease.from_item`` reads).
+LEASE_ATTRIBUTES = (
+    "instance_id",
+    "message_id",
+    "receipt_handle",
+    "queue_url",
+    "leased_at",
+    "heartbeat_at",
+    "interruption_requeues",
+)
 
 
 class LeaseStore:
@@ -100,6 +113,30 @@ class LeaseStore:
             leases.extend(Lease.from_item(item) for item in page.get("Items", []))
             if "LastEvaluatedKey" not in page:
                 return leases
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+
+    def release_pages(self, instance_id: str, *, page_size: int = RELEASE_PAGE_SIZE) -> Iterator[list[Lease]]:
+        """``instance_id``'s leases, one Query page at a time (the requeue releases each page
+        while the next one is read), with only the attributes a lease has (not the key or
+        the TTL). Through the table's client, not the resource: boto3 clients are thread-safe."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table.name,
+            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :prefix)",
+            "ExpressionAttributeNames": {
+                "#pk": LEASE_TABLE_PK,
+                "#sk": LEASE_TABLE_SK,
+                **{f"#a{index}": name for index, name in enumerate(LEASE_ATTRIBUTES)},
+            },
+            "ExpressionAttributeValues": {":pk": lease_pk(instance_id), ":prefix": LEASE_SK_PREFIX},
+            "ProjectionExpression": ", ".join(f"#a{index}" for index in range(len(LEASE_ATTRIBUTES))),
+            "ConsistentRead": True,
+            "Limit": page_size,
+        }
+        while True:
+            page = self._client.query(**kwargs)
+            yield [Lease.from_item(item) for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def scan_leases(self) -> Iterator[Lease]:
