@@ -6,6 +6,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -224,16 +225,9 @@ def _leases_on_two_queues(cp, instance_id: str) -> tuple[list[Lease], str]:
         received += cp.sqs.receive_message(
             QueueUrl=second_url, MaxNumberOfMessages=10, VisibilityTimeout=600
         ).get("Messages", [])
+    # Leased like the first queue's messages, on the second queue.
     second = [
-        Lease(
-            instance_id=instance_id,
-            message_id=m["MessageId"],
-            receipt_handle=m["ReceiptHandle"],
-            queue_url=second_url,
-            leased_at=1.0,
-            heartbeat_at=1.0,
-            interruption_requeues=0,
-        )
+        replace(first[0], message_id=m["MessageId"], receipt_handle=m["ReceiptHandle"], queue_url=second_url)
         for m in received
     ]
     leases = [lease for pair in zip(first, second, strict=False) for lease in pair] + second[13:]
