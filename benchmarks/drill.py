@@ -16,10 +16,19 @@ mode): eight workers per agent, tasks of seconds, three in ten of them longer th
 and warnings and kills aimed at the busiest instances, so every interrupted instance holds
 several tasks that cannot finish there. The fleet's throughput on 2 cores is the emulator's
 (every task costs several AWS calls), so what is in flight at an interruption is throughput
-x duration, not the slot count.
+x duration, not the slot count. The interruptions' clock starts once every initial
+instance runs three quarters of its slots at once: on a starved machine the fleet can
+work one task per instance for a minute, and a plan played then cuts little short.
+
+Each task checkpoints every ``--checkpoint-every-seconds`` (4 s) of work, not the drill's
+default 1 s: 160 running tasks checkpointing every second ask the emulator for 160
+PutObject a second, more than moto answers on 2 cores (about 140 requests a second in
+all), and every other call of the run (receives, leases, the dispatcher's requeue) then
+queues behind them, so the figure measured moto's queue, not spotguard (the 20 s tasks
+still save four checkpoints and resume from them).
 
     .venv/bin/python benchmarks/drill.py [--instances 20] [--tasks 2000] [--seed 7]
-        [--aws-faults 0.05] [--aws-latency-ms 20]
+        [--checkpoint-every-seconds 4] [--aws-faults 0.05] [--aws-latency-ms 20]
 
 Sized for 2 cores.
 """
@@ -59,12 +68,14 @@ def config_for(args: argparse.Namespace) -> DrillConfig:
         long_task_fraction=0.3,
         long_task_seconds=20.0,
         long_tasks=0,
+        checkpoint_every_seconds=args.checkpoint_every_seconds,
         aim_at_busiest=True,
         spot_warnings=interrupted - hard_kills,
         hard_kills=hard_kills,
         rebalances=0,
         bootstrap_failures=0,
         chaos_start_seconds=3.0,
+        chaos_when_running=max(1, args.concurrency * 3 // 4),
         chaos_end_seconds=25.0,
         warning_seconds=8.0,
         visibility_timeout_seconds=30,
@@ -103,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         "--dispatchers", type=int, default=4, help="concurrent dispatcher batches (Lambda's SQS event source)"
     )
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--checkpoint-every-seconds", type=float, default=4.0, help="work between two checkpoints of a task"
+    )
     parser.add_argument("--aws-faults", type=float, default=0.0, help="fraction of AWS calls failed")
     parser.add_argument("--aws-latency-ms", type=int, default=0, help="added before every AWS call")
     parser.add_argument("--timeout", type=float, default=600.0, help="hard stop of each mode's run")

@@ -140,14 +140,8 @@ def lease_messages(env: Any, instance_id: str, count: int) -> list[Lease]:
             break
         at = time.time()
         leases.extend(
-            Lease(
-                instance_id=instance_id,
-                message_id=m["MessageId"],
-                receipt_handle=m["ReceiptHandle"],
-                queue_url=env.work_queue_url,
-                leased_at=at,
-                heartbeat_at=at,
-                interruption_requeues=0,
+            control_plane_env.lease_of(
+                m, instance_id=instance_id, queue_url=env.work_queue_url, at=at, interruption_requeues=0
             )
             for m in messages
         )

@@ -11,7 +11,7 @@ a() { timeout $t aws "$@" >/dev/null; }
 die() {
 log "FATAL: $1"
 r=$(echo "$1" | tr -cd '[:alnum:] ._:/-') t=60
-a dynamodb update-item --table-name ${FleetTable} --key instance_id={S=$I} --update-expression \
+a dynamodb update-item --table-name ${FleetTable} --key pk={S=${InstanceArnPrefix}$I} --update-expression \
 'SET bootstrap_status=:s,bootstrap_reason=:r,fleet=:f' --expression-attribute-values ":s={S=failed},:r={S=$r},:f={S=$F}"
 a ec2 create-tags --resources $I --tags Key=$B,Value=failed "Key=$B-reason,Value=$r"
 a autoscaling complete-lifecycle-action --auto-scaling-group-name ${AsgName} \

@@ -9,7 +9,12 @@ deleted when the task succeeds; the bucket's lifecycle rule expires what a crash
 
 Each object carries the attempt that wrote it (SQS receive count, metadata ``attempt``). An
 attempt that was released may still be saving while the next attempt runs elsewhere; it
-does not overwrite a checkpoint written by a later attempt.
+does not overwrite a checkpoint written by a later attempt. The first save of an attempt
+looks (HeadObject) before it writes; every later save of that attempt is one conditional
+PutObject (``If-Match`` the ETag of its own last write), so a task that checkpoints often
+costs one request per checkpoint, not two; if anyone else wrote in between (412), the save
+looks again before it writes. Finished tasks' checkpoints are deleted in one DeleteObjects
+call per batch of completions.
 
 Python handlers: ``context.checkpoint(data)`` / ``context.resumed``. Command mode: the files
 in ``$SPOTGUARD_CHECKPOINT_DIR`` as one tar.gz object, saved after a released command
@@ -25,7 +30,8 @@ fault-injection hook of benchmarks and the drill), like every other AWS call of 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,8 @@ from spotguard_agent.handler_host import CheckpointError, CheckpointTooLarge
 
 LOG = logging.getLogger("spotguard.checkpoint")
 ATTEMPT_METADATA = "attempt"
+#: DeleteObjects takes up to this many keys per call.
+DELETE_OBJECTS_LIMIT = 1000
 __all__ = ["CheckpointError", "CheckpointStore", "CheckpointTooLarge"]
 
 
@@ -61,6 +69,9 @@ class CheckpointStore:
         self.fleet = fleet
         self.max_bytes = max_bytes
         self._count = count or (lambda _metric: None)
+        #: (message id, attempt) -> the ETag of the object as that attempt last wrote it.
+        self._written: dict[tuple[str, int], str] = {}
+        self._written_lock = threading.Lock()
         if not bucket:
             LOG.warning(
                 "checkpoints disabled: %s is not set (context.checkpoint() stores nothing and "
@@ -100,17 +111,21 @@ class CheckpointStore:
                 f"({Env.CHECKPOINT_MAX_BYTES.value}); nothing was stored"
             )
         key = self.key(message_id)
-        if self._written_by_later_attempt(key, attempt):
-            LOG.info("checkpoint of %s not saved: a later attempt already wrote one", message_id)
-            return False
+        with self._written_lock:
+            own_etag = self._written.get((message_id, attempt))
         try:
-            self.s3.put_object(
-                Bucket=self.bucket, Key=key, Body=data, Metadata={ATTEMPT_METADATA: str(attempt)}
-            )
+            etag = self._put_if_still_ours(key, data, attempt, own_etag) if own_etag else None
+            if etag is None:  # the attempt's first save, or someone else wrote since our last
+                if self._written_by_later_attempt(key, attempt):
+                    LOG.info("checkpoint of %s not saved: a later attempt already wrote one", message_id)
+                    return False
+                etag = self._put(key, data, attempt)
         except Exception as error:
             self._count(Metric.CHECKPOINTS_REJECTED)
             LOG.warning("checkpoint of %s not saved (the previous one is intact): %s", message_id, error)
             raise CheckpointError(f"checkpoint not saved: {error}") from error
+        with self._written_lock:
+            self._written[(message_id, attempt)] = etag
         self._count(Metric.CHECKPOINTS_SAVED)
         LOG.info("checkpoint of %s saved (%d bytes, attempt %d)", message_id, len(data), attempt)
         return True
@@ -126,13 +141,54 @@ class CheckpointStore:
             Env.CHECKPOINT_MAX_BYTES.value,
         )
 
-    def delete(self, message_id: str) -> None:
-        if not self.enabled:
-            return
+    def _put(self, key: str, data: bytes, attempt: int, **condition: str) -> str:
+        response = self.s3.put_object(
+            Bucket=self.bucket, Key=key, Body=data, Metadata={ATTEMPT_METADATA: str(attempt)}, **condition
+        )
+        return str(response.get("ETag", ""))
+
+    def _put_if_still_ours(self, key: str, data: bytes, attempt: int, own_etag: str) -> str | None:
+        """One conditional PutObject: the new ETag, or None when the object is no longer the
+        one this attempt wrote last (412: another attempt wrote; 404: it was deleted)."""
         try:
-            self.s3.delete_object(Bucket=self.bucket, Key=self.key(message_id))
-        except Exception as error:  # noqa: BLE001 - the lifecycle rule expires it anyway
-            LOG.warning("checkpoint of %s not deleted (it expires): %s", message_id, error)
+            return self._put(key, data, attempt, IfMatch=own_etag)
+        except Exception as error:
+            if _error_code(error) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                return None
+            raise
+
+    def delete(self, message_id: str) -> None:
+        self.delete_many([message_id])
+
+    def delete_many(self, message_ids: Iterable[str]) -> None:
+        """The checkpoints of finished messages, in one DeleteObjects call per 1,000 (best
+        effort: the bucket's lifecycle rule expires what is left)."""
+        ids = list(dict.fromkeys(message_ids))
+        self.forget(ids)
+        if not self.enabled or not ids:
+            return
+        for start in range(0, len(ids), DELETE_OBJECTS_LIMIT):
+            chunk = ids[start : start + DELETE_OBJECTS_LIMIT]
+            try:
+                response = self.s3.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": self.key(i)} for i in chunk], "Quiet": True},
+                )
+                errors = response.get("Errors", [])
+            except Exception as error:  # noqa: BLE001 - the lifecycle rule expires it anyway
+                LOG.warning("checkpoints of %d messages not deleted (they expire): %s", len(chunk), error)
+                continue
+            for failure in errors:
+                LOG.warning(
+                    "checkpoint %s not deleted (it expires): %s", failure.get("Key"), failure.get("Code")
+                )
+
+    def forget(self, message_ids: Iterable[str]) -> None:
+        """Drop what this store remembers of these messages' own writes (their attempts ended)."""
+        gone = set(message_ids)
+        with self._written_lock:
+            for written in [w for w in self._written if w[0] in gone]:
+                del self._written[written]
 
     def _written_by_later_attempt(self, key: str, attempt: int) -> bool:
         try:

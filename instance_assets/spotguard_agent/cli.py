@@ -32,7 +32,7 @@ from spotguard_core.contracts import (
 )
 
 from spotguard_agent.awsclients import AwsClients
-from spotguard_agent.config import AgentConfig, ConfigError, load_config
+from spotguard_agent.config import AgentConfig, ConfigError, load_config, with_instance_arn_prefix
 from spotguard_agent.fleet_reporter import FleetReporter
 from spotguard_agent.health import HealthServer
 from spotguard_agent.imds import (
@@ -96,7 +96,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args)
     imds = ImdsClient(config.imds_url, timeout_seconds=min(1.0, max(0.2, config.imds_poll_seconds)))
     instance_id = _instance_id(config, imds)
-    config = config.with_overrides(instance_id=instance_id)
+    config = with_instance_arn_prefix(config.with_overrides(instance_id=instance_id), imds)
     clients = AwsClients(config.region)
     worker = Worker(config, instance_id=instance_id, clients=clients)
     health = HealthServer(config.health_port, worker.status).start()
@@ -184,12 +184,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     imds = ImdsClient(config.imds_url, timeout_seconds=2.0)
     try:
         instance_id = _instance_id(config, imds)
+        config = with_instance_arn_prefix(config, imds)
     except ImdsError as error:
         sys.stderr.write(json.dumps({"error": f"no instance id: {error}"}) + "\n")
         return 2
     clients = AwsClients(config.region)
     reporter = FleetReporter(
-        clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
+        clients,
+        instance_id=instance_id,
+        fleet=config.fleet,
+        fleet_table=config.fleet_table,
+        arn_prefix=config.instance_arn_prefix,
     )
     if args.outcome == "ready":
         try:

@@ -31,11 +31,15 @@ from spotguard_core.contracts import (
     WORKLOAD_DIR,
     Env,
     RebalancePolicy,
+    checked_instance_arn_prefix,
+    instance_arn_prefix,
+    partition_of_region,
 )
 
-from spotguard_agent.imds import DEFAULT_IMDS_URL
+from spotguard_agent.imds import DEFAULT_IMDS_URL, IDENTITY_DOCUMENT_PATH, ImdsClient, ImdsError
 
-__all__ = ["DEFAULT_HANDLER", "AgentConfig", "ConfigError", "load_config"]
+__all__ = ["DEFAULT_HANDLER", "AgentConfig", "ConfigError", "load_config", "with_instance_arn_prefix"]
+PARTITION_PATH = "/latest/meta-data/services/partition"
 #: SQS allows visibility timeouts up to 12 hours.
 MAX_VISIBILITY_TIMEOUT_SECONDS = 43200
 
@@ -61,6 +65,8 @@ class AgentConfig:
     work_dlq_url: str = _env(Env.WORK_DLQ_URL, "")
     lease_table: str = _env(Env.LEASE_TABLE, "")
     fleet_table: str = _env(Env.FLEET_TABLE, "")
+    #: Prefix of this instance's table keys (its ARN); empty: read from IMDS at start.
+    instance_arn_prefix: str = _env(Env.INSTANCE_ARN_PREFIX, "")
     asg_name: str = _env(Env.ASG_NAME, "")
     launch_hook_name: str = _env(Env.LAUNCH_HOOK_NAME, LAUNCH_HOOK_NAME)
     terminate_hook_name: str = _env(Env.TERMINATE_HOOK_NAME, TERMINATE_HOOK_NAME)
@@ -195,4 +201,32 @@ def load_config(environ: Mapping[str, str] | None = None) -> AgentConfig:
     for spec in fields(config):
         if spec.metadata.get("env") is not None:
             _check_range(spec.name, spec.metadata, getattr(config, spec.name))
+    return config
+
+
+def with_instance_arn_prefix(config: AgentConfig, imds: ImdsClient) -> AgentConfig:
+    """``config`` with ``instance_arn_prefix`` set: the one built at synth (agent config), else
+    from IMDS (identity document region and account, ``services/partition``; without that
+    path, the partition of the region). The instance role allows lease and fleet-record
+    writes only under this instance's ARN, so a wrong prefix fails fast here."""
+    if not config.instance_arn_prefix:
+        document = imds.get(IDENTITY_DOCUMENT_PATH)
+        if not document.found:
+            raise ImdsError("IMDS has no instance identity document")
+        try:
+            identity = document.json()
+            region, account_id = str(identity["region"]), str(identity["accountId"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ImdsError(f"IMDS identity document unreadable: {error}") from error
+        partition = imds.optional_text(PARTITION_PATH) or partition_of_region(region)
+        config = replace(
+            config,
+            instance_arn_prefix=instance_arn_prefix(
+                partition=partition, region=region, account_id=account_id
+            ),
+        )
+    try:
+        checked_instance_arn_prefix(config.instance_arn_prefix)
+    except RuntimeError as error:
+        raise ConfigError(str(error)) from None
     return config

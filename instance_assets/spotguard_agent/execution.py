@@ -4,8 +4,11 @@ Two modes (``Env.HANDLER`` xor ``Env.COMMAND``), both outside the agent's own pr
 
 * **Python handler** (``module:function`` from the workload directory): one persistent child
   process per concurrency slot (``spotguard_agent.handler_host`` under ``Env.WORKLOAD_PYTHON``)
-  imports the handler once and runs one task at a time, talking JSON lines over pipes. When
-  the agent releases the task (drain, SIGTERM) it sends the child SIGTERM (the handler sees
+  imports the handler once and runs one task at a time, talking JSON lines over pipes.
+  Every slot's child starts with the agent (the first before it takes work, so a handler
+  that cannot be imported stops the agent; the others side by side, in the background), so
+  no task waits for a process start, not even a requeued one landing on a fresh instance.
+  When the agent releases the task (drain, SIGTERM) it sends the child SIGTERM (the handler sees
   ``context.released``), waits ``Env.STOP_GRACE_SECONDS`` (never past the interruption
   deadline) and then SIGKILLs it; a fresh child takes the slot's next task. A released
   handler therefore cannot go on with side effects, whatever it does.
@@ -19,7 +22,7 @@ Two modes (``Env.HANDLER`` xor ``Env.COMMAND``), both outside the agent's own pr
 
 The worker calls ``run(task)`` in the task's thread: it returns when the task succeeded or
 was released (the worker tells those apart by the task state) and raises ``TaskFailed``
-when it failed. ``succeeded(task)`` deletes the checkpoint; ``close()`` waits for stopping
+when it failed. ``succeeded(tasks)`` deletes their checkpoints; ``close()`` waits for stopping
 tasks and ends the child processes at exit.
 """
 
@@ -38,7 +41,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -182,6 +185,7 @@ class Execution:
         try:
             self._run(task)
         finally:
+            self.store.forget([task.message_id])  # this attempt saves nothing more
             with self._active_changed:
                 self._active -= 1
                 self._active_changed.notify_all()
@@ -189,11 +193,14 @@ class Execution:
     def _run(self, task: Task) -> None:
         raise NotImplementedError
 
-    def succeeded(self, task: Task) -> None:
-        """After the message was deleted: its checkpoint is not needed any more. Only a
-        message that was received before, or saved one now, can have one."""
-        if self.store.enabled and (task.receive_count > 1 or task.context.checkpointed):
-            self.store.delete(task.message_id)
+    def succeeded(self, tasks: Sequence[Task]) -> None:
+        """After the messages were deleted: their checkpoints are not needed any more (one
+        DeleteObjects call). Only a message that was received before, or saved one now, can
+        have one."""
+        if self.store.enabled:
+            self.store.delete_many(
+                t.message_id for t in tasks if t.receive_count > 1 or t.context.checkpointed
+            )
 
     def close(self, timeout: float | None = None) -> None:
         """Wait (bounded) for running/stopping tasks, then end the child processes."""
@@ -332,15 +339,42 @@ class HandlerHost:
 
 
 class PythonExecution(Execution):
-    def __init__(self, spec: str, workload: WorkloadConfig, store: CheckpointStore, **kwargs: Any) -> None:
+    def __init__(
+        self, spec: str, workload: WorkloadConfig, store: CheckpointStore, *, slots: int = 1, **kwargs: Any
+    ) -> None:
         super().__init__(workload, store, **kwargs)
         self.spec = spec
         self._idle: list[HandlerHost] = []
         self._hosts: set[HandlerHost] = set()
         self._lock = threading.Lock()
+        #: Notified when a host becomes idle or a start-up spawn ends (``_acquire`` waits on it).
+        self._host_ready = threading.Condition(self._lock)
+        self._starting = 0  # start-up spawns still running
+        self._closed = False
         # Start one at once: a handler that cannot be imported stops the agent with a
         # clear reason instead of failing every message.
         self._put_idle(self._spawn())
+        # The other slots' hosts start now, side by side, not when their first task comes.
+        self._starting = max(0, slots - 1)
+        for index in range(self._starting):
+            threading.Thread(target=self._spawn_at_start, name=f"host-start-{index}", daemon=True).start()
+
+    def _spawn_at_start(self) -> None:
+        host: HandlerHost | None = None
+        try:
+            host = self._spawn()
+        except WorkloadError as error:  # the first host started: a task spawns its own later
+            LOG.warning("a handler process did not start: %s", error)
+        with self._lock:
+            self._starting -= 1
+            if host is not None and not self._closed:
+                host.message_id = None
+                self._idle.append(host)
+                host = None
+            self._host_ready.notify_all()
+        if host is not None:  # closed meanwhile
+            self._discard(host)
+            host.close()
 
     def _spawn(self) -> HandlerHost:
         host = HandlerHost(
@@ -372,18 +406,24 @@ class PythonExecution(Execution):
         return {**os.environ, "PYTHONPATH": os.pathsep.join(paths), "PYTHONUNBUFFERED": "1"}
 
     def _acquire(self) -> HandlerHost:
+        """An idle host; while start-up spawns run, the next of them; else a new one."""
         with self._lock:
-            while self._idle:
-                host = self._idle.pop()
-                if host.alive:
-                    return host
-                self._hosts.discard(host)
+            while True:
+                while self._idle:
+                    host = self._idle.pop()
+                    if host.alive:
+                        return host
+                    self._hosts.discard(host)
+                if not self._starting:
+                    break
+                self._host_ready.wait(HOST_READY_TIMEOUT_SECONDS)
         return self._spawn()
 
     def _put_idle(self, host: HandlerHost) -> None:
         host.message_id = None
         with self._lock:
             self._idle.append(host)
+            self._host_ready.notify()
 
     def _discard(self, host: HandlerHost) -> None:
         with self._lock:
@@ -485,6 +525,7 @@ class PythonExecution(Execution):
     def close(self, timeout: float | None = None) -> None:
         super().close(timeout)
         with self._lock:
+            self._closed = True
             hosts, self._idle = list(self._hosts), []
             self._hosts.clear()
         for host in hosts:
@@ -681,7 +722,14 @@ def _log_task_line(message_id: str | None, line: str) -> None:
 
 # ---------------------------------------------------------------------- factory
 def build_execution(
-    *, handler: str, workload: WorkloadConfig, s3: Any, fleet: str, deadline: Deadline, count: Count
+    *,
+    handler: str,
+    workload: WorkloadConfig,
+    s3: Any,
+    fleet: str,
+    deadline: Deadline,
+    count: Count,
+    slots: int = 1,
 ) -> Execution:
     store = CheckpointStore(
         s3,
@@ -697,4 +745,4 @@ def build_execution(
     if ":" not in spec:
         raise WorkloadError(f"{Env.HANDLER.value} must be 'module:function', got {spec!r}")
     LOG.info("handler mode: %s under %s", spec, workload.python)
-    return PythonExecution(spec, workload, store, deadline=deadline, count=count)
+    return PythonExecution(spec, workload, store, slots=slots, deadline=deadline, count=count)

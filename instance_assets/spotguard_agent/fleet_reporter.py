@@ -44,11 +44,20 @@ def signal_summary(signal: Signal) -> dict[str, str]:
 
 
 class FleetReporter:
-    def __init__(self, clients: ClientFactory, *, instance_id: str, fleet: str, fleet_table: str) -> None:
+    def __init__(
+        self,
+        clients: ClientFactory,
+        *,
+        instance_id: str,
+        fleet: str,
+        fleet_table: str,
+        arn_prefix: str | None = None,
+    ) -> None:
         self.clients = clients
         self.instance_id = instance_id
         self.fleet = fleet
-        self.store = FleetStore(fleet_table, clients=clients) if fleet_table else None
+        # Its own record only: the key is this instance's ARN (the role allows nothing else).
+        self.store = FleetStore(fleet_table, clients=clients, arn_prefix=arn_prefix) if fleet_table else None
 
     # ------------------------------------------------------------------ fleet record
     def _advance(self, state: InstanceState, fields: dict[str, Any]) -> bool:

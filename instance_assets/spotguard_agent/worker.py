@@ -172,7 +172,11 @@ class Worker:
         self.instance_id = instance_id
         self.clients = clients or AwsClients(config.region)
         self.reporter = reporter or FleetReporter(
-            self.clients, instance_id=instance_id, fleet=config.fleet, fleet_table=config.fleet_table
+            self.clients,
+            instance_id=instance_id,
+            fleet=config.fleet,
+            fleet_table=config.fleet_table,
+            arn_prefix=config.instance_arn_prefix,
         )
         # The user's work runs in child processes (spotguard_agent.execution); the handler
         # reports its expected_seconds from there, per task.
@@ -189,9 +193,16 @@ class Worker:
             fleet=config.fleet,
             deadline=lambda: self.drain_signal.deadline if self.drain_signal is not None else None,
             count=self._count,
+            slots=config.concurrency,
         )
         self.sqs = self.clients.sqs
-        self.leases = LeaseStore(config.lease_table, clients=self.clients)
+        # Keys under this instance's ARN; counters one item at a time (the instance role's limits).
+        self.leases = LeaseStore(
+            config.lease_table,
+            clients=self.clients,
+            arn_prefix=config.instance_arn_prefix,
+            batch_counters=False,
+        )
         self.requeuer = Requeuer(lease_store=self.leases, sqs=self.sqs)
         self._tasks: dict[str, Task] = {}
         self._tasks_lock = threading.Lock()
@@ -911,8 +922,7 @@ class DeleteBatcher:
             worker.leases.delete([task.lease for task in batch])
         except BOOKKEEPING_ERRORS as error:
             LOG.warning("lease delete failed for %d messages: %s", len(batch), error)
-        for task in deleted:  # done for good: its checkpoint is not needed any more
-            worker.execution.succeeded(task)
+        worker.execution.succeeded(deleted)  # done for good: their checkpoints are not needed any more
         worker._count(Metric.TASKS_COMPLETED, len(batch))
 
 

@@ -12,6 +12,8 @@ pydantic or Powertools).
 
 from __future__ import annotations
 
+import os
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -278,17 +280,76 @@ LEASE_TTL_SECONDS: Final = 2 * 24 * 3600
 REQUEUE_COUNTER_TTL_SECONDS: Final = 14 * 24 * 3600
 
 
-def lease_pk(instance_id: str) -> str:
-    return f"instance#{instance_id}"
+#: Partition keys of an instance's own items (its leases, its fleet record) are the instance's
+#: ARN, so the instance role's policy can pin writes to ``dynamodb:LeadingKeys =
+#: ${ec2:SourceInstanceARN}`` (the ARN IAM knows for instance-profile credentials): an instance
+#: can only touch its own items. The prefix (partition, region, account) is built here once:
+#: the stack with CDK tokens, the agent from its config or IMDS, the drill and tests with
+#: moto's account and region; the control plane reads it from ``Env.INSTANCE_ARN_PREFIX``.
+INSTANCE_KEY_SEPARATOR: Final = ":instance/"
+_INSTANCE_ARN_PREFIX = re.compile(r"^arn:aws[a-z-]*:ec2:[a-z0-9-]+:\d{12}:instance/$")
+
+
+def instance_arn_prefix(*, partition: str, region: str, account_id: str) -> str:
+    """``arn:<partition>:ec2:<region>:<account>:instance/`` (values may be CDK tokens)."""
+    return f"arn:{partition}:ec2:{region}:{account_id}{INSTANCE_KEY_SEPARATOR}"
+
+
+def partition_of_region(region: str) -> str:
+    """The partition of a commercial, China or GovCloud region (where nothing better says it)."""
+    if region.startswith("cn-"):
+        return "aws-cn"
+    if region.startswith("us-gov-"):
+        return "aws-us-gov"
+    return "aws"
+
+
+def checked_instance_arn_prefix(value: str | None = None) -> str:
+    """``value``, else ``Env.INSTANCE_ARN_PREFIX`` of the environment, checked to be an
+    instance ARN prefix of one account and region (a wrong one would key every write
+    somewhere the instance role is denied)."""
+    prefix = value or os.environ.get(Env.INSTANCE_ARN_PREFIX, "")
+    if not _INSTANCE_ARN_PREFIX.match(prefix):
+        raise RuntimeError(
+            f"instance ARN prefix {prefix!r} is not arn:<partition>:ec2:<region>:<account>:instance/ "
+            f"(set {Env.INSTANCE_ARN_PREFIX.value})"
+        )
+    return prefix
+
+
+def instance_key(instance_id: str, arn_prefix: str) -> str:
+    """The partition key of ``instance_id``'s items: its instance ARN."""
+    return f"{arn_prefix}{instance_id}"
+
+
+def instance_id_of_key(key: str) -> str:
+    """The instance id in an instance key (the control plane trusts the key, never a plain
+    ``instance_id`` attribute: the key is what IAM pins to the writer). ``ValueError`` for
+    anything else (items of the old key scheme included)."""
+    prefix, separator, instance_id = str(key).rpartition(INSTANCE_KEY_SEPARATOR)
+    if not separator or not prefix.startswith("arn:") or not instance_id:
+        raise ValueError(f"not an instance key: {str(key)[:80]!r}")
+    return instance_id
 
 
 def lease_sk(message_id: str) -> str:
     return f"lease#{message_id}"
 
 
+def lease_key(instance_id: str, message_id: str, arn_prefix: str) -> dict[str, str]:
+    return {LEASE_TABLE_PK: instance_key(instance_id, arn_prefix), LEASE_TABLE_SK: lease_sk(message_id)}
+
+
+#: Requeue counters are the one shared item kind of the lease table: any worker that releases
+#: a message counts it. The instance role may only ``UpdateItem``/``GetItem`` these
+#: attributes of keys starting with this prefix (docs/security.md).
+REQUEUE_COUNTER_PK_PREFIX: Final = "message#"
+REQUEUE_COUNTER_SK: Final = "requeues"
+
+
 def requeue_counter_key(message_id: str) -> dict[str, str]:
     """Key of the item that counts how often interruptions (not failures) requeued a message."""
-    return {LEASE_TABLE_PK: f"message#{message_id}", LEASE_TABLE_SK: "requeues"}
+    return {LEASE_TABLE_PK: f"{REQUEUE_COUNTER_PK_PREFIX}{message_id}", LEASE_TABLE_SK: REQUEUE_COUNTER_SK}
 
 
 #: Number attribute of the requeue counter item (``ADD requeues :1``). Whoever makes a
@@ -314,14 +375,14 @@ class Lease:
     #: requeue it) instead of one ``ADD`` per message. ``None``: unknown, ``ADD`` is used.
     interruption_requeues: int | None = None
 
-    def key(self) -> dict[str, str]:
-        return {LEASE_TABLE_PK: lease_pk(self.instance_id), LEASE_TABLE_SK: lease_sk(self.message_id)}
+    def key(self, arn_prefix: str) -> dict[str, str]:
+        return lease_key(self.instance_id, self.message_id, arn_prefix)
 
-    def to_item(self) -> dict[str, Any]:
+    def to_item(self, arn_prefix: str) -> dict[str, Any]:
         """Plain-Python item (boto3 resource style); adapters serialise it."""
         expires_at = self.expires_at or int(self.leased_at) + LEASE_TTL_SECONDS
         return {
-            **self.key(),
+            **self.key(arn_prefix),
             "instance_id": self.instance_id,
             "message_id": self.message_id,
             "receipt_handle": self.receipt_handle,
@@ -339,7 +400,7 @@ class Lease:
     @classmethod
     def from_item(cls, item: Mapping[str, Any]) -> Lease:
         return cls(
-            instance_id=str(item["instance_id"]),
+            instance_id=instance_id_of_key(item[LEASE_TABLE_PK]),
             message_id=str(item["message_id"]),
             receipt_handle=str(item["receipt_handle"]),
             queue_url=str(item["queue_url"]),
@@ -384,7 +445,9 @@ def genuine_failures(receive_count: int, interruption_requeues: int) -> int:
 # --------------------------------------------------------------------------------------
 # Fleet table: one record per managed instance
 # --------------------------------------------------------------------------------------
-FLEET_TABLE_PK: Final = "instance_id"
+#: The instance key (``instance_key``: the instance ARN); ``instance_id`` stays a plain
+#: attribute for the views, never trusted over the key.
+FLEET_TABLE_PK: Final = "pk"
 #: Records of ended instances are kept this long for the fleet views, then expire.
 FLEET_RECORD_RETENTION_SECONDS: Final = 30 * 24 * 3600
 
@@ -485,6 +548,7 @@ class FleetRecord:
         return STATE_RANK[self.state]
 
     def to_item(self) -> dict[str, Any]:
+        """The record's attributes (``instance_id`` plain); ``FleetStore`` adds the key."""
         item: dict[str, Any] = {"state_rank": self.state_rank}
         for key, value in asdict(self).items():
             if value is None:
@@ -506,7 +570,7 @@ class FleetRecord:
         end_reason = item.get("end_reason")
         expires = item.get(TTL_ATTRIBUTE)
         return cls(
-            instance_id=str(item[FLEET_TABLE_PK]),
+            instance_id=instance_id_of_key(item[FLEET_TABLE_PK]),
             fleet=str(item.get("fleet", "")),
             state=InstanceState(item.get("state", InstanceState.LAUNCHING)),
             bootstrap_status=BootstrapStatus(item.get("bootstrap_status", BootstrapStatus.PENDING)),
@@ -595,6 +659,9 @@ class Env(StrEnum):
     WORK_DLQ_URL = "SPOTGUARD_WORK_DLQ_URL"
     LEASE_TABLE = "SPOTGUARD_LEASE_TABLE"
     FLEET_TABLE = "SPOTGUARD_FLEET_TABLE"
+    #: ``arn:<partition>:ec2:<region>:<account>:instance/``: instance ids become table keys
+    #: with it (``instance_key``); the stack sets it from CDK tokens, the agent config too.
+    INSTANCE_ARN_PREFIX = "SPOTGUARD_INSTANCE_ARN_PREFIX"
     JOBS_TABLE = "SPOTGUARD_JOBS_TABLE"
     IDEMPOTENCY_TABLE = "SPOTGUARD_IDEMPOTENCY_TABLE"
     ASG_NAME = "SPOTGUARD_ASG_NAME"
@@ -715,6 +782,7 @@ BOOTSTRAP_PLACEHOLDERS: Final[Mapping[str, str]] = {
     "BundleSha256": "hex sha256 of the bundle file",
     "DeadlineSeconds": "bootstrap deadline, seconds after boot",
     "FleetTable": "fleet table name (failure record)",
+    "InstanceArnPrefix": "instance ARN prefix (the failure record's key: contracts.instance_key)",
     "AsgName": "ASG name (lifecycle answer)",
     "LaunchHook": "launch lifecycle hook name",
     "ConfigParameter": "SSM parameter name of the agent config",

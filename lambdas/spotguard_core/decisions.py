@@ -401,9 +401,9 @@ def decide_lifecycle_terminate(
 def decide_bootstrap_deadline(
     signal: Signal, record: FleetRecord | None, settings: ControlSettings
 ) -> list[Action]:
+    # Any state short of ended: an instance CONTINUEd into service (or given a drain order)
+    # without its own bootstrap report is still a failed bootstrap.
     if record is None or _ended(record) or record.bootstrap_status is BootstrapStatus.READY:
-        return []
-    if record.state is not InstanceState.LAUNCHING:
         return []
     # An instance that reported a failed bootstrap should have shut itself down; if it is
     # still here at the deadline, the recorded reason stays what it reported.

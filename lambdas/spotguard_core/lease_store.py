@@ -1,8 +1,9 @@
 """DynamoDB adapter of the lease table: who holds which SQS message, and requeue counters.
 
-One table, two item kinds (``contracts``): leases under ``instance#<id>`` / ``lease#<msg>``
-(written by the agent's worker, deleted by it or by the control plane after a requeue) and
-per-message interruption requeue counters under ``message#<msg>`` / ``requeues``.
+One table, two item kinds (``contracts``): leases under the instance key (its ARN,
+``contracts.instance_key``) / ``lease#<msg>`` (written by the agent's worker, deleted by it or
+by the control plane after a requeue) and per-message interruption requeue counters under
+``message#<msg>`` / ``requeues``.
 
 The agent and the control plane both use this class (standard library + boto3 only: the
 agent bundle ships it); nothing else writes the table.
@@ -21,15 +22,18 @@ from spotguard_core.contracts import (
     LEASE_TABLE_PK,
     LEASE_TABLE_SK,
     REQUEUE_COUNTER_ATTRIBUTE,
+    REQUEUE_COUNTER_PK_PREFIX,
     REQUEUE_COUNTER_TTL_SECONDS,
     TTL_ATTRIBUTE,
     Env,
     Lease,
-    lease_pk,
+    checked_instance_arn_prefix,
+    instance_key,
+    lease_sk,
     requeue_counter_key,
 )
 
-LEASE_SK_PREFIX = "lease#"
+LEASE_SK_PREFIX = lease_sk("")
 #: DynamoDB limits: 25 writes per BatchWriteItem, 100 keys per BatchGetItem.
 BATCH_WRITE_LIMIT = 25
 BATCH_GET_LIMIT = 100
@@ -37,9 +41,10 @@ BATCH_RETRY_ATTEMPTS = 8
 #: Leases per Query page of a release: the first page's messages are on their way back to
 #: the queue while the next page is read (DynamoDB would answer 1,000 small leases in one page).
 RELEASE_PAGE_SIZE = 100
-#: A lease item's attributes besides its key and TTL (what ``Lease.from_item`` reads).
+#: What ``Lease.from_item`` reads of a lease item (the instance comes from the key; not the
+#: sort key, the plain ``instance_id`` or the TTL).
 LEASE_ATTRIBUTES = (
-    "instance_id",
+    LEASE_TABLE_PK,
     "message_id",
     "receipt_handle",
     "queue_url",
@@ -50,8 +55,13 @@ LEASE_ATTRIBUTES = (
 
 
 class LeaseStore:
-    """Reads and writes leases. The table name comes from ``SPOTGUARD_LEASE_TABLE`` unless given;
-    ``clients`` is the process's ``aws.ClientFactory`` (default: the control plane's)."""
+    """Reads and writes leases. The table name comes from ``SPOTGUARD_LEASE_TABLE`` and the
+    instance ARN prefix from ``SPOTGUARD_INSTANCE_ARN_PREFIX`` unless given; ``clients`` is the
+    process's ``aws.ClientFactory`` (default: the control plane's).
+
+    ``batch_counters=False`` (the agent) reads and writes requeue counters one item at a time:
+    the instance role may only ``GetItem``/``UpdateItem`` them (no batch calls, which could
+    carry any item), see ``spotguard_cdk.permissions.InstanceRole``."""
 
     def __init__(
         self,
@@ -60,9 +70,13 @@ class LeaseStore:
         table: Any = None,
         clients: aws.ClientFactory | None = None,
         sleep: Any = time.sleep,
+        arn_prefix: str | None = None,
+        batch_counters: bool = True,
     ) -> None:
         self.table = table if table is not None else dynamo.table(Env.LEASE_TABLE, table_name, clients)
+        self.arn_prefix = checked_instance_arn_prefix(arn_prefix)
         self._sleep = sleep
+        self._batch_counters = batch_counters
 
     @property
     def _client(self) -> Any:
@@ -70,16 +84,19 @@ class LeaseStore:
 
     # -- leases --------------------------------------------------------------------------
     def put(self, lease: Lease) -> None:
-        self.table.put_item(Item=lease.to_item())
+        self.table.put_item(Item=lease.to_item(self.arn_prefix))
 
     def put_many(self, leases: Sequence[Lease]) -> list[Lease]:
         """Write leases with BatchWriteItem (one call for a receive of up to ten messages).
 
         Returns the leases still unwritten after retrying unprocessed items (the caller must
         not start those messages); a whole-call failure raises."""
-        by_key = {(lease.key()[LEASE_TABLE_PK], lease.key()[LEASE_TABLE_SK]): lease for lease in leases}
+        items = [lease.to_item(self.arn_prefix) for lease in leases]
+        by_key = {
+            (item[LEASE_TABLE_PK], item[LEASE_TABLE_SK]): lease
+            for item, lease in zip(items, leases, strict=True)
+        }
         unwritten: list[Lease] = []
-        items = [lease.to_item() for lease in leases]
         for start in range(0, len(items), BATCH_WRITE_LIMIT):
             requests = [{"PutRequest": {"Item": item}} for item in items[start : start + BATCH_WRITE_LIMIT]]
             for request in self._batch_write(requests):
@@ -91,7 +108,7 @@ class LeaseStore:
         """Refresh a lease's heartbeat; False when the lease is gone (released meanwhile)."""
         try:
             self.table.update_item(
-                Key=lease.key(),
+                Key=lease.key(self.arn_prefix),
                 UpdateExpression="SET heartbeat_at = :at",
                 ConditionExpression=Attr("message_id").exists(),
                 ExpressionAttributeValues={":at": dynamo.to_dynamo(at)},
@@ -103,7 +120,7 @@ class LeaseStore:
     def for_instance(self, instance_id: str) -> list[Lease]:
         """Every lease held by ``instance_id`` (Query on the partition, paginated)."""
         kwargs: dict[str, Any] = {
-            "KeyConditionExpression": Key(LEASE_TABLE_PK).eq(lease_pk(instance_id))
+            "KeyConditionExpression": Key(LEASE_TABLE_PK).eq(instance_key(instance_id, self.arn_prefix))
             & Key(LEASE_TABLE_SK).begins_with(LEASE_SK_PREFIX),
             "ConsistentRead": True,
         }
@@ -117,8 +134,8 @@ class LeaseStore:
 
     def release_pages(self, instance_id: str, *, page_size: int = RELEASE_PAGE_SIZE) -> Iterator[list[Lease]]:
         """``instance_id``'s leases, one Query page at a time (the requeue releases each page
-        while the next one is read), with only the attributes a lease has (not the key or
-        the TTL). Through the table's client, not the resource: boto3 clients are thread-safe."""
+        while the next one is read), with only the attributes a lease is read from. Through
+        the table's client, not the resource: boto3 clients are thread-safe."""
         kwargs: dict[str, Any] = {
             "TableName": self.table.name,
             "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :prefix)",
@@ -127,7 +144,10 @@ class LeaseStore:
                 "#sk": LEASE_TABLE_SK,
                 **{f"#a{index}": name for index, name in enumerate(LEASE_ATTRIBUTES)},
             },
-            "ExpressionAttributeValues": {":pk": lease_pk(instance_id), ":prefix": LEASE_SK_PREFIX},
+            "ExpressionAttributeValues": {
+                ":pk": instance_key(instance_id, self.arn_prefix),
+                ":prefix": LEASE_SK_PREFIX,
+            },
             "ProjectionExpression": ", ".join(f"#a{index}" for index in range(len(LEASE_ATTRIBUTES))),
             "ConsistentRead": True,
             "Limit": page_size,
@@ -141,7 +161,7 @@ class LeaseStore:
 
     def scan_leases(self) -> Iterator[Lease]:
         """Every lease in the table (the watchdog's orphan sweep)."""
-        kwargs: dict[str, Any] = {"FilterExpression": Attr(LEASE_TABLE_SK).begins_with(LEASE_SK_PREFIX)}
+        kwargs: dict[str, Any] = {"FilterExpression": lease_filter()}
         while True:
             page = self.table.scan(**kwargs)
             for item in page.get("Items", []):
@@ -152,7 +172,7 @@ class LeaseStore:
 
     def delete(self, leases: Iterable[Lease]) -> int:
         """Delete leases with BatchWriteItem (25 per call; unprocessed items retried)."""
-        keys = [lease.key() for lease in leases]
+        keys = [lease.key(self.arn_prefix) for lease in leases]
         for start in range(0, len(keys), BATCH_WRITE_LIMIT):
             requests = [{"DeleteRequest": {"Key": key}} for key in keys[start : start + BATCH_WRITE_LIMIT]]
             left = self._batch_write(requests)
@@ -181,6 +201,12 @@ class LeaseStore:
         ``ADD`` each (creates the counter at 1)."""
         expires_at = int((now or time.time()) + REQUEUE_COUNTER_TTL_SECONDS)
         known = [lease for lease in leases if lease.interruption_requeues is not None]
+        if not self._batch_counters:
+            for lease in known:
+                self._set_requeue_counter(
+                    lease.message_id, int(lease.interruption_requeues or 0) + 1, expires_at
+                )
+            known = []
         for start in range(0, len(known), BATCH_WRITE_LIMIT):
             requests = [
                 {
@@ -211,11 +237,31 @@ class LeaseStore:
             ExpressionAttributeValues={":one": 1, ":ttl": expires_at},
         )
 
+    def _set_requeue_counter(self, message_id: str, count: int, expires_at: int) -> None:
+        """Write a known count (idempotent like the batch put) with the one call the instance
+        role may make on a counter, touching only the counter's attributes."""
+        self.table.update_item(
+            Key=requeue_counter_key(message_id),
+            UpdateExpression="SET #count = :count, #ttl = :ttl",
+            ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE, "#ttl": TTL_ATTRIBUTE},
+            ExpressionAttributeValues={":count": count, ":ttl": expires_at},
+        )
+
     def requeue_counts(self, message_ids: Sequence[str]) -> dict[str, int]:
         """Interruption requeue counts of ``message_ids`` (BatchGetItem, strongly consistent;
-        0 for a message never requeued)."""
+        0 for a message never requeued; one GetItem each without ``batch_counters``)."""
         counts = dict.fromkeys(message_ids, 0)
         ids = list(counts)
+        if not self._batch_counters:
+            for message_id in ids:
+                item = self.table.get_item(
+                    Key=requeue_counter_key(message_id),
+                    ProjectionExpression="#count",
+                    ExpressionAttributeNames={"#count": REQUEUE_COUNTER_ATTRIBUTE},
+                    ConsistentRead=True,
+                ).get("Item")
+                counts[message_id] = int((item or {}).get(REQUEUE_COUNTER_ATTRIBUTE, 0))
+            return counts
         for start in range(0, len(ids), BATCH_GET_LIMIT):
             request: dict[str, Any] = {
                 self.table.name: {
@@ -226,7 +272,7 @@ class LeaseStore:
             for attempt in range(BATCH_RETRY_ATTEMPTS):
                 response = self._client.batch_get_item(RequestItems=request)
                 for item in response.get("Responses", {}).get(self.table.name, []):
-                    message_id = str(item[LEASE_TABLE_PK]).removeprefix("message#")
+                    message_id = str(item[LEASE_TABLE_PK]).removeprefix(REQUEUE_COUNTER_PK_PREFIX)
                     counts[message_id] = int(item.get(REQUEUE_COUNTER_ATTRIBUTE, 0))
                 request = response.get("UnprocessedKeys") or {}
                 if not request:
@@ -239,3 +285,10 @@ class LeaseStore:
     def requeue_count(self, message_id: str) -> int:
         """How often interruptions requeued ``message_id`` (the tests' view of the poison rule)."""
         return self.requeue_counts([message_id])[message_id]
+
+
+def lease_filter() -> Any:
+    """Scan filter of the leases of the current key scheme: ``lease#`` sort keys under an
+    instance ARN. Leases written under the old ``instance#<id>`` keys are left to their TTL
+    (docs/security.md, migration)."""
+    return Attr(LEASE_TABLE_SK).begins_with(LEASE_SK_PREFIX) & Attr(LEASE_TABLE_PK).begins_with("arn:")

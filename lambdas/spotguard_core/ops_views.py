@@ -167,7 +167,7 @@ class UnreadableRecordError(Exception):
 def fleet_instance(*, store: FleetStore, instance_id: str) -> FleetInstance | None:
     """One instance; None when spotguard has no record of it; ``UnreadableRecordError``
     when the record is there but unreadable."""
-    item = store.table.get_item(Key={FLEET_TABLE_PK: instance_id}, ConsistentRead=True).get("Item")
+    item = store.get_item(instance_id)
     if not item:
         return None
     parsed = _parse(item)

@@ -38,10 +38,18 @@ class FleetResources:
     jobs_table: str = ""
     idempotency_table: str = ""
     notification_bus: str = ""
+    #: ``contracts.instance_arn_prefix``: the stack passes it built from CDK tokens (partition
+    #: included); the drill and tests get the ``aws`` partition's from region and account.
+    instance_arn_prefix: str = ""
 
     def __post_init__(self) -> None:
         if not self.asg_name:
             object.__setattr__(self, "asg_name", contracts.asg_name(self.fleet))
+        if not self.instance_arn_prefix and self.region and self.account_id:
+            prefix = contracts.instance_arn_prefix(
+                partition="aws", region=self.region, account_id=self.account_id
+            )
+            object.__setattr__(self, "instance_arn_prefix", prefix)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +99,7 @@ def control_plane_env(resources: FleetResources, options: ControlOptions) -> dic
         Env.SIGNAL_QUEUE_URL: resources.signal_queue_url,
         Env.LEASE_TABLE: resources.lease_table,
         Env.FLEET_TABLE: resources.fleet_table,
+        Env.INSTANCE_ARN_PREFIX: resources.instance_arn_prefix,
         Env.JOBS_TABLE: resources.jobs_table,
         Env.IDEMPOTENCY_TABLE: resources.idempotency_table,
         Env.ASG_NAME: resources.asg_name,
@@ -194,6 +203,7 @@ def agent_config(resources: AgentResources, options: AgentOptions) -> dict[str, 
         Env.WORK_DLQ_URL: fleet.work_dlq_url,
         Env.LEASE_TABLE: fleet.lease_table,
         Env.FLEET_TABLE: fleet.fleet_table,
+        Env.INSTANCE_ARN_PREFIX: fleet.instance_arn_prefix or None,
         Env.ASG_NAME: fleet.asg_name,
         Env.LAUNCH_HOOK_NAME: contracts.LAUNCH_HOOK_NAME,
         Env.TERMINATE_HOOK_NAME: contracts.TERMINATE_HOOK_NAME,

@@ -3,7 +3,9 @@
 Runs every minute. Each finding becomes a ``Signal`` (source ``watchdog``) and goes through
 the same ``ControlPlane.process`` path as EventBridge signals:
 
-- ``BOOTSTRAP_DEADLINE``: launching, not ready, past ``bootstrap_deadline_at``;
+- ``BOOTSTRAP_DEADLINE``: not ended and no verified bootstrap past ``bootstrap_deadline_at``
+  (or ``launched_at`` + the configured time), whatever its state: a lifecycle answer (anyone
+  in the ASG may send one) never stands in for the instance's own bootstrap report;
 - ``HEARTBEAT_STALE``: ready/draining and the agent silent: the agent is gone, the only case
   in which the watchdog takes a live record's tasks (requeue, terminate);
 - ``REPLACEMENT_IN_SERVICE``: an instance replaced early whose replacement is in service (a
@@ -27,10 +29,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from boto3.dynamodb.conditions import Attr
 from botocore.exceptions import BotoCoreError, ClientError
 
 from spotguard_core.contracts import (
+    FLEET_TABLE_PK,
     LEASE_TABLE_SK,
     BootstrapStatus,
     FleetRecord,
@@ -40,11 +42,11 @@ from spotguard_core.contracts import (
     Signal,
     SignalKind,
     SignalSource,
-    lease_sk,
 )
 from spotguard_core.control_plane import UNREADABLE_ITEM_ERRORS, ControlPlane, TransientActionError
 from spotguard_core.control_settings import ControlSettings
 from spotguard_core.decisions import counts_as_interruption
+from spotguard_core.lease_store import lease_filter
 from spotguard_core.requeue import RequeueIncompleteError
 
 #: How much earlier than the recorded request a replacement's launch may be dated. The ASG
@@ -131,17 +133,28 @@ def in_service_replacements(
     return matched
 
 
+def bootstrap_deadline(record: FleetRecord, settings: ControlSettings) -> float | None:
+    """The record's bootstrap deadline; when the launch event that sets it never came (lost,
+    or the record began with an agent's write), its launch time plus the configured time."""
+    if record.bootstrap_deadline_at is not None:
+        return record.bootstrap_deadline_at
+    if record.launched_at is not None:
+        return record.launched_at + settings.bootstrap_deadline_seconds
+    return None
+
+
 def findings(
     record: FleetRecord, *, now: float, settings: ControlSettings, replacement: str | None = None
 ) -> list[SignalKind]:
     """Which watchdog signal kinds an (active) record calls for at ``now``."""
-    if record.state is InstanceState.LAUNCHING:
-        if (
-            record.bootstrap_status is not BootstrapStatus.READY
-            and record.bootstrap_deadline_at is not None
-            and now > record.bootstrap_deadline_at
-        ):
+    if record.state is not InstanceState.ENDED and record.bootstrap_status is not BootstrapStatus.READY:
+        # Whatever answered its launch hook (AWS lets any instance of the ASG CONTINUE
+        # another's), an instance is in service only once its own record shows a verified
+        # bootstrap: past the deadline without one it is a failed bootstrap, launching or not.
+        deadline = bootstrap_deadline(record, settings)
+        if deadline is not None and now > deadline:
             return [SignalKind.BOOTSTRAP_DEADLINE]
+    if record.state is InstanceState.LAUNCHING:
         return []
     if record.state not in (InstanceState.READY, InstanceState.DRAINING):
         return []
@@ -261,14 +274,14 @@ class WatchdogSweep:
                 record = FleetRecord.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:
                 report.unreadable_items += 1
-                self.control_plane.unreadable_item(f"fleet record {item.get('instance_id')!r}", error)
+                self.control_plane.unreadable_item(f"fleet record {item.get(FLEET_TABLE_PK)!r}", error)
                 continue
             records[record.instance_id] = record
         return records
 
     def _leases(self, report: SweepReport) -> Iterator[Lease]:
         table = self.control_plane.lease_store.table
-        for item in _pages(table, FilterExpression=Attr(LEASE_TABLE_SK).begins_with(lease_sk(""))):
+        for item in _pages(table, FilterExpression=lease_filter()):
             try:
                 yield Lease.from_item(item)
             except UNREADABLE_ITEM_ERRORS as error:

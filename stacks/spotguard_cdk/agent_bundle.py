@@ -20,6 +20,7 @@ from constructs import Construct
 from spotguard_core import contracts
 
 from spotguard_cdk.bundle import build_bundle, user_data_template
+from spotguard_cdk.functions import instance_arn_prefix
 from spotguard_cdk.settings import Settings
 
 
@@ -46,6 +47,7 @@ class AgentBundle(Construct):
             "BundleSha256": bundle.sha256,
             "DeadlineSeconds": str(settings.bootstrap.deadline_minutes * 60),
             "FleetTable": fleet_table_name,
+            "InstanceArnPrefix": instance_arn_prefix(self),
             "AsgName": contracts.asg_name(fleet),
             "LaunchHook": contracts.LAUNCH_HOOK_NAME,
             "ConfigParameter": self.config_parameter_name,

@@ -7,8 +7,6 @@ stage has execution logging, detailed metrics and X-Ray tracing.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from aws_cdk import RemovalPolicy, Stack
 from aws_cdk import aws_apigateway as apigateway
 from aws_cdk import aws_iam as iam
@@ -19,10 +17,8 @@ from spotguard_core.contracts import Env
 
 from spotguard_cdk import permissions
 from spotguard_cdk.common import retention
-from spotguard_cdk.functions import ControlPlaneFunction, FunctionRuntime
+from spotguard_cdk.control import FunctionInputs
 from spotguard_cdk.nag import acknowledge
-from spotguard_cdk.settings import Settings
-from spotguard_cdk.tables import Tables
 
 API_TIMEOUT_SECONDS = 29
 
@@ -78,21 +74,18 @@ class OpsApi(Construct):
         scope: Construct,
         construct_id: str,
         *,
-        settings: Settings,
-        runtime: FunctionRuntime,
-        environment: Mapping[str, str],
-        tables: Tables,
+        inputs: FunctionInputs,
         reconciler: lambda_.IFunction,
     ) -> None:
         super().__init__(scope, construct_id)
-        self.function = ControlPlaneFunction(
+        settings, tables = inputs.settings, inputs.tables
+        self.function = inputs.function(
             self,
             "Handler",
-            runtime=runtime,
-            module="api",
-            description="spotguard operations API",
+            "api",
+            "spotguard operations API",
             timeout_seconds=API_TIMEOUT_SECONDS,
-            environment={**environment, Env.RECONCILER_FUNCTION.value: reconciler.function_name},
+            environment={Env.RECONCILER_FUNCTION.value: reconciler.function_name},
         )
         permissions.grant_api(
             self.function.role, jobs=tables.jobs, fleet_table=tables.fleet, reconciler=reconciler

@@ -33,9 +33,9 @@ from spotguard_core import contracts, runtime_env
 from spotguard_cdk.agent_bundle import AgentBundle, AgentConfigParameter
 from spotguard_cdk.api import OpsApi
 from spotguard_cdk.common import cfn_lint_ignore
-from spotguard_cdk.control import ControlPlane
+from spotguard_cdk.control import ControlPlane, FunctionInputs
 from spotguard_cdk.fleet import Fleet
-from spotguard_cdk.functions import CDK_ROLE_DEPENDENCY_REASON, FunctionRuntime
+from spotguard_cdk.functions import CDK_ROLE_DEPENDENCY_REASON, FunctionRuntime, instance_arn_prefix
 from spotguard_cdk.network import Network
 from spotguard_cdk.notifications import Notifications
 from spotguard_cdk.observability import Observability
@@ -200,6 +200,7 @@ class SpotWorkerFleet(Construct):
             fleet_table=self.tables.fleet.table_name,
             jobs_table=self.tables.jobs.table_name,
             idempotency_table=self.tables.idempotency.table_name,
+            instance_arn_prefix=instance_arn_prefix(self),
         )
         self.agent_config = AgentConfigParameter(
             self,
@@ -267,18 +268,18 @@ class SpotWorkerFleet(Construct):
         )
         runtime = FunctionRuntime(self, "Runtime", settings=resolved)
         subnets = self.network.vpc.select_subnets(**_selection_kwargs(self.network.subnets)).subnet_ids
+        inputs = FunctionInputs(
+            settings=resolved, runtime=runtime, environment=environment, tables=self.tables
+        )
         self.control_plane = ControlPlane(
             self,
             "ControlPlane",
-            settings=resolved,
-            runtime=runtime,
-            environment=environment,
+            inputs=inputs,
             reconciler_environment=runtime_env.reconciler_env(
                 migration_options,
                 launch_template_id=self.fleet.launch_template.launch_template_id or "",
                 subnet_ids=Fn.join(",", subnets),
             ),
-            tables=self.tables,
             work_queue=self.work_queue,
             bus=self.notifications.bus,
             launch_template_id=self.fleet.launch_template.launch_template_id or "",
@@ -298,10 +299,9 @@ class SpotWorkerFleet(Construct):
         self.ops_api = OpsApi(
             self,
             "OpsApi",
-            settings=resolved,
-            runtime=runtime,
-            environment={**environment, **runtime_env.migration_env(migration_options)},
-            tables=self.tables,
+            inputs=dataclasses.replace(
+                inputs, environment={**environment, **runtime_env.migration_env(migration_options)}
+            ),
             reconciler=self.control_plane.reconciler.function,
         )
         functions = {

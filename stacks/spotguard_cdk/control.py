@@ -10,8 +10,11 @@ heartbeat, migration). Idle it costs little (see docs/infrastructure.md, "Idle c
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TypedDict
 
 from aws_cdk import Duration
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_events as events
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda_destinations as destinations
@@ -33,6 +36,52 @@ DISPATCHER_TIMEOUT_SECONDS = 60
 WATCHDOG_TIMEOUT_SECONDS = 55
 
 
+@dataclass(frozen=True)
+class FunctionInputs:
+    """What a fleet's control-plane functions are built from (``ControlPlane``, ``OpsApi``)."""
+
+    settings: Settings
+    #: Code, layer, log retention and concurrency shared by the fleet's functions.
+    runtime: FunctionRuntime
+    #: The function environment (``runtime_env.control_plane_env``), before per-function additions.
+    environment: Mapping[str, str]
+    tables: Tables
+
+    def function(
+        self,
+        scope: Construct,
+        construct_id: str,
+        module: str,
+        description: str,
+        *,
+        timeout_seconds: int,
+        environment: Mapping[str, str] | None = None,
+        memory_mb: int = 512,
+        reserved_concurrency: int | None = None,
+    ) -> ControlPlaneFunction:
+        """The function of ``spotguard_functions.<module>`` on the shared runtime, with the fleet's
+        environment plus ``environment``."""
+        return ControlPlaneFunction(
+            scope,
+            construct_id,
+            runtime=self.runtime,
+            module=module,
+            description=description,
+            timeout_seconds=timeout_seconds,
+            environment={**self.environment, **(environment or {})},
+            memory_mb=memory_mb,
+            reserved_concurrency=reserved_concurrency,
+        )
+
+
+class _GrantScope(TypedDict):
+    """What every control-plane grant is pinned to: the fleet's tag, its fleet table, its bus."""
+
+    fleet: str
+    fleet_table: dynamodb.ITable
+    bus: events.IEventBus
+
+
 class ControlPlane(Construct):
     """Signals in, decisions out: everything that acts on the fleet's instances."""
 
@@ -41,11 +90,8 @@ class ControlPlane(Construct):
         scope: Construct,
         construct_id: str,
         *,
-        settings: Settings,
-        runtime: FunctionRuntime,
-        environment: Mapping[str, str],
+        inputs: FunctionInputs,
         reconciler_environment: Mapping[str, str],
-        tables: Tables,
         work_queue: sqs.IQueue,
         bus: events.IEventBus,
         launch_template_id: str,
@@ -53,28 +99,26 @@ class ControlPlane(Construct):
         novita_secret: secretsmanager.ISecret | None,
     ) -> None:
         super().__init__(scope, construct_id)
-        fleet = settings.fleet.name
+        settings, tables = inputs.settings, inputs.tables
+        scope_of_grants = _GrantScope(fleet=settings.fleet.name, fleet_table=tables.fleet, bus=bus)
         self.signal_queue, self.signal_dlq = consumer_queue(
             self, "Signal", consumer_timeout_seconds=DISPATCHER_TIMEOUT_SECONDS
         )
 
-        self.dispatcher = ControlPlaneFunction(
+        self.dispatcher = inputs.function(
             self,
             "Dispatcher",
-            runtime=runtime,
-            module="dispatcher",
-            description="Normalises interruption signals and requeues work",
+            "dispatcher",
+            "Normalises interruption signals and requeues work",
             timeout_seconds=DISPATCHER_TIMEOUT_SECONDS,
-            environment={**environment, Env.SIGNAL_QUEUE_URL.value: self.signal_queue.queue_url},
+            environment={Env.SIGNAL_QUEUE_URL.value: self.signal_queue.queue_url},
         )
         permissions.grant_dispatcher(
             self.dispatcher.role,
-            fleet=fleet,
             leases=tables.leases,
-            fleet_table=tables.fleet,
             idempotency=tables.idempotency,
             work_queue=work_queue,
-            bus=bus,
+            **scope_of_grants,
         )
         self.dispatcher.function.add_event_source(
             event_sources.SqsEventSource(
@@ -90,47 +134,37 @@ class ControlPlane(Construct):
             self, "SignalRules", settings=settings, signal_queue=self.signal_queue, signal_dlq=self.signal_dlq
         )
 
-        self.watchdog = ControlPlaneFunction(
+        self.watchdog = inputs.function(
             self,
             "Watchdog",
-            runtime=runtime,
-            module="watchdog",
-            description="Ends instances past their bootstrap or heartbeat deadline",
+            "watchdog",
+            "Ends instances past their bootstrap or heartbeat deadline",
             timeout_seconds=WATCHDOG_TIMEOUT_SECONDS,
-            environment=environment,
         )
         permissions.grant_watchdog(
-            self.watchdog.role,
-            fleet=fleet,
-            leases=tables.leases,
-            fleet_table=tables.fleet,
-            work_queue=work_queue,
-            bus=bus,
+            self.watchdog.role, leases=tables.leases, work_queue=work_queue, **scope_of_grants
         )
 
-        self.reconciler = ControlPlaneFunction(
+        self.reconciler = inputs.function(
             self,
             "Reconciler",
-            runtime=runtime,
-            module="reconciler",
-            description="Migrates or replaces spot-reclaimed instances",
+            "reconciler",
+            "Migrates or replaces spot-reclaimed instances",
             # Stop at the job timeout plus a margin; Lambda's own limit is 15 minutes.
             timeout_seconds=min(settings.migration.job_timeout_ms // 1000 + 60, 900),
             memory_mb=1024,
-            environment={**environment, **reconciler_environment},
+            environment=reconciler_environment,
             # One reconciler at a time (scheduled or triggered through the API).
             reserved_concurrency=1,
         )
         permissions.grant_reconciler(
             self.reconciler.role,
-            fleet=fleet,
             jobs=tables.jobs,
-            fleet_table=tables.fleet,
             launch_template_id=launch_template_id,
             instance_role=instance_role,
-            bus=bus,
             novita_secret=novita_secret,
             instance_types=[*settings.fleet.instance_types, *settings.fleet.fallback_instance_types],
+            **scope_of_grants,
         )
         # Asynchronous invocations (schedules, API trigger), on purpose: the watchdog is not
         # retried (the next sweep is a minute away), a failed reconciler job is retried once;

@@ -26,6 +26,7 @@ from spotguard_core import contracts
 from spotguard_cdk.agent_bundle import AgentBundle
 from spotguard_cdk.nag import acknowledge
 from spotguard_cdk.network import Network
+from spotguard_cdk.observability import group_metric
 from spotguard_cdk.settings import EmulatorGap, Settings
 
 #: How long the ASG waits for the agent to drain on scale-in before terminating anyway.
@@ -214,12 +215,8 @@ class BacklogScaling(Construct):
         in_flight = work_queue.metric_approximate_number_of_messages_not_visible(
             period=period, statistic="Maximum"
         )
-        in_service = cloudwatch.Metric(
-            namespace="AWS/AutoScaling",
-            metric_name="GroupInServiceInstances",
-            dimensions_map={"AutoScalingGroupName": asg.auto_scaling_group_name},
-            period=period,
-            statistic="Average",
+        in_service = group_metric(
+            asg.auto_scaling_group_name, "GroupInServiceInstances", statistic="Average", period=period
         )
         self.backlog_per_instance = cloudwatch.MathExpression(
             expression="(visible + inflight) / MAX([inservice, 1])",
@@ -271,53 +268,33 @@ class BacklogScaling(Construct):
         if not settings.supports(EmulatorGap.METRIC_MATH_ALARMS):
             return
 
-        desired = cloudwatch.Metric(
-            namespace="AWS/AutoScaling",
-            metric_name="GroupDesiredCapacity",
-            dimensions_map={"AutoScalingGroupName": asg.auto_scaling_group_name},
-            period=period,
-            statistic="Maximum",
+        desired = group_metric(
+            asg.auto_scaling_group_name, "GroupDesiredCapacity", statistic="Maximum", period=period
         )
         # Desired (not in-service) capacity: a launched instance stays Pending:Wait in the
         # launch hook during its bootstrap and must not trigger a second launch.
-        start = autoscaling.StepScalingAction(
-            self,
+        self._set_capacity_while(
+            asg,
             "ScaleFromZero",
-            auto_scaling_group=asg,
-            adjustment_type=autoscaling.AdjustmentType.EXACT_CAPACITY,
-            metric_aggregation_type=autoscaling.MetricAggregationType.MAXIMUM,
-        )
-        start.add_adjustment(adjustment=max(1, settings.fleet.min_capacity), lower_bound=0)
-        cloudwatch.Alarm(
-            self,
             "WorkWaitingWithNoInstance",
-            alarm_description="Scaling: work is waiting and the fleet is at zero; start one instance.",
-            metric=cloudwatch.MathExpression(
+            description="Scaling: work is waiting and the fleet is at zero; start one instance.",
+            capacity=max(1, settings.fleet.min_capacity),
+            condition=cloudwatch.MathExpression(
                 expression="IF(desired < 1 AND visible > 0, 1, 0)",
                 using_metrics={"visible": visible, "desired": desired},
                 label="Work waiting and desired capacity zero",
                 period=period,
             ),
-            threshold=1,
-            comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
             evaluation_periods=1,
-            treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        ).add_alarm_action(cloudwatch_actions.AutoScalingAction(start))
-
-        minimum = settings.fleet.min_capacity
-        stop = autoscaling.StepScalingAction(
-            self,
-            "ScaleToMinimumWhenIdle",
-            auto_scaling_group=asg,
-            adjustment_type=autoscaling.AdjustmentType.EXACT_CAPACITY,
-            metric_aggregation_type=autoscaling.MetricAggregationType.MAXIMUM,
         )
-        stop.add_adjustment(adjustment=minimum, lower_bound=0)
-        cloudwatch.Alarm(
-            self,
+        minimum = settings.fleet.min_capacity
+        self._set_capacity_while(
+            asg,
+            "ScaleToMinimumWhenIdle",
             "IdleAboveMinimum",
-            alarm_description="Scaling: no work visible or in flight for 15 minutes; back to the minimum.",
-            metric=cloudwatch.MathExpression(
+            description="Scaling: no work visible or in flight for 15 minutes; back to the minimum.",
+            capacity=minimum,
+            condition=cloudwatch.MathExpression(
                 expression=f"IF(visible + inflight == 0 AND desired > {minimum}, 1, 0)",
                 using_metrics={
                     "visible": visible.with_(period=Duration.minutes(5)),
@@ -327,8 +304,37 @@ class BacklogScaling(Construct):
                 label="Idle above minimum capacity",
                 period=Duration.minutes(5),
             ),
+            evaluation_periods=3,
+        )
+
+    def _set_capacity_while(
+        self,
+        asg: autoscaling.AutoScalingGroup,
+        action_id: str,
+        alarm_id: str,
+        *,
+        description: str,
+        capacity: int,
+        condition: cloudwatch.MathExpression,
+        evaluation_periods: int,
+    ) -> None:
+        """Set the group's desired capacity to exactly ``capacity`` when ``condition`` (0 or 1)
+        has been 1 for ``evaluation_periods``: an alarm driving a step scaling action."""
+        action = autoscaling.StepScalingAction(
+            self,
+            action_id,
+            auto_scaling_group=asg,
+            adjustment_type=autoscaling.AdjustmentType.EXACT_CAPACITY,
+            metric_aggregation_type=autoscaling.MetricAggregationType.MAXIMUM,
+        )
+        action.add_adjustment(adjustment=capacity, lower_bound=0)
+        cloudwatch.Alarm(
+            self,
+            alarm_id,
+            alarm_description=description,
+            metric=condition,
             threshold=1,
             comparison_operator=cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
-            evaluation_periods=3,
+            evaluation_periods=evaluation_periods,
             treat_missing_data=cloudwatch.TreatMissingData.NOT_BREACHING,
-        ).add_alarm_action(cloudwatch_actions.AutoScalingAction(stop))
+        ).add_alarm_action(cloudwatch_actions.AutoScalingAction(action))

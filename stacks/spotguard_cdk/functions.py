@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aws_cdk import Aws, Duration
+from aws_cdk import Aws, Duration, Stack
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_logs as logs
-from constructs import Construct
+from constructs import Construct, IConstruct
 from spotguard_core import contracts
 
 from spotguard_cdk.assets import lambda_source_dir
@@ -56,6 +56,16 @@ def powertools_layer_arn(version: int) -> str:
     return (
         f"arn:{Aws.PARTITION}:lambda:{Aws.REGION}:{POWERTOOLS_ACCOUNT}:layer:"
         f"AWSLambdaPowertoolsPythonV3-python313-x86_64:{version}"
+    )
+
+
+def instance_arn_prefix(scope: IConstruct) -> str:
+    """``arn:<partition>:ec2:<region>:<account>:instance/`` of the stack (CDK tokens): the
+    prefix of every instance key (``contracts.instance_key``), set for the functions
+    (``Env.INSTANCE_ARN_PREFIX``), the agent config and the user data from this one value."""
+    stack = Stack.of(scope)
+    return contracts.instance_arn_prefix(
+        partition=Aws.PARTITION, region=stack.region, account_id=stack.account
     )
 
 

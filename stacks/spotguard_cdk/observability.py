@@ -57,6 +57,62 @@ def spotguard_metric(
     )
 
 
+AT_LEAST = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
+BELOW = cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD
+
+# The dashboard's longer groups of spotguard metrics (summed unless a statistic is named).
+SIGNAL_METRICS = (
+    Metric.INTERRUPTION_WARNINGS,
+    Metric.REBALANCE_RECOMMENDATIONS,
+    Metric.HEALTH_SCHEDULED_CHANGES,
+    Metric.INSTANCES_ENDED,
+    Metric.REPLACEMENTS_REQUESTED,
+    Metric.SIGNALS_REJECTED,
+    Metric.SIGNALS_UNMANAGED,
+)
+WATCHDOG_METRICS = (
+    Metric.BOOTSTRAP_FAILURES,
+    Metric.TERMINATED_BY_WATCHDOG,
+    Metric.ORPHAN_LEASES_SWEPT,
+    Metric.WATCHDOG_HEARTBEAT,
+)
+CHECKPOINT_METRICS = (
+    Metric.CHECKPOINTS_SAVED,
+    Metric.CHECKPOINTS_REJECTED,
+    Metric.TASKS_RESUMED,
+    Metric.TASKS_KILLED,
+)
+CAPACITY_METRICS = (
+    Metric.INSTANCES_RETIRED,
+    (Metric.CAPACITY_SHORTFALL, "Maximum"),
+    Metric.UNREADABLE_TABLE_ITEMS,
+    Metric.API_UNREADABLE_RECORDS,
+    Metric.API_INTERNAL_ERRORS,
+    Metric.MIGRATION_JOBS_ABANDONED,
+)
+MIGRATION_METRICS = (
+    Metric.MIGRATION_JOBS,
+    Metric.MIGRATIONS_SUCCEEDED,
+    Metric.MIGRATIONS_FAILED,
+    Metric.MIGRATION_ELIGIBLE,
+    Metric.WEBHOOK_DELIVERED,
+    Metric.WEBHOOK_FAILURES,
+)
+
+
+def group_metric(
+    asg_name: str, metric_name: str, *, statistic: str, period: Duration = PERIOD
+) -> cloudwatch.Metric:
+    """An Auto Scaling group metric (``AWS/AutoScaling``, needs ``group_metrics`` on the group)."""
+    return cloudwatch.Metric(
+        namespace="AWS/AutoScaling",
+        metric_name=metric_name,
+        dimensions_map={"AutoScalingGroupName": asg_name},
+        statistic=statistic,
+        period=period,
+    )
+
+
 class Observability(Construct):
     """The fleet's alarm topic, alarms and dashboard."""
 
@@ -80,115 +136,67 @@ class Observability(Construct):
         )
         if settings.observability.alarm_email:
             self.topic.add_subscription(subscriptions.EmailSubscription(settings.observability.alarm_email))
-        action = cloudwatch_actions.SnsAction(self.topic)
+        self._alarm_action = cloudwatch_actions.SnsAction(self.topic)
+        self._settings = settings
         self.alarms: dict[str, cloudwatch.Alarm] = {}
 
-        def alarm(
-            name: str,
-            metric: cloudwatch.IMetric,
-            *,
-            threshold: float,
-            comparison: cloudwatch.ComparisonOperator,
-            description: str,
-            evaluation_periods: int = 1,
-            missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
-        ) -> cloudwatch.Alarm | None:
-            if isinstance(metric, cloudwatch.MathExpression) and not settings.supports(
-                EmulatorGap.METRIC_MATH_ALARMS
-            ):
-                return None
-            created = cloudwatch.Alarm(
-                self,
-                name,
-                alarm_description=f"spotguard {fleet}: {description}",
-                metric=metric,
-                threshold=threshold,
-                comparison_operator=comparison,
-                evaluation_periods=evaluation_periods,
-                treat_missing_data=missing,
-            )
-            created.add_alarm_action(action)
-            created.add_ok_action(action)
-            self.alarms[name] = created
-            return created
-
-        above = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
         for name, dlq in dead_letter_queues.items():
-            alarm(
+            self._alarm(
                 f"{name}DeadLetterQueueNotEmpty",
                 dlq.metric_approximate_number_of_messages_visible(period=PERIOD, statistic="Maximum"),
-                threshold=1,
-                comparison=above,
-                description=f"messages in the {name.lower()} dead-letter queue",
+                f"messages in the {name.lower()} dead-letter queue",
             )
-        alarm(
+        max_age = settings.queue.max_message_age_seconds
+        self._alarm(
             "OldestWorkMessageTooOld",
             work_queue.metric_approximate_age_of_oldest_message(period=PERIOD, statistic="Maximum"),
-            threshold=settings.queue.max_message_age_seconds,
-            comparison=above,
+            f"oldest work message older than {max_age} s",
+            threshold=max_age,
             evaluation_periods=3,
-            description=f"oldest work message older than {settings.queue.max_message_age_seconds} s",
         )
         for name, function in functions.items():
-            alarm(
+            self._alarm(
                 f"{name}Errors",
                 function.metric_errors(period=Duration.minutes(5), statistic="Sum"),
-                threshold=1,
-                comparison=above,
-                description=f"{name.lower()} function errors",
+                f"{name.lower()} function errors",
             )
-        alarm(
+        five_minutes = Duration.minutes(5)
+        self._alarm(
             "WatchdogSilent",
-            spotguard_metric(fleet, Metric.WATCHDOG_HEARTBEAT, period=Duration.minutes(5)),
-            threshold=1,
-            comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
+            spotguard_metric(fleet, Metric.WATCHDOG_HEARTBEAT, period=five_minutes),
+            "no watchdog heartbeat for 5 minutes",
+            comparison=BELOW,
             missing=cloudwatch.TreatMissingData.BREACHING,
-            description="no watchdog heartbeat for 5 minutes",
         )
         # One unreadable table item is skipped (never stops a sweep): counted, and alarmed here.
-        alarm(
+        self._alarm(
             "UnreadableTableItems",
             cloudwatch.MathExpression(
                 expression="FILL(sweep, 0) + FILL(api, 0)",
                 using_metrics={
-                    "sweep": spotguard_metric(
-                        fleet, Metric.UNREADABLE_TABLE_ITEMS, period=Duration.minutes(5)
-                    ),
-                    "api": spotguard_metric(fleet, Metric.API_UNREADABLE_RECORDS, period=Duration.minutes(5)),
+                    "sweep": spotguard_metric(fleet, Metric.UNREADABLE_TABLE_ITEMS, period=five_minutes),
+                    "api": spotguard_metric(fleet, Metric.API_UNREADABLE_RECORDS, period=five_minutes),
                 },
                 label="Unreadable table items skipped",
-                period=Duration.minutes(5),
+                period=five_minutes,
             ),
-            threshold=1,
-            comparison=above,
-            description="table items the control plane could not read (skipped)",
+            "table items the control plane could not read (skipped)",
         )
-        alarm(
+        shortfall = spotguard_metric(
+            fleet, Metric.CAPACITY_SHORTFALL, period=Duration.minutes(15), statistic="Maximum"
+        )
+        self._alarm(
             "CapacityShortfall",
-            spotguard_metric(
-                fleet, Metric.CAPACITY_SHORTFALL, period=Duration.minutes(15), statistic="Maximum"
-            ),
-            threshold=1,
-            comparison=above,
-            description="the group is stuck below its desired capacity (no spot capacity in its pools)",
+            shortfall,
+            "the group is stuck below its desired capacity (no spot capacity in its pools)",
         )
-        alarm(
-            "BootstrapFailures",
-            spotguard_metric(fleet, Metric.BOOTSTRAP_FAILURES, period=Duration.minutes(5)),
-            threshold=1,
-            comparison=above,
-            description="instances failed their bootstrap",
-        )
-        in_service = cloudwatch.Metric(
-            namespace="AWS/AutoScaling",
-            metric_name="GroupInServiceInstances",
-            dimensions_map={"AutoScalingGroupName": asg_name},
-            statistic="Minimum",
-            period=PERIOD,
-        )
+        bootstrap_failures = spotguard_metric(fleet, Metric.BOOTSTRAP_FAILURES, period=five_minutes)
+        self._alarm("BootstrapFailures", bootstrap_failures, "instances failed their bootstrap")
+        in_service = group_metric(asg_name, "GroupInServiceInstances", statistic="Minimum")
         # Always present (also with a minimum of 0): work is waiting and nothing runs it for
         # longer than a bootstrap takes, e.g. no spot capacity in any pool or every launch fails.
-        alarm(
+        launch_window = settings.bootstrap.deadline_minutes + 5
+        self._alarm(
             "WorkWaitingNoInstance",
             cloudwatch.MathExpression(
                 expression="IF(visible > 0 AND inservice < 1, 1, 0)",
@@ -201,20 +209,18 @@ class Observability(Construct):
                 label="Work waiting and no instance in service",
                 period=PERIOD,
             ),
-            threshold=1,
-            comparison=above,
-            evaluation_periods=settings.bootstrap.deadline_minutes + 5,
-            description="work is waiting and no instance is in service",
+            "work is waiting and no instance is in service",
+            evaluation_periods=launch_window,
         )
         if settings.fleet.min_capacity > 0:
-            alarm(
+            self._alarm(
                 "FleetBelowMinimum",
                 in_service,
+                f"fewer than {settings.fleet.min_capacity} instances in service",
                 threshold=settings.fleet.min_capacity,
-                comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-                evaluation_periods=settings.bootstrap.deadline_minutes + 5,
+                comparison=BELOW,
+                evaluation_periods=launch_window,
                 missing=cloudwatch.TreatMissingData.BREACHING,
-                description=f"fewer than {settings.fleet.min_capacity} instances in service",
             )
 
         self.dashboard = self._dashboard(
@@ -226,6 +232,37 @@ class Observability(Construct):
             api_name=api_name,
         )
 
+    def _alarm(
+        self,
+        name: str,
+        metric: cloudwatch.IMetric,
+        description: str,
+        *,
+        threshold: float = 1,
+        comparison: cloudwatch.ComparisonOperator = AT_LEAST,
+        evaluation_periods: int = 1,
+        missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
+    ) -> None:
+        """An alarm that notifies the topic on alarm and on OK (``self.alarms[name]``); none on a
+        metric-math expression where the deploy target cannot alarm on one."""
+        if isinstance(metric, cloudwatch.MathExpression) and not self._settings.supports(
+            EmulatorGap.METRIC_MATH_ALARMS
+        ):
+            return
+        created = cloudwatch.Alarm(
+            self,
+            name,
+            alarm_description=f"spotguard {self._settings.fleet.name}: {description}",
+            metric=metric,
+            threshold=threshold,
+            comparison_operator=comparison,
+            evaluation_periods=evaluation_periods,
+            treat_missing_data=missing,
+        )
+        created.add_alarm_action(self._alarm_action)
+        created.add_ok_action(self._alarm_action)
+        self.alarms[name] = created
+
     def _dashboard(
         self,
         *,
@@ -236,146 +273,78 @@ class Observability(Construct):
         in_service: cloudwatch.IMetric,
         api_name: str,
     ) -> cloudwatch.Dashboard:
-        def m(name: Metric, statistic: str = "Sum") -> cloudwatch.Metric:
-            return spotguard_metric(fleet, name, statistic=statistic)
+        def counts(title: str, *names: Metric | tuple[Metric, str]) -> cloudwatch.GraphWidget:
+            """A graph of spotguard metrics, summed unless a statistic is named with one."""
+            pairs = [name if isinstance(name, tuple) else (name, "Sum") for name in names]
+            return graph(title, [spotguard_metric(fleet, name, statistic=stat) for name, stat in pairs])
 
-        api_metric = {
-            "namespace": "AWS/ApiGateway",
-            "dimensions_map": {"ApiName": api_name},
-            "statistic": "Sum",
-            "period": PERIOD,
-        }
+        def api_errors(metric_name: str, label: str) -> cloudwatch.Metric:
+            return cloudwatch.Metric(
+                namespace="AWS/ApiGateway",
+                metric_name=metric_name,
+                dimensions_map={"ApiName": api_name},
+                statistic="Sum",
+                period=PERIOD,
+                label=label,
+            )
+
         dashboard = cloudwatch.Dashboard(self, "Dashboard", dashboard_name=f"spotguard-{fleet}")
         dashboard.add_widgets(
-            cloudwatch.GraphWidget(
-                title="Work queue depth",
-                left=[
+            graph(
+                "Work queue depth",
+                [
                     work_queue.metric_approximate_number_of_messages_visible(period=PERIOD, label="Visible"),
                     work_queue.metric_approximate_number_of_messages_not_visible(
                         period=PERIOD, label="In flight"
                     ),
                 ],
-                width=8,
             ),
-            cloudwatch.GraphWidget(
-                title="Oldest work message (s)",
-                left=[
-                    work_queue.metric_approximate_age_of_oldest_message(period=PERIOD, statistic="Maximum")
-                ],
-                width=8,
+            graph(
+                "Oldest work message (s)",
+                [work_queue.metric_approximate_age_of_oldest_message(period=PERIOD, statistic="Maximum")],
             ),
-            cloudwatch.GraphWidget(
-                title="Dead-letter queues",
-                left=[
+            graph(
+                "Dead-letter queues",
+                [
                     dlq.metric_approximate_number_of_messages_visible(period=PERIOD, label=name)
                     for name, dlq in dead_letter_queues.items()
                 ],
-                width=8,
             ),
-            cloudwatch.GraphWidget(
-                title="Interruptions and signals",
-                left=[
-                    m(Metric.INTERRUPTION_WARNINGS),
-                    m(Metric.REBALANCE_RECOMMENDATIONS),
-                    m(Metric.HEALTH_SCHEDULED_CHANGES),
-                    m(Metric.INSTANCES_ENDED),
-                    m(Metric.REPLACEMENTS_REQUESTED),
-                    m(Metric.SIGNALS_REJECTED),
-                    m(Metric.SIGNALS_UNMANAGED),
+            counts("Interruptions and signals", *SIGNAL_METRICS),
+            counts(
+                "Requeues", Metric.MESSAGES_REQUEUED, Metric.REQUEUE_FAILURES, Metric.TASKS_RELEASED_ON_DRAIN
+            ),
+            graph(
+                "Requeue latency (ms)",
+                [
+                    spotguard_metric(fleet, Metric.REQUEUE_LATENCY, statistic=percentile, label=percentile)
+                    for percentile in ("p50", "p99")
                 ],
-                width=8,
             ),
-            cloudwatch.GraphWidget(
-                title="Requeues",
-                left=[
-                    m(Metric.MESSAGES_REQUEUED),
-                    m(Metric.REQUEUE_FAILURES),
-                    m(Metric.TASKS_RELEASED_ON_DRAIN),
-                ],
-                width=8,
+            graph(
+                "Fleet size", [spotguard_metric(fleet, Metric.FLEET_SIZE, statistic="Maximum"), in_service]
             ),
-            cloudwatch.GraphWidget(
-                title="Requeue latency (ms)",
-                left=[
-                    spotguard_metric(fleet, Metric.REQUEUE_LATENCY, statistic="p50", label="p50"),
-                    spotguard_metric(fleet, Metric.REQUEUE_LATENCY, statistic="p99", label="p99"),
-                ],
-                width=8,
+            counts("Bootstrap and watchdog", *WATCHDOG_METRICS),
+            counts("Tasks", Metric.TASKS_COMPLETED, Metric.TASKS_FAILED, Metric.POISON_MESSAGES),
+            graph(
+                "Function errors",
+                [f.metric_errors(period=PERIOD, label=name) for name, f in functions.items()],
             ),
-            cloudwatch.GraphWidget(
-                title="Fleet size",
-                left=[m(Metric.FLEET_SIZE, "Maximum"), in_service],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Bootstrap and watchdog",
-                left=[
-                    m(Metric.BOOTSTRAP_FAILURES),
-                    m(Metric.TERMINATED_BY_WATCHDOG),
-                    m(Metric.ORPHAN_LEASES_SWEPT),
-                    m(Metric.WATCHDOG_HEARTBEAT),
-                ],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Tasks",
-                left=[m(Metric.TASKS_COMPLETED), m(Metric.TASKS_FAILED), m(Metric.POISON_MESSAGES)],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Function errors",
-                left=[f.metric_errors(period=PERIOD, label=name) for name, f in functions.items()],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Function duration p99 (ms)",
-                left=[
+            graph(
+                "Function duration p99 (ms)",
+                [
                     f.metric_duration(period=PERIOD, statistic="p99", label=name)
                     for name, f in functions.items()
                 ],
-                width=8,
             ),
-            cloudwatch.GraphWidget(
-                title="API errors",
-                left=[
-                    cloudwatch.Metric(metric_name="4XXError", label="4xx", **api_metric),  # type: ignore[arg-type]
-                    cloudwatch.Metric(metric_name="5XXError", label="5xx", **api_metric),  # type: ignore[arg-type]
-                ],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Checkpoints and stopped tasks (agent)",
-                left=[
-                    m(Metric.CHECKPOINTS_SAVED),
-                    m(Metric.CHECKPOINTS_REJECTED),
-                    m(Metric.TASKS_RESUMED),
-                    m(Metric.TASKS_KILLED),
-                ],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Capacity and table health",
-                left=[
-                    m(Metric.INSTANCES_RETIRED),
-                    m(Metric.CAPACITY_SHORTFALL, "Maximum"),
-                    m(Metric.UNREADABLE_TABLE_ITEMS),
-                    m(Metric.API_UNREADABLE_RECORDS),
-                    m(Metric.API_INTERNAL_ERRORS),
-                    m(Metric.MIGRATION_JOBS_ABANDONED),
-                ],
-                width=8,
-            ),
-            cloudwatch.GraphWidget(
-                title="Migrations and notifications",
-                left=[
-                    m(Metric.MIGRATION_JOBS),
-                    m(Metric.MIGRATIONS_SUCCEEDED),
-                    m(Metric.MIGRATIONS_FAILED),
-                    m(Metric.MIGRATION_ELIGIBLE),
-                    m(Metric.WEBHOOK_DELIVERED),
-                    m(Metric.WEBHOOK_FAILURES),
-                ],
-                width=8,
-            ),
+            graph("API errors", [api_errors("4XXError", "4xx"), api_errors("5XXError", "5xx")]),
+            counts("Checkpoints and stopped tasks (agent)", *CHECKPOINT_METRICS),
+            counts("Capacity and table health", *CAPACITY_METRICS),
+            counts("Migrations and notifications", *MIGRATION_METRICS),
         )
         return dashboard
+
+
+def graph(title: str, left: list[cloudwatch.IMetric]) -> cloudwatch.GraphWidget:
+    """One dashboard graph (three to a row)."""
+    return cloudwatch.GraphWidget(title=title, left=left, width=8)

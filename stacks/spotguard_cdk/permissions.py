@@ -27,6 +27,16 @@ from spotguard_core import contracts
 
 from spotguard_cdk.nag import acknowledge, iam5_resource
 
+#: The calling instance's ARN (present for instance-profile credentials).
+OWN_INSTANCE_ARN = "${ec2:SourceInstanceARN}"
+#: Every attribute a requeue counter request may name: the table's keys, the count, its TTL.
+REQUEUE_COUNTER_ATTRIBUTES = (
+    contracts.LEASE_TABLE_PK,
+    contracts.LEASE_TABLE_SK,
+    contracts.REQUEUE_COUNTER_ATTRIBUTE,
+    contracts.TTL_ATTRIBUTE,
+)
+
 
 def instance_arn_pattern(scope: IConstruct) -> str:
     """``arn:…:ec2:<region>:<account>:instance/*`` of the stack's environment."""
@@ -132,9 +142,13 @@ class InstanceRole(Construct):
         )
         grant_decrypt_if_encrypted(work_queue, role)
         grant_decrypt_if_encrypted(work_dlq, role)
+        # Its own leases and fleet record only: their partition key is the instance's ARN
+        # (contracts.instance_key), which IAM knows as ${ec2:SourceInstanceARN} for
+        # instance-profile credentials. ForAllValues holds for every key of a batch call too;
+        # no Scan (a request without keys would satisfy ForAllValues vacuously).
         role.add_to_policy(
             iam.PolicyStatement(
-                sid="LeaseAndFleetRecords",
+                sid="OwnLeasesAndFleetRecord",
                 actions=[
                     "dynamodb:GetItem",
                     "dynamodb:PutItem",
@@ -142,9 +156,30 @@ class InstanceRole(Construct):
                     "dynamodb:DeleteItem",
                     "dynamodb:Query",
                     "dynamodb:BatchWriteItem",
-                    "dynamodb:BatchGetItem",  # interruption counters of a batch of messages
                 ],
                 resources=[leases.table_arn, fleet_table.table_arn],
+                conditions={"ForAllValues:StringEquals": {"dynamodb:LeadingKeys": [OWN_INSTANCE_ARN]}},
+            )
+        )
+        # The one shared item kind: a message's interruption requeue counter is counted by
+        # whichever worker releases the message (its lease may be another instance's by then),
+        # so no key can name one owner. Limited to the counter items (message#*), to their
+        # attributes and to one item per call; nothing of a lease or record is readable.
+        role.add_to_policy(
+            iam.PolicyStatement(
+                sid="SharedRequeueCountersOnly",
+                actions=["dynamodb:GetItem", "dynamodb:UpdateItem"],
+                resources=[leases.table_arn],
+                conditions={
+                    "ForAllValues:StringLike": {
+                        "dynamodb:LeadingKeys": [f"{contracts.REQUEUE_COUNTER_PK_PREFIX}*"],
+                    },
+                    "ForAllValues:StringEquals": {"dynamodb:Attributes": list(REQUEUE_COUNTER_ATTRIBUTES)},
+                    "StringEqualsIfExists": {
+                        "dynamodb:Select": "SPECIFIC_ATTRIBUTES",
+                        "dynamodb:ReturnValues": ["NONE", "UPDATED_OLD", "UPDATED_NEW"],
+                    },
+                },
             )
         )
         role.add_to_policy(

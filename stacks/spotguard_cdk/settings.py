@@ -16,9 +16,17 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from spotguard_core import contracts, url_safety
 
 CONTEXT_KEY = "spotguard"
@@ -42,6 +50,37 @@ class ConfigurationError(ValueError):
     counterpart is ``spotguard_core.control_settings.SettingsError``.)"""
 
 
+def _matching(pattern: re.Pattern[str], message: str) -> AfterValidator:
+    """A string setting (unset allowed) that must match ``pattern``; else ``message``."""
+
+    def check(value: str | None) -> str | None:
+        if value is not None and not pattern.match(value):
+            raise ValueError(message)
+        return value
+
+    return AfterValidator(check)
+
+
+def _check_instance_types(value: list[str]) -> list[str]:
+    bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
+    if bad:
+        raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
+    return value
+
+
+def _check_public_url(value: str | None) -> str | None:
+    # Secrets go there (a webhook signature, a Bearer key): https, a public host, no
+    # userinfo (spotguard_core.url_safety).
+    if value is not None:
+        url_safety.check_outbound_url(value, allow_loopback=False)
+    return value
+
+
+def _within(bounds: tuple[int, int], default: int) -> Any:
+    """An integer setting limited to the contracts' inclusive ``bounds``."""
+    return Field(default=default, ge=bounds[0], le=bounds[1])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,39 +89,18 @@ class EnvironmentSettings(_Section):
     """Account, region and availability zones of the ready app's stack."""
 
     #: Leave both empty for an environment-agnostic template (the default).
-    account: str | None = None
-    region: str | None = None
+    account: Annotated[str | None, _matching(_ACCOUNT, "must be a 12-digit AWS account id")] = None
+    region: Annotated[str | None, _matching(_REGION, "must be an AWS region name such as eu-west-1")] = None
     #: With a region set, the AZs to use (so synth needs no AWS lookup).
     availability_zones: list[str] | None = None
-
-    @field_validator("account")
-    @classmethod
-    def _account(cls, value: str | None) -> str | None:
-        if value is not None and not _ACCOUNT.match(value):
-            raise ValueError("must be a 12-digit AWS account id")
-        return value
-
-    @field_validator("region")
-    @classmethod
-    def _region(cls, value: str | None) -> str | None:
-        if value is not None and not _REGION.match(value):
-            raise ValueError("must be an AWS region name such as eu-west-1")
-        return value
 
 
 class NetworkSettings(_Section):
     """The VPC: an existing one by id (looked up at synth, needs credentials) or a new one."""
 
     #: Use an existing VPC (its public subnets) instead of creating one.
-    vpc_id: str | None = None
+    vpc_id: Annotated[str | None, _matching(_VPC_ID, "must look like vpc-0123456789abcdef0")] = None
     max_azs: int = Field(default=2, ge=1, le=6)
-
-    @field_validator("vpc_id")
-    @classmethod
-    def _vpc(cls, value: str | None) -> str | None:
-        if value is not None and not _VPC_ID.match(value):
-            raise ValueError("must look like vpc-0123456789abcdef0")
-        return value
 
 
 class WorkloadSettings(_Section):
@@ -113,7 +131,13 @@ class WorkloadSettings(_Section):
 class FleetSettings(_Section):
     """The worker fleet: name, instance types, capacity, image, workload and agent port."""
 
-    name: str = "default"
+    name: Annotated[
+        str,
+        _matching(
+            _FLEET_NAME,
+            "must be 3-32 characters of lowercase letters, digits and '-', starting with a letter",
+        ),
+    ] = "default"
     #: Several types across families spread the fleet over more spot pools.
     instance_types: list[str] = Field(
         default_factory=lambda: ["m7i.large", "m6i.large", "m5.large", "c6i.large"]
@@ -126,11 +150,13 @@ class FleetSettings(_Section):
     #: Visible messages per instance the backlog scaling aims for.
     backlog_per_instance: int = Field(default=10, ge=1, le=10_000)
     #: Override the default Amazon Linux 2023 image (resolved from SSM at deploy time).
-    ami_id: str | None = None
+    ami_id: Annotated[str | None, _matching(_AMI_ID, "must look like ami-0123456789abcdef0")] = None
     root_volume_gb: int = Field(default=20, ge=8, le=16_384)
     #: Python mode: ``module:function`` the worker runs for each message, importable from
     #: ``workload.path``. Unset without a workload: the built-in sample handler.
-    handler: str | None = None
+    handler: Annotated[
+        str | None, _matching(_HANDLER, "must be 'module:function', e.g. mypackage.tasks:handle")
+    ] = None
     workload: WorkloadSettings = WorkloadSettings()
     concurrency: int = Field(default=contracts.DEFAULT_CONCURRENCY, ge=1, le=64)
     #: Port the bootstrap verifies is listening (the agent's own health endpoint by default;
@@ -140,49 +166,18 @@ class FleetSettings(_Section):
     fis_target: bool = False
     #: Instance types the reconciler may add to the group's pools when capacity is stuck below
     #: desired (no spot capacity in the configured pools). Empty: it only reports.
-    fallback_instance_types: list[str] = Field(default_factory=list)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        if not _FLEET_NAME.match(value):
-            raise ValueError(
-                "must be 3-32 characters of lowercase letters, digits and '-', starting with a letter"
-            )
-        return value
+    fallback_instance_types: Annotated[list[str], AfterValidator(_check_instance_types)] = Field(
+        default_factory=list
+    )
 
     @field_validator("instance_types")
     @classmethod
     def _types(cls, value: list[str]) -> list[str]:
         if not 1 <= len(value) <= 20:
             raise ValueError("must list between 1 and 20 instance types (several spread spot risk)")
-        bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
-        if bad:
-            raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
+        _check_instance_types(value)
         if len(set(value)) != len(value):
             raise ValueError("lists an instance type twice")
-        return value
-
-    @field_validator("fallback_instance_types")
-    @classmethod
-    def _fallback_types(cls, value: list[str]) -> list[str]:
-        bad = [t for t in value if not _INSTANCE_TYPE.match(t)]
-        if bad:
-            raise ValueError(f"not EC2 instance types: {', '.join(bad)} (expected e.g. m7i.large)")
-        return value
-
-    @field_validator("ami_id")
-    @classmethod
-    def _ami(cls, value: str | None) -> str | None:
-        if value is not None and not _AMI_ID.match(value):
-            raise ValueError("must look like ami-0123456789abcdef0")
-        return value
-
-    @field_validator("handler")
-    @classmethod
-    def _handler(cls, value: str | None) -> str | None:
-        if value is not None and not _HANDLER.match(value):
-            raise ValueError("must be 'module:function', e.g. mypackage.tasks:handle")
         return value
 
     @model_validator(mode="after")
@@ -306,35 +301,17 @@ class MigrationSettings(_Section):
     """The auto-migration seed's settings, with its ranges."""
 
     enabled: bool = True
-    interval_minutes: int = Field(
-        default=15,
-        ge=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[0],
-        le=contracts.MIGRATION_INTERVAL_MINUTES_RANGE[1],
-    )
-    job_timeout_ms: int = Field(
-        default=600_000,
-        ge=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[0],
-        le=contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE[1],
-    )
-    max_concurrent: int = Field(
-        default=5,
-        ge=contracts.MIGRATION_MAX_CONCURRENT_RANGE[0],
-        le=contracts.MIGRATION_MAX_CONCURRENT_RANGE[1],
-    )
+    interval_minutes: int = _within(contracts.MIGRATION_INTERVAL_MINUTES_RANGE, default=15)
+    job_timeout_ms: int = _within(contracts.MIGRATION_JOB_TIMEOUT_MS_RANGE, default=600_000)
+    max_concurrent: int = _within(contracts.MIGRATION_MAX_CONCURRENT_RANGE, default=5)
     dry_run: bool = False
     retry_failed: bool = True
     log_level: Literal["debug", "info", "warn", "error"] = "info"
     provider: Literal["aws", "novita"] = "aws"
     #: Secrets Manager secret name holding the Novita API key (provider "novita" only).
     novita_api_key_secret_name: str | None = None
-    novita_api_url: str = "https://api.novita.ai"
-
-    @field_validator("novita_api_url")
-    @classmethod
-    def _novita_url(cls, value: str) -> str:
-        # The Bearer key goes there: https, a public host (spotguard_core.url_safety).
-        url_safety.check_outbound_url(value, allow_loopback=False)
-        return value
+    #: Where the Bearer key goes: checked like ``notifications.webhook_url``.
+    novita_api_url: Annotated[str, AfterValidator(_check_public_url)] = "https://api.novita.ai"
 
     @model_validator(mode="after")
     def _novita(self) -> MigrationSettings:
@@ -350,15 +327,7 @@ class NotificationSettings(_Section):
     """Signed webhooks."""
 
     #: HTTPS endpoint that receives signed webhooks; empty disables webhooks.
-    webhook_url: str | None = None
-
-    @field_validator("webhook_url")
-    @classmethod
-    def _https(cls, value: str | None) -> str | None:
-        # Signed requests go there: https, a public host, no userinfo (spotguard_core.url_safety).
-        if value is not None:
-            url_safety.check_outbound_url(value, allow_loopback=False)
-        return value
+    webhook_url: Annotated[str | None, AfterValidator(_check_public_url)] = None
 
 
 class ApiSettings(_Section):
@@ -386,14 +355,7 @@ class ObservabilitySettings(_Section):
     """Where alarms are sent."""
 
     #: Subscribed to the alarm topic when set.
-    alarm_email: str | None = None
-
-    @field_validator("alarm_email")
-    @classmethod
-    def _email(cls, value: str | None) -> str | None:
-        if value is not None and not _EMAIL.match(value):
-            raise ValueError("must be an email address")
-        return value
+    alarm_email: Annotated[str | None, _matching(_EMAIL, "must be an email address")] = None
 
 
 class StagingSettings(_Section):

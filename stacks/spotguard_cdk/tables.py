@@ -8,6 +8,8 @@ stack; the fleet and jobs tables (history) are retained.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from aws_cdk import RemovalPolicy
 from aws_cdk import aws_dynamodb as dynamodb
 from constructs import Construct
@@ -16,27 +18,38 @@ from spotguard_core import contracts
 _STRING = dynamodb.AttributeType.STRING
 
 
-def _table(
-    scope: Construct,
-    construct_id: str,
-    *,
-    pk: str,
-    sk: str | None = None,
-    ttl: str,
-    removal_policy: RemovalPolicy,
-) -> dynamodb.Table:
+class TableSpec(NamedTuple):
+    """One table's key names (from the contracts), TTL attribute and fate on stack deletion."""
+
+    pk: str
+    sk: str | None = None
+    ttl: str = contracts.TTL_ATTRIBUTE
+    #: History, kept when the stack is deleted (transient state is removed with it).
+    retain: bool = False
+
+
+#: The fleet's tables by construct id.
+TABLE_SPECS = {
+    "Leases": TableSpec(contracts.LEASE_TABLE_PK, contracts.LEASE_TABLE_SK),
+    "Fleet": TableSpec(contracts.FLEET_TABLE_PK, retain=True),
+    "Jobs": TableSpec(contracts.JOBS_TABLE_PK, contracts.JOBS_TABLE_SK, retain=True),
+    "Idempotency": TableSpec(contracts.IDEMPOTENCY_TABLE_PK, ttl=contracts.IDEMPOTENCY_TTL_ATTRIBUTE),
+}
+
+
+def _table(scope: Construct, construct_id: str, spec: TableSpec) -> dynamodb.Table:
     return dynamodb.Table(
         scope,
         construct_id,
-        partition_key=dynamodb.Attribute(name=pk, type=_STRING),
-        sort_key=dynamodb.Attribute(name=sk, type=_STRING) if sk else None,
+        partition_key=dynamodb.Attribute(name=spec.pk, type=_STRING),
+        sort_key=dynamodb.Attribute(name=spec.sk, type=_STRING) if spec.sk else None,
         billing_mode=dynamodb.BillingMode.PAY_PER_REQUEST,
         point_in_time_recovery_specification=dynamodb.PointInTimeRecoverySpecification(
             point_in_time_recovery_enabled=True
         ),
         encryption=dynamodb.TableEncryption.AWS_MANAGED,
-        time_to_live_attribute=ttl,
-        removal_policy=removal_policy,
+        time_to_live_attribute=spec.ttl,
+        removal_policy=RemovalPolicy.RETAIN if spec.retain else RemovalPolicy.DESTROY,
     )
 
 
@@ -45,33 +58,8 @@ class Tables(Construct):
 
     def __init__(self, scope: Construct, construct_id: str) -> None:
         super().__init__(scope, construct_id)
-        self.leases = _table(
-            self,
-            "Leases",
-            pk=contracts.LEASE_TABLE_PK,
-            sk=contracts.LEASE_TABLE_SK,
-            ttl=contracts.TTL_ATTRIBUTE,
-            removal_policy=RemovalPolicy.DESTROY,
-        )
-        self.fleet = _table(
-            self,
-            "Fleet",
-            pk=contracts.FLEET_TABLE_PK,
-            ttl=contracts.TTL_ATTRIBUTE,
-            removal_policy=RemovalPolicy.RETAIN,
-        )
-        self.jobs = _table(
-            self,
-            "Jobs",
-            pk=contracts.JOBS_TABLE_PK,
-            sk=contracts.JOBS_TABLE_SK,
-            ttl=contracts.TTL_ATTRIBUTE,
-            removal_policy=RemovalPolicy.RETAIN,
-        )
-        self.idempotency = _table(
-            self,
-            "Idempotency",
-            pk=contracts.IDEMPOTENCY_TABLE_PK,
-            ttl=contracts.IDEMPOTENCY_TTL_ATTRIBUTE,
-            removal_policy=RemovalPolicy.DESTROY,
-        )
+        tables = {name: _table(self, name, spec) for name, spec in TABLE_SPECS.items()}
+        self.leases = tables["Leases"]
+        self.fleet = tables["Fleet"]
+        self.jobs = tables["Jobs"]
+        self.idempotency = tables["Idempotency"]

@@ -16,7 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 from aws_cdk import aws_s3_assets as s3_assets
 from constructs import Construct
@@ -27,6 +27,13 @@ from spotguard_cdk.bundle import deterministic_tar_gz
 WORKLOAD_ARCHIVE_NAME = "spotguard-workload.tar.gz"
 #: Never packed: version control, caches, local virtual environments.
 _SKIPPED_DIRS = EXCLUDED_DIRS - {"tests"} | {".git", ".hg", ".venv", "venv", "node_modules", "cdk.out"}
+
+
+class WorkloadOptions(TypedDict, total=False):
+    """What both modes of ``Workload`` take besides the directory (see its fields)."""
+
+    stop_grace_seconds: int | None
+    checkpoint_max_bytes: int | None
 
 
 @dataclass(frozen=True)
@@ -52,37 +59,17 @@ class Workload:
 
     @classmethod
     def python(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        handler: str,
-        stop_grace_seconds: int | None = None,
-        checkpoint_max_bytes: int | None = None,
+        cls, path: str | os.PathLike[str], *, handler: str, **options: Unpack[WorkloadOptions]
     ) -> Workload:
         """Run ``handler`` (``module:function`` inside ``path``) for each message."""
-        return cls(
-            path=os.fspath(path),
-            handler=handler,
-            stop_grace_seconds=stop_grace_seconds,
-            checkpoint_max_bytes=checkpoint_max_bytes,
-        )
+        return cls(path=os.fspath(path), handler=handler, **options)
 
     @classmethod
     def command(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        command: str,
-        stop_grace_seconds: int | None = None,
-        checkpoint_max_bytes: int | None = None,
+        cls, path: str | os.PathLike[str], *, command: str, **options: Unpack[WorkloadOptions]
     ) -> Workload:
         """Run ``command`` in ``path`` for each message: exit 0 = done, anything else = failure."""
-        return cls(
-            path=os.fspath(path),
-            command_line=command,
-            stop_grace_seconds=stop_grace_seconds,
-            checkpoint_max_bytes=checkpoint_max_bytes,
-        )
+        return cls(path=os.fspath(path), command_line=command, **options)
 
     def as_overrides(self) -> dict[str, Any]:
         """The dotted settings this workload sets (``fleet.workload.*``, ``fleet.handler``)."""

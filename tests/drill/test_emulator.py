@@ -21,6 +21,8 @@ from spotguard_tools.drill.moto import MotoServer
 from spotguard_tools.drill.resources import lease_table_name, work_queue_name
 from spotguard_tools.local_tables import TableKind, create_table
 
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX
+
 pytestmark = pytest.mark.integration
 
 SENDERS = 2
@@ -119,16 +121,22 @@ def test_agent_ledger_counts_what_the_agents_did(tmp_path: Path) -> None:
             for task, message in by_task.items()
         }
         for lease in leases.values():
-            dynamodb.put_item(TableName=lease_table_name("hook"), Item=_attributes(lease.to_item()))
+            dynamodb.put_item(
+                TableName=lease_table_name("hook"), Item=_attributes(lease.to_item(MOTO_INSTANCE_ARN_PREFIX))
+            )
         # a: done (deleted, then its lease removed); a repeated delete is the same completion
         sqs.delete_message(QueueUrl=url, ReceiptHandle=by_task["a"]["ReceiptHandle"])
         sqs.delete_message(QueueUrl=url, ReceiptHandle=by_task["a"]["ReceiptHandle"])
-        dynamodb.delete_item(TableName=lease_table_name("hook"), Key=_attributes(leases["a"].key()))
+        dynamodb.delete_item(
+            TableName=lease_table_name("hook"), Key=_attributes(leases["a"].key(MOTO_INSTANCE_ARN_PREFIX))
+        )
         # b: released (visible again, lease removed, never deleted)
         sqs.change_message_visibility(
             QueueUrl=url, ReceiptHandle=by_task["b"]["ReceiptHandle"], VisibilityTimeout=0
         )
-        dynamodb.delete_item(TableName=lease_table_name("hook"), Key=_attributes(leases["b"].key()))
+        dynamodb.delete_item(
+            TableName=lease_table_name("hook"), Key=_attributes(leases["b"].key(MOTO_INSTANCE_ARN_PREFIX))
+        )
         [unrelated] = sqs.receive_message(QueueUrl=other)["Messages"]
         sqs.delete_message(QueueUrl=other, ReceiptHandle=unrelated["ReceiptHandle"])
     record = Ledger.read(path)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 from pathlib import Path
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from spotguard_tools.drill import task
 from spotguard_tools.drill.config import DrillConfig, add_arguments, cli_fields, config_from_arguments
 from spotguard_tools.drill.drill_report import (
     Interruption,
@@ -20,7 +22,16 @@ from spotguard_tools.drill.drill_report import (
     work_redone_seconds,
 )
 from spotguard_tools.drill.journal import Journal, Mark
-from spotguard_tools.drill.ledger import CHECKPOINT, DONE, RELEASED, START, Ledger, append
+from spotguard_tools.drill.ledger import (
+    CHECKPOINT,
+    CHECKPOINT_EVERY_ENV,
+    DONE,
+    LEDGER_ENV,
+    RELEASED,
+    START,
+    Ledger,
+    append,
+)
 from spotguard_tools.drill.plan import ChaosKind, build_plan, choose, task_durations
 
 
@@ -55,8 +66,16 @@ def test_percentile_matches_linear_interpolation() -> None:
     assert percentile([], 95) == 0.0
 
 
-def write_ledger(path: Path, records: list[dict[str, object]]) -> None:
-    for record in records:
+def write_ledger(path: Path, table: str) -> None:
+    """Append the records of ``table`` with the drill's own ``append``, one a line:
+    ``EVENT TASK INSTANCE T`` and any ``KEY=SECONDS`` fields; ``#`` starts a comment line."""
+    for line in table.splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        event, task, instance, at, *fields = line.split()
+        assert event in (START, DONE, RELEASED, CHECKPOINT), event
+        record: dict[str, object] = {"ev": event, "task": task, "instance": instance, "t": float(at)}
+        record.update((key, float(value)) for key, value in (field.split("=") for field in fields))
         append(path, record, durable=False)
 
 
@@ -64,17 +83,17 @@ def test_ledger_counts_done_duplicated_and_survives_torn_lines(tmp_path: Path) -
     path = tmp_path / "ledger.jsonl"
     write_ledger(
         path,
-        [
-            {"ev": START, "task": "a", "instance": "i-1", "t": 1.0},
-            {"ev": DONE, "task": "a", "instance": "i-1", "t": 2.0},
-            {"ev": START, "task": "b", "instance": "i-1", "t": 1.0},
-            {"ev": START, "task": "b", "instance": "i-2", "t": 5.0},
-            {"ev": DONE, "task": "b", "instance": "i-2", "t": 6.0},
-            {"ev": START, "task": "a", "instance": "i-2", "t": 7.0},
-            {"ev": DONE, "task": "a", "instance": "i-2", "t": 8.0},
-            {"ev": START, "task": "c", "instance": "i-3", "t": 1.0},
-            {"ev": RELEASED, "task": "c", "instance": "i-3", "t": 3.0},
-        ],
+        """
+        start      a                i-1   1.0
+        done       a                i-1   2.0
+        start      b                i-1   1.0
+        start      b                i-2   5.0
+        done       b                i-2   6.0
+        start      a                i-2   7.0
+        done       a                i-2   8.0
+        start      c                i-3   1.0
+        released   c                i-3   3.0
+        """,
     )
     with path.open("a") as out:
         out.write('{"ev": "done", "task": "c", "ins')  # a SIGKILL mid-write
@@ -90,14 +109,14 @@ def test_requeue_latency_runs_from_interruption_to_next_pick_up(tmp_path: Path) 
     path = tmp_path / "ledger.jsonl"
     write_ledger(
         path,
-        [
-            {"ev": START, "task": "killed", "instance": "i-1", "t": 10.0},
-            {"ev": START, "task": "finished-in-time", "instance": "i-1", "t": 11.0},
-            {"ev": DONE, "task": "finished-in-time", "instance": "i-1", "t": 12.0},
-            {"ev": START, "task": "killed", "instance": "i-2", "t": 21.5},
-            {"ev": DONE, "task": "killed", "instance": "i-2", "t": 23.0},
-            {"ev": START, "task": "never-again", "instance": "i-1", "t": 19.0},
-        ],
+        """
+        start      killed           i-1  10.0
+        start      finished-in-time i-1  11.0
+        done       finished-in-time i-1  12.0
+        start      killed           i-2  21.5
+        done       killed           i-2  23.0
+        start      never-again      i-1  19.0
+        """,
     )
     ledger = Ledger.read(path)
     kill = Interruption("i-1", ChaosKind.HARD_KILL.value, 20.0)
@@ -143,20 +162,20 @@ def test_redone_work_counts_only_what_no_checkpoint_saved(tmp_path: Path) -> Non
     path = tmp_path / "ledger.jsonl"
     write_ledger(
         path,
-        [
-            # long-1: 4 s on i-1, checkpointed at 3 s of work, instance killed at t=14
-            {"ev": START, "task": "long-1", "instance": "i-1", "t": 10.0},
-            {"ev": CHECKPOINT, "task": "long-1", "instance": "i-1", "t": 13.0, "done": 3.0},
-            {"ev": START, "task": "long-1", "instance": "i-2", "t": 15.0, "from": 3.0},
-            {"ev": DONE, "task": "long-1", "instance": "i-2", "t": 20.0},
-            # long-2: released after 2 s without a checkpoint: all of it is done again
-            {"ev": START, "task": "long-2", "instance": "i-3", "t": 10.0},
-            {"ev": RELEASED, "task": "long-2", "instance": "i-3", "t": 12.0},
-            {"ev": START, "task": "long-2", "instance": "i-2", "t": 12.5},
-            {"ev": DONE, "task": "long-2", "instance": "i-2", "t": 30.0},
-            # never picked up again: lost, not redone
-            {"ev": START, "task": "lost", "instance": "i-1", "t": 11.0},
-        ],
+        """
+        # long-1: 4 s on i-1, checkpointed at 3 s of work, instance killed at t=14
+        start      long-1           i-1  10.0
+        checkpoint long-1           i-1  13.0  done=3.0
+        start      long-1           i-2  15.0  from=3.0
+        done       long-1           i-2  20.0
+        # long-2: released after 2 s without a checkpoint: all of it is done again
+        start      long-2           i-3  10.0
+        released   long-2           i-3  12.0
+        start      long-2           i-2  12.5
+        done       long-2           i-2  30.0
+        # never picked up again: lost, not redone
+        start      lost             i-1  11.0
+        """,
     )
     journal = Journal()
     journal.record(Mark.HARD_KILL, "i-1", at=14.0)
@@ -193,3 +212,28 @@ def test_workload_settings_are_checked() -> None:
         DrillConfig(command="true")
     with pytest.raises(ValueError, match="MODULE:FUNCTION"):
         DrillConfig(workload=Path(), handler="tasks")
+
+
+def test_the_task_handler_checkpoints_at_the_configured_interval(tmp_path: Path, monkeypatch) -> None:
+    """The benchmark's fleet checkpoints less often than the drill's default (the emulator's
+    capacity): the task handler takes the interval from the drill's environment."""
+    ledger_path = tmp_path / "ledger.jsonl"
+    monkeypatch.setenv(LEDGER_ENV, str(ledger_path))
+    monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "0.2")
+    saved: list[bytes] = []
+
+    class Context:
+        receive_count = 1
+        resumed = None
+        released = threading.Event()
+
+        def checkpoint(self, data: bytes) -> bool:
+            saved.append(data)
+            return True
+
+    task.handle(json.dumps({"task_id": "t-1", "seconds": 0.9}), Context())
+    assert len(saved) == 4, saved  # at 0.2, 0.4, 0.6 and 0.8 s of work
+    monkeypatch.setenv(CHECKPOINT_EVERY_ENV, "2")
+    saved.clear()
+    task.handle(json.dumps({"task_id": "t-2", "seconds": 0.9}), Context())
+    assert saved == []

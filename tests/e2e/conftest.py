@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.emulator import ACCOUNT, REGION, REPO_ROOT, STACK_NAME, Cdk, MiniStack, aws_environment
+from tests.support.moto_server import restore_environ
 
 E2E_ENABLED = os.environ.get("SPOTGUARD_E2E") == "1"
 
@@ -112,11 +113,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
             cdk.run("destroy", STACK_NAME, "--force", synthesized=True)
     finally:
         emulator.stop()
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore_environ(saved)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

@@ -22,12 +22,13 @@ import pytest
 from spotguard_agent.fleet_reporter import FleetReporter
 from spotguard_core import contracts
 from spotguard_core.aws import ClientFactory
-from spotguard_core.contracts import EndReason, InstanceState, Lease
+from spotguard_core.contracts import EndReason, InstanceState
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
 from tests.e2e.conftest import Deployment
 from tests.e2e.emulator import ACCOUNT, FLEET, REGION, STACK_NAME, run_cli
+from tests.support.control_plane_env import lease_of
 
 pytestmark = pytest.mark.e2e
 
@@ -184,10 +185,17 @@ def fleet(deployment: Deployment) -> Fleet:
         # record says ready. (The emulator's RunInstances instances are no ASG members, so
         # the record is what makes them managed here; on AWS the ASG membership does too.)
         reporter = FleetReporter(
-            ClientFactory(REGION), instance_id=instance_id, fleet=FLEET, fleet_table=fleet_table
+            ClientFactory(REGION),
+            instance_id=instance_id,
+            fleet=FLEET,
+            fleet_table=fleet_table,
+            arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value],
         )
         assert reporter.ready(instance_type="m7i.large", availability_zone=f"{REGION}a")
-    leases = LeaseStore(agent_config[contracts.Env.LEASE_TABLE.value])
+    leases = LeaseStore(
+        agent_config[contracts.Env.LEASE_TABLE.value],
+        arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value],
+    )
     queue_url = agent_config[contracts.Env.WORK_QUEUE_URL.value]
     workers = []
     for instance_id in [*managed_ids, unmanaged_id]:
@@ -203,17 +211,7 @@ def fleet(deployment: Deployment) -> Fleet:
                 VisibilityTimeout=600,
             )
             for message in response.get("Messages", []):
-                at = time.time()
-                leases.put(
-                    Lease(
-                        instance_id=instance_id,
-                        message_id=message["MessageId"],
-                        receipt_handle=message["ReceiptHandle"],
-                        queue_url=queue_url,
-                        leased_at=at,
-                        heartbeat_at=at,
-                    )
-                )
+                leases.put(lease_of(message, instance_id=instance_id, queue_url=queue_url, at=time.time()))
                 taken.append(message["MessageId"])
         workers.append(Worker(instance_id, taken))
     deployment.facts["instances"] = ", ".join(w.instance_id for w in workers)
@@ -222,7 +220,7 @@ def fleet(deployment: Deployment) -> Fleet:
         managed=workers[:2],
         unmanaged=workers[2],
         leases=leases,
-        records=FleetStore(fleet_table),
+        records=FleetStore(fleet_table, arn_prefix=agent_config[contracts.Env.INSTANCE_ARN_PREFIX.value]),
         sqs=sqs,
     )
 

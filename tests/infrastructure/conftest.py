@@ -166,37 +166,32 @@ def synths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Synth]:
     return synths
 
 
-@pytest.fixture(scope="session")
-def default_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["default"]
+def _succeeded(synth: Synth) -> Synth:
     assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
     return synth
+
+
+@pytest.fixture(scope="session")
+def default_synth(synths: dict[str, Synth]) -> Synth:
+    return _succeeded(synths["default"])
 
 
 @pytest.fixture(scope="session")
 def staging_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["staging"]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return _succeeded(synths["staging"])
 
 
 @pytest.fixture(scope="session")
 def two_fleets_synth(synths: dict[str, Synth]) -> Synth:
-    synth = synths["two_fleets"]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return _succeeded(synths["two_fleets"])
 
 
 @pytest.fixture(scope="session", params=list(CONFIGS))
 def every_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
     """Every synthesized app, the user's two-fleet app included (compliance checks)."""
-    synth = synths[request.param]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return _succeeded(synths[request.param])
 
 
 @pytest.fixture(scope="session", params=list(APP_CONFIGS))
 def any_synth(request: pytest.FixtureRequest, synths: dict[str, Synth]) -> Synth:
-    synth = synths[request.param]
-    assert synth.returncode == 0, f"synth failed:\n{synth.stderr[-4000:]}"
-    return synth
+    return _succeeded(synths[request.param])

@@ -110,6 +110,7 @@ def realistic_values(variables: dict[str, Any]) -> dict[str, str]:
         "BundleUrl": f"s3://{bucket}/{key}",
         # CloudFormation names: <stack>-<logical id>-<13-char suffix>
         "FleetTable": "Spotguard-default-TablesFleet4F2B1A9C-1Q2W3E4R5T6Y7",
+        "InstanceArnPrefix": "arn:aws:ec2:ap-southeast-2:123456789012:instance/",
     }
     values = {}
     for name in contracts.BOOTSTRAP_PLACEHOLDERS:

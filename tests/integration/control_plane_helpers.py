@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from spotguard_core.contracts import (
@@ -23,8 +22,6 @@ from spotguard_tools import events
 
 from tests.support import control_plane_env
 
-EVENTS_DIR = Path(__file__).resolve().parents[1] / "events"
-SAMPLE_INSTANCE = "i-1234567890abcdef0"
 SECOND_SAMPLE_INSTANCE = "i-0fedcba0987654321"
 FLEET = control_plane_env.FLEET
 
@@ -76,6 +73,14 @@ def seed_record(
     record = FleetRecord(instance_id=instance_id, fleet=fleet, state=state, **(defaults | fields))
     FleetStore().put(record)
     return record
+
+
+def busy_instance(cp: control_plane_env.ControlPlaneEnv, leases: int) -> str:
+    """One instance launched in the fleet ASG, ready (``seed_record``), holding ``leases`` leased messages."""
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance)
+    cp.lease_messages(instance, leases)
+    return instance
 
 
 def fleet_record(instance_id: str) -> FleetRecord | None:

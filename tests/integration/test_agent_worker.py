@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,40 +21,29 @@ import pytest
 from spotguard_agent.config import AgentConfig
 from spotguard_agent.worker import PREFETCH_MAX_TASK_SECONDS, PROCESS_STOP_ORIGIN, Worker
 from spotguard_core.contracts import (
-    FLEET_TABLE_PK,
     REQUEUE_COUNTER_ATTRIBUTE,
     Env,
     Lease,
     Metric,
-    Signal,
     SignalKind,
-    SignalSource,
-    lease_pk,
+    instance_key,
     requeue_counter_key,
 )
-from spotguard_tools.imds_emulator import running_imds
-from spotguard_tools.local_tables import TableKind, create_table
+from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
-from tests.support.workload_env import moto_agent_config
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, MotoClients, moto_fleet_key
+from tests.support.workload_env import imds_signal, make_world, moto_agent_config, spot_signal, wait_for
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0worker0000000001"
 
 
 @dataclass
-class Aws:
+class Aws(MotoClients):
     queue_url: str
     dlq_url: str
     lease_table: str
     fleet_table: str
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def dynamodb(self) -> Any:
-        return boto3.resource("dynamodb")
 
     def send(self, **body: Any) -> str:
         return str(self.sqs.send_message(QueueUrl=self.queue_url, MessageBody=json.dumps(body))["MessageId"])
@@ -61,7 +51,8 @@ class Aws:
     def leases(self, instance_id: str = INSTANCE) -> list[dict[str, Any]]:
         table = self.dynamodb.Table(self.lease_table)
         items = table.query(
-            KeyConditionExpression="pk = :pk", ExpressionAttributeValues={":pk": lease_pk(instance_id)}
+            KeyConditionExpression="pk = :pk",
+            ExpressionAttributeValues={":pk": instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)},
         )["Items"]
         return list(items)
 
@@ -87,13 +78,8 @@ class Aws:
 
 @pytest.fixture
 def aws(moto_server) -> Aws:
-    sqs = boto3.client("sqs")
-    dlq = sqs.create_queue(QueueName="work-dlq")["QueueUrl"]
-    queue = sqs.create_queue(QueueName="work", Attributes={"VisibilityTimeout": "30"})["QueueUrl"]
-    dynamodb = boto3.client("dynamodb")
-    create_table(dynamodb, TableKind.LEASES, "leases")
-    create_table(dynamodb, TableKind.FLEET, "fleet")
-    return Aws(queue, dlq, "leases", "fleet")
+    world = make_world()
+    return Aws(world.queue_url, world.dlq_url, world.lease_table, world.fleet_table)
 
 
 def config_for(aws: Aws, **overrides: Any) -> AgentConfig:
@@ -127,28 +113,6 @@ def run_worker() -> Iterator[Any]:
         thread.join(timeout=30)
 
 
-def wait_for(predicate: Any, timeout: float = 20.0, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
-
-
-def spot_signal(seconds_from_now: float) -> Signal:
-    received = datetime.now(UTC)
-    return Signal(
-        instance_id=INSTANCE,
-        kind=SignalKind.SPOT_INTERRUPTION,
-        source=SignalSource.IMDS,
-        event_id="test",
-        received_at=received,
-        deadline=received + timedelta(seconds=seconds_from_now),
-    )
-
-
 def test_lease_written_before_work_and_removed_after_delete(aws: Aws, run_worker):
     message_id = aws.send(task_id="t1", seconds=1.5)
     worker, _, _ = run_worker(config_for(aws))
@@ -162,7 +126,7 @@ def test_lease_written_before_work_and_removed_after_delete(aws: Aws, run_worker
     wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 1, timeout=20)
     assert aws.leases() == []
     assert aws.counts() == (0, 0), "deleted on success"
-    fleet = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: INSTANCE})["Item"]
+    fleet = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(INSTANCE))["Item"]
     assert float(fleet["heartbeat_at"]) > time.time() - 10
 
 
@@ -186,8 +150,17 @@ def test_drain_finishes_short_tasks_and_releases_long_ones_at_once(aws: Aws, run
     long_id = aws.send(task_id="long", seconds=60)
     worker, thread, result = run_worker(config_for(aws))
     wait_for(lambda: len(aws.leases()) == 2)
+    # Both handlers have said how long they take (the handler process reports it as the task
+    # starts; until then a drain treats the duration as unknown and releases the task).
+    wait_for(
+        lambda: (
+            len(worker.running_tasks()) == 2
+            and all(task.expected_seconds is not None for task in worker.running_tasks())
+        )
+    )
     drained_at = time.monotonic()
-    worker.drain(spot_signal(4.0))  # deadline - margin = 3 s: the 1 s task fits, the 60 s one does not
+    # deadline - margin = 3 s: the 1 s task fits, the 60 s one does not
+    worker.drain(spot_signal(INSTANCE, 4.0))
     # Receivable by another consumer right away, not after the 30 s visibility timeout.
     released = wait_for(lambda: aws.receive(visibility=30), timeout=5)
     assert time.monotonic() - drained_at < 3.0  # generous: CI machines are busy
@@ -208,7 +181,7 @@ def test_drain_without_requeue_lets_running_tasks_go_on(aws: Aws, run_worker):
     aws.send(task_id="t", seconds=2.0)
     worker, thread, result = run_worker(config_for(aws, requeue_enabled=False, concurrency=1))
     wait_for(aws.leases)
-    worker.drain(spot_signal(1.0))
+    worker.drain(spot_signal(INSTANCE, 1.0))
     assert aws.receive() == [], "baseline mode releases nothing early"
     aws.send(task_id="new", seconds=0)
     thread.join(timeout=30)
@@ -263,21 +236,30 @@ def agent_env(aws: Aws, moto_server: Any, imds_url: str, **extra: str) -> dict[s
     }
 
 
+@contextmanager
+def agent_process(aws: Aws, moto_server: Any, imds: ImdsEmulator, **popen: Any) -> Iterator[subprocess.Popen]:
+    """``spotguard_agent.cli run`` as a child process, killed on the way out whatever the test did."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "spotguard_agent.cli", "run"],
+        env=agent_env(aws, moto_server, imds.url),
+        stdout=subprocess.DEVNULL,
+        **popen,
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+
+
 def test_sigkill_mid_task_leaves_a_lease_the_control_plane_can_requeue(aws: Aws, moto_server):
     message_id = aws.send(task_id="doomed", seconds=120)
-    with running_imds("i-0killed000000001") as imds:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spotguard_agent.cli", "run"],
-            env=agent_env(aws, moto_server, imds.url),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            (item,) = wait_for(lambda: aws.leases("i-0killed000000001"), timeout=40)
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(timeout=5)
-        finally:
-            process.kill()
+    with (
+        running_imds("i-0killed000000001") as imds,
+        agent_process(aws, moto_server, imds, stderr=subprocess.PIPE) as process,
+    ):
+        (item,) = wait_for(lambda: aws.leases("i-0killed000000001"), timeout=40)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
     lease = Lease.from_item(item)
     assert lease.message_id == message_id
     assert [Lease.from_item(i) for i in aws.leases("i-0killed000000001")] == [lease], "the lease survives"
@@ -292,47 +274,32 @@ def test_sigkill_mid_task_leaves_a_lease_the_control_plane_can_requeue(aws: Aws,
 def test_agent_process_releases_work_on_a_spot_notice_and_exits_zero(aws: Aws, moto_server):
     message_id = aws.send(task_id="too-long", seconds=300)
     with running_imds("i-0spot00000000001") as imds:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spotguard_agent.cli", "run"],
-            env=agent_env(aws, moto_server, imds.url),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
+        with agent_process(aws, moto_server, imds, stderr=subprocess.PIPE, text=True) as process:
             wait_for(lambda: aws.leases("i-0spot00000000001"), timeout=40)
             noticed = time.monotonic()
             imds.set_spot_action("terminate", datetime.now(UTC) + timedelta(minutes=2))
             released = wait_for(aws.receive, timeout=5)
             latency = time.monotonic() - noticed
             code = process.wait(timeout=30)
-        finally:
-            process.kill()
         stderr = process.stderr.read() if process.stderr else ""
     assert [m["MessageId"] for m in released] == [message_id]
     # One 0.2 s poll plus the release calls; generous for busy CI machines.
     assert latency < 3.0, f"notice to release took {latency:.2f} s"
     assert code == 0, stderr
     assert aws.leases("i-0spot00000000001") == []
-    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: "i-0spot00000000001"})["Item"]
+    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key("i-0spot00000000001"))["Item"]
     assert record["state"] == "draining"
 
 
 def test_sigterm_drains_like_a_notice(aws: Aws, moto_server):
     message_id = aws.send(task_id="long", seconds=300)
-    with running_imds("i-0term00000000001") as imds:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "spotguard_agent.cli", "run"],
-            env=agent_env(aws, moto_server, imds.url),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            wait_for(lambda: aws.leases("i-0term00000000001"), timeout=40)
-            process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=30)
-        finally:
-            process.kill()
+    with (
+        running_imds("i-0term00000000001") as imds,
+        agent_process(aws, moto_server, imds, stderr=subprocess.DEVNULL) as process,
+    ):
+        wait_for(lambda: aws.leases("i-0term00000000001"), timeout=40)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(timeout=30)
     assert code == 0
     assert [m["MessageId"] for m in aws.receive()] == [message_id]
     assert aws.leases("i-0term00000000001") == []
@@ -344,17 +311,7 @@ def test_scale_in_lets_running_tasks_finish_then_answers_the_hook(aws: Aws, run_
         config_for(aws, asg_name="spotguard-test", terminate_hook_name="spotguard-terminate")
     )
     wait_for(aws.leases)
-    received = datetime.now(UTC)
-    worker.drain(
-        Signal(
-            instance_id=INSTANCE,
-            kind=SignalKind.LIFECYCLE_TERMINATE,
-            source=SignalSource.IMDS,
-            event_id="scale-in",
-            received_at=received,
-            state="Terminated",
-        )
-    )
+    worker.drain(imds_signal(INSTANCE, SignalKind.LIFECYCLE_TERMINATE, "scale-in", state="Terminated"))
     thread.join(timeout=60)  # moto's 500s to the lifecycle calls are retried by botocore first
     assert result == [0]
     assert worker.counters[Metric.TASKS_COMPLETED] == 1, "no deadline: the running task finished"
@@ -387,7 +344,7 @@ def test_report_command_records_the_outcome(aws: Aws, moto_server):
         "tag": True,
         "lifecycle": False,  # moto answers 500 to lifecycle actions
     }
-    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id})["Item"]
+    record = aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(instance_id))["Item"]
     assert (record["bootstrap_status"], record["bootstrap_reason"]) == ("failed", "disk full")
     described = ec2.describe_tags(Filters=[{"Name": "resource-id", "Values": [instance_id]}])["Tags"]
     assert {t["Key"]: t["Value"] for t in described}["spotguard:bootstrap"] == "failed"
@@ -396,7 +353,7 @@ def test_report_command_records_the_outcome(aws: Aws, moto_server):
 # ---------------------------------------------------------------------- issue 12: lifecycle
 def fleet_item(aws: Aws, instance_id: str = INSTANCE) -> dict[str, Any]:
     return dict(
-        aws.dynamodb.Table(aws.fleet_table).get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item") or {}
+        aws.dynamodb.Table(aws.fleet_table).get_item(Key=moto_fleet_key(instance_id)).get("Item") or {}
     )
 
 
@@ -429,7 +386,7 @@ def test_the_fleet_record_orders_a_drain_within_one_heartbeat(aws: Aws, run_work
     wait_for(aws.leases)
     deadline = time.time() + 3
     aws.dynamodb.Table(aws.fleet_table).update_item(
-        Key={FLEET_TABLE_PK: INSTANCE},
+        Key=moto_fleet_key(INSTANCE),
         UpdateExpression="SET #s = :s, state_rank = :r, drain_deadline_at = :d, last_signal = :l",
         ExpressionAttributeNames={"#s": "state"},
         ExpressionAttributeValues={
@@ -467,7 +424,7 @@ def test_leases_left_by_a_crashed_run_are_released_at_start_as_interruptions(aws
             leased_at=time.time() - 30,
             heartbeat_at=time.time() - 30,
             interruption_requeues=0,
-        ).to_item()
+        ).to_item(MOTO_INSTANCE_ARN_PREFIX)
     )
     worker, _, _ = run_worker(config_for(aws))
     # Released at start (not after the 600 s visibility timeout), then taken and finished.
@@ -495,7 +452,7 @@ def test_messages_received_but_not_started_go_back_at_drain_start_as_interruptio
     assert worker.running_tasks()[0].message_id == long_id
     waiting = [task.message_id for task in worker.held_tasks() if task.message_id != long_id]
     assert {lease["message_id"] for lease in aws.leases()} == {long_id, *waiting}
-    worker.drain(spot_signal(4.0))
+    worker.drain(spot_signal(INSTANCE, 4.0))
     thread.join(timeout=30)
     assert result == [0]
     for message_id in waiting:
@@ -616,18 +573,8 @@ def test_a_process_stop_drains_but_leaves_the_fleet_record_for_the_restarted_age
     must not turn draining (it cannot go back, and the restarted agent would obey it)."""
     worker, thread, result = run_worker(config_for(aws))
     wait_for(lambda: fleet_item(aws).get("heartbeat_at"))
-    received = datetime.now(UTC)
-    worker.drain(
-        Signal(
-            instance_id=INSTANCE,
-            kind=SignalKind.STATE_CHANGE,
-            source=SignalSource.IMDS,
-            event_id="sigterm",
-            received_at=received,
-            deadline=received + timedelta(seconds=60),
-            attributes={"origin": PROCESS_STOP_ORIGIN, "signal": "SIGTERM"},
-        )
-    )
+    process_stop = {"origin": PROCESS_STOP_ORIGIN, "signal": "SIGTERM"}
+    worker.drain(imds_signal(INSTANCE, SignalKind.STATE_CHANGE, "sigterm", 60, attributes=process_stop))
     thread.join(timeout=30)
     assert result == [0]
     record = fleet_item(aws)

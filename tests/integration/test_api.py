@@ -24,6 +24,7 @@ from tests.integration.ops_fixtures import (
     reconciler_runs_inline,
     rest_event,
 )
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +40,27 @@ def tables(moto_server, monkeypatch):
 def call(event):
     response = api.handler(event, FakeLambdaContext())
     return response["statusCode"], json.loads(response["body"])
+
+
+def get_instance(instance_id):
+    """``GET /fleet/{instanceId}`` as API Gateway routes it (resource and path parameter)."""
+    return call(
+        rest_event(
+            "GET",
+            f"/fleet/{instance_id}",
+            resource="/fleet/{instanceId}",
+            path_parameters={"instanceId": instance_id},
+        )
+    )
+
+
+def put_record(instance_id, state, bootstrap_status, **fields):
+    """A record of this test's fleet ("workers") in the fleet table."""
+    FleetStore().put(
+        FleetRecord(
+            instance_id=instance_id, fleet="workers", state=state, bootstrap_status=bootstrap_status, **fields
+        )
+    )
 
 
 def finished_job(
@@ -226,37 +248,30 @@ def test_trigger_invokes_the_reconciler_asynchronously(tables, monkeypatch):
 
 
 def test_fleet_views(tables):
-    store = FleetStore()
     now = contracts.now()
-    store.put(
-        FleetRecord(
-            instance_id="i-0aaaaaaaaaaaaaaa1",
-            fleet="workers",
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            launched_at=now - 600,
-            ready_at=now - 500,
-            heartbeat_at=now - 5,
-            instance_type="m7i.large",
-            availability_zone="us-east-1a",
-            last_signal={
-                "kind": "rebalance",
-                "event_id": "e-1",
-                "source": "eventbridge",
-                "at": "2026-01-15T10:00:00+00:00",
-            },
-        )
+    put_record(
+        "i-0aaaaaaaaaaaaaaa1",
+        InstanceState.READY,
+        BootstrapStatus.READY,
+        launched_at=now - 600,
+        ready_at=now - 500,
+        heartbeat_at=now - 5,
+        instance_type="m7i.large",
+        availability_zone="us-east-1a",
+        last_signal={
+            "kind": "rebalance",
+            "event_id": "e-1",
+            "source": "eventbridge",
+            "at": "2026-01-15T10:00:00+00:00",
+        },
     )
-    store.put(
-        FleetRecord(
-            instance_id="i-0aaaaaaaaaaaaaaa2",
-            fleet="workers",
-            state=InstanceState.ENDED,
-            bootstrap_status=BootstrapStatus.FAILED,
-            bootstrap_reason="health port 9880 not listening",
-            end_reason=EndReason.BOOTSTRAP_FAILED,
-            ended_at=now,
-        )
+    put_record(
+        "i-0aaaaaaaaaaaaaaa2",
+        InstanceState.ENDED,
+        BootstrapStatus.FAILED,
+        bootstrap_reason="health port 9880 not listening",
+        end_reason=EndReason.BOOTSTRAP_FAILED,
+        ended_at=now,
     )
     status, body = call(rest_event("GET", "/fleet"))
     assert status == 200 and body["count"] == 2
@@ -267,40 +282,19 @@ def test_fleet_views(tables):
     status, body = call(rest_event("GET", "/fleet", query={"state": "exploded"}))
     assert status == 400 and "state" in body["message"]
 
-    status, body = call(
-        rest_event(
-            "GET",
-            "/fleet/i-0aaaaaaaaaaaaaaa2",
-            resource="/fleet/{instanceId}",
-            path_parameters={"instanceId": "i-0aaaaaaaaaaaaaaa2"},
-        )
-    )
+    status, body = get_instance("i-0aaaaaaaaaaaaaaa2")
     assert status == 200
     assert body["state"] == "ended" and body["bootstrapStatus"] == "failed"
     assert (
         body["bootstrapReason"] == "health port 9880 not listening"
         and body["endReason"] == "bootstrap_failed"
     )
-    status, body = call(
-        rest_event(
-            "GET",
-            "/fleet/i-0aaaaaaaaaaaaaaa1",
-            resource="/fleet/{instanceId}",
-            path_parameters={"instanceId": "i-0aaaaaaaaaaaaaaa1"},
-        )
-    )
+    status, body = get_instance("i-0aaaaaaaaaaaaaaa1")
     assert body["lastSignal"]["kind"] == "rebalance" and body["state"] == "ready"
 
 
 def test_unknown_instance_is_404(tables):
-    status, body = call(
-        rest_event(
-            "GET",
-            "/fleet/i-0bbbbbbbbbbbbbbbb",
-            resource="/fleet/{instanceId}",
-            path_parameters={"instanceId": "i-0bbbbbbbbbbbbbbbb"},
-        )
-    )
+    status, body = get_instance("i-0bbbbbbbbbbbbbbbb")
     assert status == 404 and "not managed" in body["message"]
 
 
@@ -310,29 +304,21 @@ def _put_raw(item):
 
 
 def test_fleet_view_skips_and_counts_unreadable_items(tables):
-    FleetStore().put(
-        FleetRecord(
-            instance_id="i-0aaaaaaaaaaaaaaa1",
-            fleet="workers",
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-        )
+    put_record(
+        "i-0aaaaaaaaaaaaaaa1",
+        InstanceState.READY,
+        BootstrapStatus.READY,
     )
-    _put_raw({"instance_id": {"S": "i-0bad0000000000001"}, "state": {"S": "exploded"}})
-    _put_raw({"instance_id": {"S": "i-0bad0000000000002"}, "launched_at": {"S": "yesterday"}})
+    _put_raw({"pk": {"S": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bad0000000000001"}, "state": {"S": "exploded"}})
+    _put_raw(
+        {"pk": {"S": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bad0000000000002"}, "launched_at": {"S": "yesterday"}}
+    )
     status, body = call(rest_event("GET", "/fleet"))
     assert status == 200
     assert [i["instanceId"] for i in body["instances"]] == ["i-0aaaaaaaaaaaaaaa1"]
     assert body["count"] == 1 and body["skipped"] == 2
 
-    status, body = call(
-        rest_event(
-            "GET",
-            "/fleet/i-0bad0000000000001",
-            resource="/fleet/{instanceId}",
-            path_parameters={"instanceId": "i-0bad0000000000001"},
-        )
-    )
+    status, body = get_instance("i-0bad0000000000001")
     assert status == 500 and "i-0bad0000000000001 cannot be read" in body["message"]
 
 

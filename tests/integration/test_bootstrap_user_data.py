@@ -9,7 +9,6 @@ instance. systemctl, shutdown, logger, sleep and dnf are stand-ins on PATH
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -23,24 +22,18 @@ import pytest
 from spotguard_core.contracts import (
     BOOTSTRAP_REASON_TAG_KEY,
     BOOTSTRAP_TAG_KEY,
-    FLEET_TABLE_PK,
     Env,
 )
 from spotguard_tools.bundle import BundleInfo, build_bundle, render_user_data
 from spotguard_tools.imds_emulator import ImdsEmulator
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox
+from tests.support.agent_sandbox import Sandbox
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, free_port, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 BUCKET = "cdk-hnb659fds-assets-123456789012-us-east-1"
 CONFIG_PARAMETER = "/spotguard/demo/agent-config"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def uptime_seconds() -> int:
@@ -103,17 +96,11 @@ def values(
         "BundleSha256": sha256 or bundle.sha256,
         "DeadlineSeconds": str(deadline),
         "FleetTable": "fleet",
+        "InstanceArnPrefix": MOTO_INSTANCE_ARN_PREFIX,
         "AsgName": "spotguard-demo",
         "LaunchHook": "spotguard-launch",
         "ConfigParameter": CONFIG_PARAMETER,
     }
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path)
-    yield box
-    box.stop_services()
 
 
 def run_user_data(
@@ -149,9 +136,7 @@ def log_of(sandbox: Sandbox) -> str:
 
 
 def fleet_record(instance_id: str) -> dict[str, Any]:
-    return (
-        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: instance_id}).get("Item", {})
-    )
+    return boto3.resource("dynamodb").Table("fleet").get_item(Key=moto_fleet_key(instance_id)).get("Item", {})
 
 
 def tags(instance_id: str) -> dict[str, str]:
@@ -260,6 +245,7 @@ def test_rendered_user_data_is_under_2kb_with_realistic_names(world):
         "Region": "ap-southeast-2",
         "BundleUrl": f"s3://{bucket + 'x' * (63 - len(bucket))}/{'0' * 64}.tar.gz",
         "FleetTable": "Spotguard-default-TablesFleet4F2B1A9C-1Q2W3E4R5T6Y7",
+        "InstanceArnPrefix": "arn:aws:ec2:ap-southeast-2:123456789012:instance/",
         "AsgName": "spotguard-default",
         "ConfigParameter": "/spotguard/default/agent-config",
     }

@@ -4,14 +4,12 @@ against the real api handler behind a local SigV4-verifying HTTP server."""
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -32,6 +30,7 @@ from tests.integration.ops_fixtures import (
     reconciler_runs_inline,
     rest_event,
 )
+from tests.support.http_stub import QuietHandler, redirecting_handler, serving
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0123456789abcdef0"
@@ -112,10 +111,7 @@ def local_api(stage: str = "v1") -> Iterator[dict]:
     with the test credentials), then hands a REST proxy event to the real api handler."""
     seen: dict = {"requests": 0, "rejected": 0}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
+    class Handler(QuietHandler):
         def _handle(self):
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
             if not self._signature_valid(body):
@@ -170,14 +166,9 @@ def local_api(stage: str = "v1") -> Iterator[dict]:
         do_GET = _handle
         do_POST = _handle
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}/{stage}/"
-    try:
+    with serving(Handler) as url:
+        seen["url"] = f"{url}/{stage}/"
         yield seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -300,25 +291,7 @@ def test_table_cells_are_printed_as_they_are(ops_env, capsys):
 
 def test_the_cli_does_not_follow_a_redirect_with_its_signature(moto_server, capsys):
     seen: list[str] = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
-        def do_GET(self):
-            seen.append(self.path)
-            self.send_response(302)
-            self.send_header("Location", "/elsewhere" + self.path)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/v1/"
-        assert main(["history", "--api-url", url, "--region", "us-east-1"]) == 1
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(redirecting_handler("/elsewhere", seen)) as url:
+        assert main(["history", "--api-url", f"{url}/v1/", "--region", "us-east-1"]) == 1
     assert "HTTP 302" in capsys.readouterr().err
     assert seen == ["/v1/migration/history?limit=20&offset=0"]  # the redirect was not followed

@@ -7,7 +7,6 @@ import threading
 import time
 from typing import Any
 
-import boto3
 import pytest
 from botocore.awsrequest import AWSResponse
 from spotguard_core import aws
@@ -21,7 +20,14 @@ from spotguard_core.lease_store import LeaseStore
 from spotguard_core.local_context import LocalLambdaContext
 from spotguard_tools import events
 
-from tests.integration.control_plane_helpers import Output, dispatch, fleet_record, sample_event, seed_record
+from tests.integration.control_plane_helpers import (
+    Output,
+    busy_instance,
+    dispatch,
+    fleet_record,
+    sample_event,
+    seed_record,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -124,9 +130,7 @@ def test_lifecycle_launch_records_bootstrap_deadline(cp):
 
 
 def test_lifecycle_terminate_marks_draining_and_scale_in(cp):
-    [instance] = cp.launch_in_asg(1)
-    seed_record(instance)
-    cp.lease_messages(instance, 2)
+    instance = busy_instance(cp, leases=2)
     dispatch(sample_event("lifecycle_terminate", instance))
     record = fleet_record(instance)
     assert record is not None and record.state is InstanceState.DRAINING
@@ -168,9 +172,7 @@ def test_health_event_by_arn_without_resources_affects_every_named_instance(cp, 
 
 def test_requeue_disabled_is_the_baseline(cp, monkeypatch):
     monkeypatch.setenv(Env.REQUEUE_ENABLED.value, "false")
-    [instance] = cp.launch_in_asg(1)
-    seed_record(instance)
-    cp.lease_messages(instance, 3)
+    instance = busy_instance(cp, leases=3)
     dispatch(sample_event("state_change_terminated", instance))
     assert cp.receive_all() == []
     assert len(LeaseStore().for_instance(instance)) == 3
@@ -204,16 +206,11 @@ def test_test_events_are_rejected_when_staging_is_off(cp, capfd, caplog):
 
 def test_notification_is_published_on_the_bus(cp):
     # Route the bus to a queue so the published instance.interrupted event can be read.
-    events_client = boto3.client("events")
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="notifications")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events_client.put_rule(Name="all", EventBusName=cp.bus_name, EventPattern='{"source": ["spotguard"]}')
-    events_client.put_targets(Rule="all", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = cp.bus_to_queue("notifications", '{"source": ["spotguard"]}')
     [instance] = cp.launch_in_asg(1)
     seed_record(instance)
     dispatch(sample_event("spot_interruption_warning", instance))
-    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert len(messages) == 1
     assert "instance.interrupted" in messages[0]["Body"] and instance in messages[0]["Body"]
 

@@ -27,6 +27,7 @@ from spotguard_core.lease_store import LeaseStore
 from spotguard_tools import events
 
 from tests.integration.control_plane_helpers import Output, dispatch, fleet_record, sample_event, seed_record
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 
@@ -34,12 +35,8 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def notifications(cp) -> Iterator[Any]:
     """The notification bus routed to a queue: returns a function reading what was published."""
-    events_client = boto3.client("events")
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="notifications")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    events_client.put_rule(Name="all", EventBusName=cp.bus_name, EventPattern='{"source": ["spotguard"]}')
-    events_client.put_targets(Rule="all", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = cp.bus_to_queue("notifications", '{"source": ["spotguard"]}')
+    sqs = cp.sqs
 
     def read() -> list[dict[str, Any]]:
         found = []
@@ -130,7 +127,7 @@ def test_health_change_after_a_rebalance_replacement_is_a_drain_order_by_its_sta
 
     dispatch(sample_event("health_scheduled_change", instance))
     item = (
-        boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).get_item(Key={"instance_id": instance})
+        boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).get_item(Key=moto_fleet_key(instance))
     )["Item"]
     assert item["state"] == "draining"
     assert float(item["drain_deadline_at"]) > time.time() + 86_400  # the sample's start time
@@ -143,9 +140,7 @@ def test_health_change_under_drain_is_a_drain_order_on_the_fleet_record(cp, monk
     seed_record(instance)
     dispatch(sample_event("health_scheduled_change", instance))
     # The agent reads exactly this on its next heartbeat: state draining, by the deadline.
-    item = (
-        boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).get_item(Key={"instance_id": instance})
-    )
+    item = boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).get_item(Key=moto_fleet_key(instance))
     assert item["Item"]["state"] == "draining" and float(item["Item"]["drain_deadline_at"]) > time.time()
 
 
@@ -214,7 +209,7 @@ def test_a_failure_report_written_before_any_launch_event_is_still_recorded_and_
     [instance] = cp.launch_in_asg(1)
     boto3.client("dynamodb").update_item(
         TableName=cp.tables[Env.FLEET_TABLE],
-        Key={"instance_id": {"S": instance}},
+        Key={"pk": {"S": f"{MOTO_INSTANCE_ARN_PREFIX}{instance}"}},
         UpdateExpression="SET bootstrap_status=:s,bootstrap_reason=:r,fleet=:f",
         ExpressionAttributeValues={
             ":s": {"S": "failed"},
@@ -250,7 +245,7 @@ def test_a_tag_alone_does_not_enrol_an_instance(cp, capfd):
 def test_an_unreadable_fleet_record_is_counted_and_the_work_still_requeued(cp, capfd):
     [instance] = cp.launch_in_asg(1)
     boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE]).put_item(
-        Item={"instance_id": instance, "fleet": cp.fleet, "state": "exploded", "heartbeat_at": "soon"}
+        Item={**moto_fleet_key(instance), "fleet": cp.fleet, "state": "exploded", "heartbeat_at": "soon"}
     )
     leases = cp.lease_messages(instance, 2)
     capfd.readouterr()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -17,32 +16,15 @@ from typing import Any
 import boto3
 import pytest
 from spotguard_agent.installer import Installer
-from spotguard_core.contracts import FLEET_TABLE_PK, Env
+from spotguard_core.contracts import Env
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 from spotguard_tools.local_tables import TableKind, create_table
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
+from tests.support.agent_sandbox import Sandbox
+from tests.support.moto_server import free_port, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 PARAMETER = "/spotguard/demo/agent-config"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path)
-    yield box
-    box.stop_services()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return unpacked_bundle(tmp_path)
 
 
 @pytest.fixture
@@ -144,9 +126,7 @@ def test_installing_twice_gives_the_same_result_and_no_duplicate_units(sandbox, 
         f"http://127.0.0.1:{agent_config[Env.HEALTH_PORT.value]}/health", timeout=5
     ).read()
     assert json.loads(health)["instance_id"] == imds.instance_id
-    record = (
-        boto3.resource("dynamodb").Table("fleet").get_item(Key={FLEET_TABLE_PK: imds.instance_id})["Item"]
-    )
+    record = boto3.resource("dynamodb").Table("fleet").get_item(Key=moto_fleet_key(imds.instance_id))["Item"]
     assert record["bootstrap_status"] == "ready"
 
 

@@ -7,7 +7,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import boto3
 import pytest
@@ -17,6 +16,7 @@ from spotguard_functions import notifier
 from spotguard_tools import events as event_builders
 
 from tests.integration.ops_fixtures import FakeLambdaContext
+from tests.support.http_stub import QuietHandler, serving
 
 pytestmark = pytest.mark.integration
 SECRET = "whsec_integration"
@@ -39,10 +39,7 @@ def receiver(answer: Callable[[int], int]) -> Iterator[Receiver]:
     state = Receiver(answer=answer)
     lock = threading.Lock()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
+    class Handler(QuietHandler):
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
             try:
@@ -63,15 +60,9 @@ def receiver(answer: Callable[[int], int]) -> Iterator[Receiver]:
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/spotguard"
-    try:
+    with serving(Handler) as url:
+        state.url = f"{url}/hooks/spotguard"
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture
@@ -239,10 +230,7 @@ def recording_server(status: int, location: str | None = None) -> Iterator[dict]
     """Answers every request (any method) with ``status`` (and a Location) and records it."""
     seen: dict = {"requests": []}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            return
-
+    class Handler(QuietHandler):
         def _answer(self):
             seen["requests"].append((self.command, dict(self.headers)))
             self.send_response(status)
@@ -253,14 +241,9 @@ def recording_server(status: int, location: str | None = None) -> Iterator[dict]
 
         do_GET = do_POST = do_PUT = do_HEAD = _answer
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    seen["url"] = f"http://127.0.0.1:{server.server_address[1]}/hook"
-    try:
+    with serving(Handler) as url:
+        seen["url"] = f"{url}/hook"
         yield seen
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])

@@ -58,7 +58,8 @@ def launch(ec2, image, *, managed=True, instance_type="m5.large", subnet=None):
     return ec2.run_instances(**kwargs)["Instances"][0]["InstanceId"]
 
 
-def stop(ec2, instance_id, *, end_reason):
+def stop(ec2, instance_id, *, end_reason, **fields):
+    """Stop the instance and record it ended for ``end_reason``; ``fields`` add to the record."""
     ec2.stop_instances(InstanceIds=[instance_id])
     FleetStore().put(
         FleetRecord(
@@ -68,6 +69,7 @@ def stop(ec2, instance_id, *, end_reason):
             end_reason=end_reason,
             ec2_state="stopped",
             ended_at=contracts.now(),
+            **fields,
         )
     )
 
@@ -201,16 +203,7 @@ def test_fleet_subnets_from_the_environment_are_used(ec2_fleet, monkeypatch):
 def test_already_replaced_instances_are_not_eligible(ec2_fleet):
     ec2, image, _ = ec2_fleet
     instance_id = launch(ec2, image)
-    ec2.stop_instances(InstanceIds=[instance_id])
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=FLEET,
-            state=InstanceState.ENDED,
-            end_reason=EndReason.SPOT_RECLAIM,
-            replaced_by="i-0123456789abcdef0",
-        )
-    )
+    stop(ec2, instance_id, end_reason=EndReason.SPOT_RECLAIM, replaced_by="i-0123456789abcdef0")
     candidates = AwsEc2Provider.from_environment().list_instances()
     assert [c.eligible for c in candidates] == [False]
     assert "already replaced" in candidates[0].reason

@@ -19,7 +19,7 @@ from spotguard_core.ports import RecordingMetrics
 from spotguard_core.requeue import RequeueIncompleteError, Requeuer
 from spotguard_tools.cli import main
 
-from tests.integration.control_plane_helpers import EVENTS_DIR, SAMPLE_INSTANCE
+from tests.support.sample_events import EVENTS_DIR, SAMPLE_INSTANCE
 
 pytestmark = pytest.mark.integration
 

@@ -11,11 +11,11 @@ from collections.abc import Iterator
 import boto3
 import pytest
 from spotguard_core import aws
-from spotguard_core.contracts import BootstrapStatus, FleetRecord, InstanceState, Metric
+from spotguard_core.contracts import InstanceState, Metric
 from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
-from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event
+from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event, seed_record
 from tests.support import control_plane_env
 from tests.support.control_plane_env import ControlPlaneEnv
 
@@ -48,18 +48,15 @@ def use(cp: ControlPlaneEnv) -> None:
 
 
 def ready(cp: ControlPlaneEnv, instance_id: str, *, heartbeat_age: float = 0) -> None:
+    """A ready record of ``cp``'s fleet, bootstrapped an hour ago, its heartbeat ``heartbeat_age`` s old."""
     now = time.time()
-    FleetStore().put(
-        FleetRecord(
-            instance_id=instance_id,
-            fleet=cp.fleet,
-            state=InstanceState.READY,
-            bootstrap_status=BootstrapStatus.READY,
-            launched_at=now - 4000,
-            bootstrap_deadline_at=now - 2800,
-            ready_at=now - 3900,
-            heartbeat_at=now - heartbeat_age,
-        )
+    seed_record(
+        instance_id,
+        fleet=cp.fleet,
+        launched_at=now - 4000,
+        bootstrap_deadline_at=now - 2800,
+        ready_at=now - 3900,
+        heartbeat_at=now - heartbeat_age,
     )
 
 

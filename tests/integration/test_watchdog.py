@@ -19,6 +19,7 @@ from spotguard_core.fleet_store import FleetStore
 from spotguard_core.lease_store import LeaseStore
 
 from tests.integration.control_plane_helpers import Output, dispatch, run_watchdog, sample_event, seed_record
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, moto_fleet_key
 
 pytestmark = pytest.mark.integration
 
@@ -93,21 +94,28 @@ def test_orphaned_leases_are_released(cp):
     assert list(LeaseStore().scan_leases()) == []
 
 
-# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
-# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
-# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
-# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
-def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
+def draining_with_leases(
+    cp, *, heartbeat_age: float, deadline_age: float, interrupted_age: float
+) -> tuple[str, list[Lease]]:
+    """An ASG instance draining past its deadline (times given as seconds ago) holding four leases."""
     [instance] = cp.launch_in_asg(1)
     now = time.time()
     seed_record(
         instance,
         InstanceState.DRAINING,
-        heartbeat_at=now - 5,
-        drain_deadline_at=now - 30,
-        interrupted_at=now - 150,
+        heartbeat_at=now - heartbeat_age,
+        drain_deadline_at=now - deadline_age,
+        interrupted_at=now - interrupted_age,
     )
-    leases = cp.lease_messages(instance, 4)
+    return instance, cp.lease_messages(instance, 4)
+
+
+# Replaces ``test_draining_past_deadline_requeues``, which encoded the wrong promise (the
+# watchdog requeued a live agent's running tasks every minute after the deadline: duplicate
+# work while the first copy still ran). The promise now: a draining agent whose heartbeat is
+# fresh keeps its tasks; only a gone agent's (stale heartbeat) are requeued.
+def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
+    instance, leases = draining_with_leases(cp, heartbeat_age=5, deadline_age=30, interrupted_age=150)
     run_watchdog()
     run_watchdog()
     assert cp.receive_all() == []
@@ -116,16 +124,7 @@ def test_draining_past_deadline_never_takes_a_live_agents_tasks(cp):
 
 
 def test_draining_agent_that_is_gone_has_its_tasks_requeued_as_interruptions(cp):
-    [instance] = cp.launch_in_asg(1)
-    now = time.time()
-    seed_record(
-        instance,
-        InstanceState.DRAINING,
-        heartbeat_at=now - 600,
-        drain_deadline_at=now - 400,
-        interrupted_at=now - 520,
-    )
-    leases = cp.lease_messages(instance, 4)
+    instance, leases = draining_with_leases(cp, heartbeat_age=600, deadline_age=400, interrupted_age=520)
     run_watchdog()
     assert {m["MessageId"] for m in cp.receive_all()} == {lease.message_id for lease in leases}
     record = FleetStore().get(instance)
@@ -210,18 +209,13 @@ def test_replacements_dated_by_their_whole_second_launch_events_are_matched(cp):
 
 
 def test_replacement_in_service_publishes_instance_replaced_once(cp):
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="replaced")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = boto3.client("events")
-    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
-    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = cp.bus_to_queue("replaced", '{"detail-type": ["instance.replaced"]}')
     old, new = cp.launch_in_asg(2)
     seed_record(old, replacement_requested_at=time.time() - 60)
     seed_record(new, launched_at=time.time())
     run_watchdog()
     run_watchdog()
-    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert len(messages) == 1
     detail = json.loads(messages[0]["Body"])["detail"]
     assert detail["instanceId"] == old and detail["replacementInstanceId"] == new
@@ -259,12 +253,16 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
     """Issue 13: one bad item never stops the sweep for the whole fleet."""
     broken, stale = cp.launch_in_asg(2)
     fleet_table = boto3.resource("dynamodb").Table(cp.tables[Env.FLEET_TABLE])
-    fleet_table.put_item(Item={"instance_id": broken, "fleet": cp.fleet, "state": "exploded"})
+    fleet_table.put_item(Item={**moto_fleet_key(broken), "fleet": cp.fleet, "state": "exploded"})
     fleet_table.put_item(
-        Item={"instance_id": "i-0aaaaaaaaaaaaaaaa", "state": "ready", "heartbeat_at": "soon"}
+        Item={**moto_fleet_key("i-0aaaaaaaaaaaaaaaa"), "state": "ready", "heartbeat_at": "soon"}
     )
     boto3.resource("dynamodb").Table(cp.tables[Env.LEASE_TABLE]).put_item(
-        Item={"pk": "instance#i-0bbbbbbbbbbbbbbbb", "sk": "lease#m1", "instance_id": "i-0bbbbbbbbbbbbbbbb"}
+        Item={
+            "pk": f"{MOTO_INSTANCE_ARN_PREFIX}i-0bbbbbbbbbbbbbbbb",
+            "sk": "lease#m1",
+            "instance_id": "i-0bbbbbbbbbbbbbbbb",
+        }
     )
     now = time.time()
     seed_record(stale, ready_at=now - 3000, heartbeat_at=now - 600)
@@ -282,12 +280,7 @@ def test_unreadable_items_are_skipped_one_at_a_time_and_counted(cp, capfd):
 
 def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_announced(cp):
     """The usual spot case: the warning's two minutes end before the replacement bootstraps."""
-    sqs = boto3.client("sqs")
-    queue = sqs.create_queue(QueueName="replaced-late")["QueueUrl"]
-    arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
-    bus = boto3.client("events")
-    bus.put_rule(Name="r", EventBusName=cp.bus_name, EventPattern='{"detail-type": ["instance.replaced"]}')
-    bus.put_targets(Rule="r", EventBusName=cp.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+    queue = cp.bus_to_queue("replaced-late", '{"detail-type": ["instance.replaced"]}')
     [old] = cp.launch_in_asg(1)
     seed_record(old)
     dispatch(sample_event("spot_interruption_warning", old))
@@ -301,5 +294,5 @@ def test_a_reclaimed_instance_gone_before_its_replacement_is_ready_is_still_anno
     record = FleetStore().get(old)
     assert record is not None and record.state is InstanceState.ENDED and record.replaced_by == new
     assert record.end_reason is EndReason.SPOT_RECLAIM
-    messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
+    messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert [json.loads(m["Body"])["detail"]["replacementInstanceId"] for m in messages] == [new]

@@ -16,7 +16,7 @@ import pytest
 from spotguard_core.contracts import Env
 from spotguard_tools.imds_emulator import running_imds
 
-from tests.support.workload_env import World, make_world, process_alive, wait_for, write_tree
+from tests.support.workload_env import World, process_alive, wait_for, write_tree
 
 pytestmark = pytest.mark.integration
 
@@ -36,11 +36,6 @@ def handle(body, context):
     while True:  # ignores context.released
         time.sleep(0.05)
 """
-
-
-@pytest.fixture
-def world(moto_server: Any) -> World:
-    return make_world()
 
 
 @pytest.mark.parametrize("mode", ["command", "handler"])

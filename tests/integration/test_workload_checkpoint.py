@@ -9,7 +9,6 @@ import json
 import logging
 import tarfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -24,26 +23,14 @@ from tests.support.workload_env import (
     Workers,
     World,
     agent_config,
-    make_world,
     spot_signal,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
 pytestmark = pytest.mark.integration
 FIRST = "i-0checkpoint00001"
 SECOND = "i-0checkpoint00002"
-
-
-@pytest.fixture
-def world(moto_server: Any) -> World:
-    return make_world()
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
 
 
 def interrupt(

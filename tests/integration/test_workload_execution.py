@@ -4,41 +4,34 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
-from collections.abc import Iterator
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from spotguard_agent.execution import WorkloadConfig, WorkloadError
-from spotguard_agent.worker import Worker
-from spotguard_core.contracts import Metric, TaskEnv
+from spotguard_agent.checkpoint import CheckpointStore
+from spotguard_agent.execution import WorkloadConfig, WorkloadError, build_execution
+from spotguard_agent.worker import TaskContext, Worker
+from spotguard_core.contracts import DEFAULT_HANDLER, Metric, TaskEnv, checkpoint_key
 
 from tests.support.workload_env import (
+    BUCKET,
+    FLEET,
     Workers,
     World,
     agent_config,
-    make_world,
     process_alive,
     spot_signal,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
 pytestmark = pytest.mark.integration
 INSTANCE = "i-0workload00000001"
-
-
-@pytest.fixture
-def world(moto_server: Any) -> World:
-    return make_world()
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
 
 
 COMMAND_SCRIPT = """#!/bin/sh
@@ -299,3 +292,100 @@ def test_a_handler_that_fits_the_drain_deadline_goes_on_and_is_told_the_deadline
     assert notice.deadline is not None
     assert abs(datetime.fromisoformat(told["deadline"]).timestamp() - notice.deadline.timestamp()) < 0.01
     assert told["env"].endswith("Z"), "SPOTGUARD_DEADLINE: ISO 8601 UTC"
+
+
+# ---------------------------------------------------------------------- checkpoint requests
+def counted_s3(world: World) -> tuple[Any, Counter[str]]:
+    """An S3 client on the moto server and the operations it sent (one count per attempt)."""
+    client = world.s3
+    calls: Counter[str] = Counter()
+    client.meta.events.register("before-call.s3.*", lambda model, **_: calls.update([model.name]))
+    return client, calls
+
+
+def test_checkpoints_after_an_attempts_first_are_one_conditional_put_each(world: World):
+    """A task that checkpoints every second must not pay a HeadObject per checkpoint."""
+    s3, calls = counted_s3(world)
+    store = CheckpointStore(s3, bucket=BUCKET, fleet=FLEET, max_bytes=1000)
+    assert store.save("m-1", b"1 s done", attempt=1)
+    assert calls == {"HeadObject": 1, "PutObject": 1}, "the first save looks before it writes"
+    for second in range(2, 6):
+        assert store.save("m-1", f"{second} s done".encode(), attempt=1)
+    assert calls == {"HeadObject": 1, "PutObject": 5}
+    assert store.load("m-1") == b"5 s done"
+
+
+def test_a_later_attempts_checkpoint_written_between_two_saves_is_kept(world: World):
+    """The released attempt's next save finds someone else's object (412): it looks again,
+    sees the later attempt and stores nothing; the later attempt's own saves go on."""
+    earlier = CheckpointStore(world.s3, bucket=BUCKET, fleet=FLEET, max_bytes=1000)
+    later = CheckpointStore(world.s3, bucket=BUCKET, fleet=FLEET, max_bytes=1000)
+    assert earlier.save("m-1", b"attempt 1: 3 s", attempt=1)
+    assert later.save("m-1", b"attempt 2: 4 s", attempt=2)
+    assert not earlier.save("m-1", b"attempt 1: 5 s, released, late", attempt=1)
+    assert later.save("m-1", b"attempt 2: 5 s", attempt=2)
+    assert world.s3.get_object(Bucket=BUCKET, Key=checkpoint_key(FLEET, "m-1"))["Metadata"] == {
+        "attempt": "2"
+    }
+    assert earlier.load("m-1") == b"attempt 2: 5 s"
+
+
+def test_a_checkpoint_deleted_under_a_running_attempt_is_written_again(world: World):
+    store = CheckpointStore(world.s3, bucket=BUCKET, fleet=FLEET, max_bytes=1000)
+    assert store.save("m-1", b"1 s", attempt=1)
+    world.s3.delete_object(Bucket=BUCKET, Key=checkpoint_key(FLEET, "m-1"))
+    assert store.save("m-1", b"2 s", attempt=1)
+    assert store.load("m-1") == b"2 s"
+
+
+def test_finished_messages_checkpoints_are_deleted_in_one_request(world: World):
+    s3, calls = counted_s3(world)
+    store = CheckpointStore(s3, bucket=BUCKET, fleet=FLEET, max_bytes=1000)
+    for index in range(10):
+        assert store.save(f"m-{index}", b"progress", attempt=1)
+    calls.clear()
+    store.delete_many([f"m-{index}" for index in range(10)] + ["m-never-saved"])
+    assert calls == {"DeleteObjects": 1}
+    assert world.object_keys() == []
+
+
+def handler_host_children() -> list[int]:
+    """Handler host processes this test process started (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(") ", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] not in ("Z", "X") and b"handler_host" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_every_slot_has_its_handler_process_before_its_first_task(world: World):
+    """A requeued task landing on a fresh instance must not wait for a process start: the
+    hosts of all slots start with the agent, and tasks take them instead of starting more."""
+    execution = build_execution(
+        handler=DEFAULT_HANDLER,
+        workload=WorkloadConfig(),
+        s3=None,
+        fleet=FLEET,
+        deadline=lambda: None,
+        count=lambda _metric: None,
+        slots=3,
+    )
+    try:
+        wait_for(lambda: len(handler_host_children()) == 3)
+        started = set(handler_host_children())
+        message = {"MessageId": "m-1", "ReceiptHandle": "r-1", "Body": json.dumps({"seconds": 0})}
+        for _ in range(3):
+            execution.run(
+                SimpleNamespace(
+                    message=message, message_id="m-1", receive_count=1, context=TaskContext("m-1", 1, {})
+                )
+            )
+        assert set(handler_host_children()) == started, "the tasks ran on the hosts started with the agent"
+    finally:
+        execution.close()
+    wait_for(lambda: not handler_host_children())

@@ -8,7 +8,6 @@ import base64
 import hashlib
 import io
 import json
-import socket
 import subprocess
 import sys
 import tarfile
@@ -25,15 +24,14 @@ from spotguard_agent.installer import Installer, InstallError
 from spotguard_core.contracts import WORKLOAD_DIR, Env, Metric
 from spotguard_tools.imds_emulator import ImdsEmulator, running_imds
 
-from tests.support.agent_sandbox import Sandbox, make_sandbox, unpacked_bundle
+from tests.support.agent_sandbox import Sandbox
+from tests.support.moto_server import free_port
 from tests.support.workload_env import (
     Workers,
     World,
     agent_config,
-    make_world,
     pack,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
@@ -66,22 +64,11 @@ def handle(body, context):
 HELPERS = {"helpers/__init__.py": "", "helpers/text.py": "def shout(word):\n    return word.upper() + '!'\n"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-def world(moto_server: Any) -> World:
-    created = make_world()
+def world(world: World) -> World:
+    """The shared world (conftest) and the agent bundle's assets bucket."""
     boto3.client("s3").create_bucket(Bucket=ASSETS)
-    return created
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
+    return world
 
 
 def upload_workload(directory: Path, key: str = "workload.tar.gz") -> dict[str, str]:
@@ -114,18 +101,6 @@ def make_wheel(wheelhouse: Path, name: str = "tinydep", version: str = "1.0") ->
 
 
 # ---------------------------------------------------------------------- the whole path
-@pytest.fixture
-def sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    box = make_sandbox(tmp_path / "box")
-    yield box
-    box.stop_services()
-
-
-@pytest.fixture
-def staging(tmp_path: Path) -> Path:
-    return unpacked_bundle(tmp_path)
-
-
 @pytest.fixture
 def imds() -> Iterator[ImdsEmulator]:
     with running_imds("i-0workload0install") as emulator:

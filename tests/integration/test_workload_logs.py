@@ -3,12 +3,9 @@ id on each task line, flushed at exit, and never blocking the work when CloudWat
 
 from __future__ import annotations
 
-import http.server
 import json
 import logging
 import threading
-import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
@@ -18,13 +15,12 @@ from spotguard_agent import cloudlogs
 from spotguard_agent.execution import WorkloadConfig
 from spotguard_core.contracts import Metric
 
+from tests.support.http_stub import QuietHandler, serving
 from tests.support.workload_env import (
     Workers,
     World,
     agent_config,
-    make_world,
     wait_for,
-    workers_fixture,
     write_tree,
 )
 
@@ -34,15 +30,10 @@ GROUP = "/spotguard/test/agent"
 
 
 @pytest.fixture
-def world(moto_server: Any) -> World:
-    created = make_world()
+def world(world: World) -> World:
+    """The shared world (conftest) and the agent's log group."""
     boto3.client("logs").create_log_group(logGroupName=GROUP)
-    return created
-
-
-@pytest.fixture
-def workers() -> Iterator[Workers]:
-    yield from workers_fixture()
+    return world
 
 
 def shipped_lines(stream: str) -> list[dict[str, Any]]:
@@ -81,12 +72,17 @@ def test_agent_and_task_lines_reach_the_instance_stream_with_the_message_id(
     assert any(line["message"].startswith("worker stopped") for line in lines), "flushed at exit"
 
 
-class SlowLogs(http.server.BaseHTTPRequestHandler):
-    """A CloudWatch Logs endpoint that takes 3 s per call (on 127.0.0.1)."""
+class SlowLogs(QuietHandler):
+    """A CloudWatch Logs endpoint (on 127.0.0.1) that holds every call until the test releases it,
+    so "CloudWatch is slow" lasts exactly as long as the test needs, however loaded the machine."""
+
+    arrived = threading.Event()
+    release = threading.Event()
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        time.sleep(3)
+        SlowLogs.arrived.set()
+        SlowLogs.release.wait(30)
         body = b"{}"
         self.send_response(200)
         self.send_header("Content-Type", "application/x-amz-json-1.1")
@@ -94,30 +90,33 @@ class SlowLogs(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def log_message(self, *args: Any) -> None:
-        pass
-
 
 def test_a_slow_cloudwatch_never_blocks_logging_and_drops_are_counted():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowLogs)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = boto3.client(
-        "logs",
-        endpoint_url=f"http://127.0.0.1:{server.server_address[1]}",
-        config=Config(retries={"max_attempts": 1}, read_timeout=10),
-    )
-    handler = cloudlogs.CloudLogsHandler(client, group=GROUP, stream=INSTANCE)
-    logger = logging.getLogger("spotguard.test-slow")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        started = time.monotonic()
-        for n in range(cloudlogs.QUEUE_LIMIT + 500):
-            logger.warning("line %d", n)
-        elapsed = time.monotonic() - started
-        assert elapsed < 2.0, f"logging took {elapsed:.2f} s while CloudWatch was slow"
-        assert handler.dropped >= 500 - 10, "the queue is bounded: the overflow is dropped and counted"
-        assert handler.ship(timeout=0.5) is False, "a bounded flush does not wait for a slow CloudWatch"
-    finally:
-        logger.removeHandler(handler)
-        server.shutdown()
+    SlowLogs.arrived.clear()
+    SlowLogs.release.clear()
+    with serving(SlowLogs) as url:
+        client = boto3.client(
+            "logs", endpoint_url=url, config=Config(retries={"max_attempts": 1}, read_timeout=40)
+        )
+        handler = cloudlogs.CloudLogsHandler(client, group=GROUP, stream=INSTANCE)
+        logger = logging.getLogger("spotguard.test-slow")
+        logger.addHandler(handler)
+        logger.propagate = False
+        try:
+            # The shipping thread takes the first line and is then stuck in a call CloudWatch
+            # does not answer: from here on nothing leaves the queue.
+            logger.warning("line before the flood")
+            handler.ship_now()
+            assert SlowLogs.arrived.wait(10), "the shipping thread called CloudWatch"
+            flood = threading.Thread(
+                target=lambda: [logger.warning("line %d", n) for n in range(cloudlogs.QUEUE_LIMIT + 500)]
+            )
+            flood.start()
+            flood.join(20)
+            assert not flood.is_alive(), "logging waited for CloudWatch, which has not answered yet"
+            assert not SlowLogs.release.is_set()
+            assert handler.dropped >= 500, "the queue is bounded: the overflow is dropped and counted"
+            assert handler.ship(timeout=0.5) is False, "a bounded flush does not wait for a slow CloudWatch"
+        finally:
+            SlowLogs.release.set()
+            logger.removeHandler(handler)

@@ -23,6 +23,8 @@ from spotguard_core.contracts import (
 )
 from spotguard_tools.local_tables import TableKind, create_table
 
+from tests.support.moto_server import MotoClients, restore_environ
+
 FLEET = "render"
 ACCOUNT_ID = "123456789012"
 REGION = "us-east-1"
@@ -41,8 +43,29 @@ def create_tables(prefix: str) -> dict[Env, str]:
     return names
 
 
+def lease_of(
+    message: Mapping[str, Any],
+    *,
+    instance_id: str,
+    queue_url: str,
+    at: float,
+    interruption_requeues: int | None = None,
+) -> Lease:
+    """The lease a worker on ``instance_id`` writes for a ``message`` it received at ``at``
+    (``interruption_requeues``: the count it knows, 0 on a first receive; None: unknown)."""
+    return Lease(
+        instance_id=instance_id,
+        message_id=message["MessageId"],
+        receipt_handle=message["ReceiptHandle"],
+        queue_url=queue_url,
+        leased_at=at,
+        heartbeat_at=at,
+        interruption_requeues=interruption_requeues,
+    )
+
+
 @dataclass
-class ControlPlaneEnv:
+class ControlPlaneEnv(MotoClients):
     """What a test gets: names, URLs and helpers to make instances and leases."""
 
     fleet: str
@@ -52,14 +75,6 @@ class ControlPlaneEnv:
     bus_name: str
     tables: dict[Env, str]
     env: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def ec2(self) -> Any:
-        return boto3.client("ec2")
 
     def launch_in_asg(self, count: int = 1) -> list[str]:
         """Raise the fleet ASG's desired capacity; return the new instance ids (moto launches them)."""
@@ -109,22 +124,26 @@ class ControlPlaneEnv:
             if not messages:
                 break
             now = time.time()
-            for message in messages:
-                leases.append(
-                    Lease(
-                        instance_id=instance_id,
-                        message_id=message["MessageId"],
-                        receipt_handle=message["ReceiptHandle"],
-                        queue_url=self.work_queue_url,
-                        leased_at=now,
-                        heartbeat_at=now,
-                    )
-                )
+            leases.extend(
+                lease_of(m, instance_id=instance_id, queue_url=self.work_queue_url, at=now) for m in messages
+            )
         store = LeaseStore(self.tables[Env.LEASE_TABLE])
         with store.table.batch_writer() as writer:
             for lease in leases:
-                writer.put_item(Item=lease.to_item())
+                writer.put_item(Item=lease.to_item(store.arn_prefix))
         return leases
+
+    def bus_to_queue(self, queue_name: str, event_pattern: str) -> str:
+        """A new queue that a rule on the notification bus fills with the events matching
+        ``event_pattern`` (JSON), so a test can read what was published; its URL."""
+        queue = self.sqs.create_queue(QueueName=queue_name)["QueueUrl"]
+        arn = self.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        events = boto3.client("events")
+        events.put_rule(Name=queue_name, EventBusName=self.bus_name, EventPattern=event_pattern)
+        events.put_targets(Rule=queue_name, EventBusName=self.bus_name, Targets=[{"Id": "q", "Arn": arn}])
+        return queue
 
     def receive_all(self, *, max_rounds: int = 200) -> list[dict[str, Any]]:
         """Everything receivable from the work queue right now (as another consumer)."""
@@ -204,11 +223,7 @@ def build(
 
 
 def restore_environment(saved: Mapping[str, str | None]) -> None:
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    restore_environ(saved)
     aws.reset_clients()
 
 

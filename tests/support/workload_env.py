@@ -19,28 +19,22 @@ import boto3
 from spotguard_agent.config import AgentConfig
 from spotguard_agent.execution import WorkloadConfig
 from spotguard_agent.worker import Worker
-from spotguard_core.contracts import Signal, SignalKind, SignalSource, lease_pk
+from spotguard_core.contracts import Signal, SignalKind, SignalSource, instance_key
 from spotguard_tools.local_tables import TableKind, create_table
+
+from tests.support.moto_server import MOTO_INSTANCE_ARN_PREFIX, MotoClients
 
 FLEET = "test"
 BUCKET = "spotguard-checkpoints-test"
 
 
 @dataclass
-class World:
+class World(MotoClients):
     queue_url: str
     dlq_url: str
     lease_table: str = "leases"
     fleet_table: str = "fleet"
     bucket: str = BUCKET
-
-    @property
-    def sqs(self) -> Any:
-        return boto3.client("sqs")
-
-    @property
-    def s3(self) -> Any:
-        return boto3.client("s3")
 
     def send(self, body: Any) -> str:
         text = body if isinstance(body, str) else json.dumps(body)
@@ -60,7 +54,8 @@ class World:
         table = boto3.resource("dynamodb").Table(self.lease_table)
         return list(
             table.query(
-                KeyConditionExpression="pk = :pk", ExpressionAttributeValues={":pk": lease_pk(instance_id)}
+                KeyConditionExpression="pk = :pk",
+                ExpressionAttributeValues={":pk": instance_key(instance_id, MOTO_INSTANCE_ARN_PREFIX)},
             )["Items"]
         )
 
@@ -79,25 +74,33 @@ def make_world() -> World:
     return World(queue, dlq)
 
 
+#: What a test agent changes from the defaults: one task at a time, fast heartbeats and
+#: polls, a short drain margin, and no health port (tests run many agents side by side).
+MOTO_AGENT_TIMINGS: dict[str, Any] = {
+    "concurrency": 1,
+    "visibility_timeout_seconds": 30,
+    "receive_wait_seconds": 1,
+    "drain_margin_seconds": 1.0,
+    "failure_backoff_seconds": 5.0,
+    "fleet_heartbeat_seconds": 0.5,
+    "health_port": 0,
+}
+
+
 def moto_agent_config(
     *, fleet: str, queue_url: str, dlq_url: str, lease_table: str, fleet_table: str, **overrides: Any
 ) -> AgentConfig:
-    """An agent configuration for tests against the moto server: fast heartbeats and polls,
-    a short drain margin, no health port; ``overrides`` change any field."""
+    """An agent configuration for tests against the moto server, with ``MOTO_AGENT_TIMINGS``;
+    ``overrides`` change any field."""
     base = AgentConfig(
         fleet=fleet,
         region="us-east-1",
+        instance_arn_prefix=MOTO_INSTANCE_ARN_PREFIX,
         work_queue_url=queue_url,
         work_dlq_url=dlq_url,
         lease_table=lease_table,
         fleet_table=fleet_table,
-        concurrency=1,
-        visibility_timeout_seconds=30,
-        receive_wait_seconds=1,
-        drain_margin_seconds=1.0,
-        failure_backoff_seconds=5.0,
-        fleet_heartbeat_seconds=0.5,
-        health_port=0,
+        **MOTO_AGENT_TIMINGS,
     )
     return base.with_overrides(**overrides)
 
@@ -164,16 +167,19 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 20.0, interval: floa
     raise AssertionError("condition not met in time")
 
 
-def spot_signal(instance_id: str, seconds_from_now: float) -> Signal:
+def imds_signal(
+    instance_id: str, kind: SignalKind, event_id: str, seconds_from_now: float | None = None, **fields: Any
+) -> Signal:
+    """A notice as the agent's watcher hands it to the worker: received now, with a deadline
+    ``seconds_from_now`` later (none if not given); ``fields`` are the other ``Signal`` fields."""
     received = datetime.now(UTC)
-    return Signal(
-        instance_id=instance_id,
-        kind=SignalKind.SPOT_INTERRUPTION,
-        source=SignalSource.IMDS,
-        event_id=f"test-{instance_id}",
-        received_at=received,
-        deadline=received + timedelta(seconds=seconds_from_now),
-    )
+    deadline = None if seconds_from_now is None else received + timedelta(seconds=seconds_from_now)
+    # Positional in the dataclass's field order: the names above are those of the fields.
+    return Signal(instance_id, kind, SignalSource.IMDS, event_id, received, deadline, **fields)
+
+
+def spot_signal(instance_id: str, seconds_from_now: float) -> Signal:
+    return imds_signal(instance_id, SignalKind.SPOT_INTERRUPTION, f"test-{instance_id}", seconds_from_now)
 
 
 def write_tree(directory: Path, files: dict[str, str]) -> Path:

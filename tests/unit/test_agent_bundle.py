@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import re
@@ -11,6 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from spotguard_cdk.bundle import CORE_PACKAGE
 from spotguard_core import contracts
 from spotguard_tools.bundle import (
     build_bundle,
@@ -29,11 +31,49 @@ REALISTIC = {
     "BundleSha256": "4f9c2e1b7a3d5e6f8091a2b3c4d5e6f708192a3b4c5d6e7f8091a2b3c4d5e6f7",
     "DeadlineSeconds": "1200",
     "FleetTable": "SpotguardVideoTranscodeProd-FleetTableA1B2C3D4-1A2B3C4D5E6F7",
+    "InstanceArnPrefix": "arn:aws:ec2:eu-west-1:123456789012:instance/",
     "AsgName": "spotguard-video-transcode-prod",
     "LaunchHook": "spotguard-launch",
     "ConfigParameter": "/spotguard/video-transcode-prod/agent-config",
 }
 USER_DATA_LIMIT = 16 * 1024
+
+
+def _imported_modules(source: str) -> set[str]:
+    """Absolute modules a Python file imports anywhere (``from a import b`` names a and a.b)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def _core_file(module: str) -> str | None:
+    """``spotguard_core.x`` -> its file in the bundle's layout (None: not a module)."""
+    parts = module.split(".")[1:]
+    candidates = ([Path(*parts).with_suffix(".py")] if parts else []) + [Path(*parts, "__init__.py")]
+    for candidate in candidates:
+        if (CORE_PACKAGE / candidate).is_file():
+            return f"spotguard_core/{candidate.as_posix()}"
+    return None
+
+
+def _core_files_imported(bundled: dict[str, str]) -> set[str]:
+    """The core files the bundle's own code reaches through its imports, transitively (read
+    from the source tree when the bundle lacks one)."""
+    pending = [name for name in bundled if not name.startswith("spotguard_core/")]
+    reached: set[str] = set()
+    while pending:
+        name = pending.pop()
+        source = bundled.get(name) or (CORE_PACKAGE / name.removeprefix("spotguard_core/")).read_text()
+        for module in _imported_modules(source):
+            core = _core_file(module) if module.split(".")[0] == "spotguard_core" else None
+            if core is not None and core not in reached:
+                reached.add(core)
+                pending.append(core)
+    return reached
 
 
 def test_bundle_is_deterministic(tmp_path: Path):
@@ -61,22 +101,17 @@ def test_bundle_contains_agent_installer_units_and_the_stdlib_core(tmp_path: Pat
             "spotguard_core/contracts.py",
         ):
             assert required in members, required
-        # Only the core modules the agent imports travel (stdlib + boto3: instances have no
-        # pydantic/Powertools): the contracts and the one AWS adapter of each table.
-        assert {n for n in names if n.startswith("spotguard_core/")} == {
-            f"spotguard_core/{name}"
-            for name in (
-                "__init__.py",
-                "aws.py",
-                "contracts.py",
-                "dynamo.py",
-                "fault_injection.py",
-                "fleet_store.py",
-                "lease_store.py",
-                "ports.py",
-                "requeue.py",
-            )
+        sources = {
+            name: archive.extractfile(member).read().decode()  # type: ignore[union-attr]
+            for name, member in members.items()
+            if name.endswith(".py")
         }
+        # Only the core modules the agent imports travel, and every one it imports does:
+        # instances have the standard library and boto3, no pydantic/Powertools.
+        assert {n for n in names if n.startswith("spotguard_core/")} == _core_files_imported(sources)
+        third_party = {m.split(".")[0] for src in sources.values() for m in _imported_modules(src)}
+        third_party -= set(sys.stdlib_module_names) | {"spotguard_agent", "spotguard_core"}
+        assert third_party == {"boto3", "botocore"}
         assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
         assert {m.mtime for m in members.values()} == {members["install.py"].mtime}
         assert {(m.uid, m.gid) for m in members.values()} == {(0, 0)}

@@ -6,7 +6,6 @@ import copy
 import json
 import re
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,12 +23,8 @@ from spotguard_core.contracts import (
 from spotguard_core.signals import Rejection, instance_id_from_entity, parse_event
 from spotguard_tools import events
 
-EVENTS = Path(__file__).resolve().parents[1] / "events"
-INSTANCE = "i-1234567890abcdef0"
-
-
-def load(name: str) -> dict:
-    return json.loads((EVENTS / f"{name}.json").read_text())
+from tests.support.sample_events import SAMPLE_INSTANCE as INSTANCE
+from tests.support.sample_events import load_event as load
 
 
 def signals_of(event: object, **kwargs: Any) -> list[Signal]:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from spotguard_core.contracts import Env, FleetRecord
+from spotguard_core.contracts import Env, FleetRecord, instance_arn_prefix, partition_of_region
 from spotguard_core.control_settings import ControlSettings, SettingsError
 from spotguard_core.decisions import decide
 from spotguard_core.signals import Rejection, parse_event
@@ -47,6 +47,15 @@ def _settings(fleet: str | None) -> ControlSettings:
     return ControlSettings.from_env(env)
 
 
+def _arn_prefix(settings: ControlSettings) -> str | None:
+    if not (settings.region and settings.account_id):
+        return None  # FleetStore says which variable to set
+    region = settings.region
+    return instance_arn_prefix(
+        partition=partition_of_region(region), region=region, account_id=settings.account_id
+    )
+
+
 def _read(path: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -76,7 +85,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.offline and os.environ.get(Env.FLEET_TABLE.value):
         from spotguard_core.fleet_store import FleetStore  # noqa: PLC0415 - only when AWS is configured
 
-        store = FleetStore()
+        # An operator's shell rarely has the functions' SPOTGUARD_INSTANCE_ARN_PREFIX: the
+        # settings' account and region give the same instance keys.
+        store = FleetStore(arn_prefix=os.environ.get(Env.INSTANCE_ARN_PREFIX.value) or _arn_prefix(settings))
     else:
         notes.append(
             f"fleet records not read ({Env.FLEET_TABLE.value} unset or --offline): "

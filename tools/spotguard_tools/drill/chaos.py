@@ -60,12 +60,17 @@ class ChaosExecutor:
 
     def clock(self, now: float, tasks_queued_at: float) -> float | None:
         """Seconds on the plan's clock; None until the initial fleet works, every healthy
-        instance's agent running tasks (bounded: ``CHAOS_CLOCK_FALLBACK_SECONDS`` after the
-        tasks at the latest)."""
+        instance's agent running tasks (``chaos_when_running`` of them at once when set;
+        bounded: ``CHAOS_CLOCK_FALLBACK_SECONDS`` after the tasks at the latest)."""
         if self.started_at is None:
             healthy = [i for i in self.aws.instances.values() if i.initial and not i.bootstrap_fails]
             at_work = self.at_work()
             working = healthy and all(i.working and i.instance_id in at_work for i in healthy)
+            loaded = self.config.chaos_when_running
+            if working and loaded and self.running is not None:
+                # A fleet at work on a starved machine may still hold one task per instance:
+                # wait until it is loaded, so the plan cuts enough work short.
+                working = all(self.running(i.instance_id) >= loaded for i in healthy)
             if working or now - tasks_queued_at > CHAOS_CLOCK_FALLBACK_SECONDS:
                 self.started_at = now
                 self.journal.record(Mark.CHAOS_STARTED, "-", at=now)

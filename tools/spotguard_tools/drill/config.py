@@ -49,6 +49,9 @@ class DrillConfig:
     checkpoints: bool = field(
         default=True, metadata=cli("the drill's task handler saves progress with context.checkpoint")
     )
+    checkpoint_every_seconds: float = field(
+        default=1.0, metadata=cli("seconds of a task's work between two of its checkpoints")
+    )
     # ---- chaos plan
     spot_warnings: int = field(
         default=2, metadata=cli("spot interruption warnings (reclaimed at the deadline)")
@@ -69,6 +72,13 @@ class DrillConfig:
         default=8.0, metadata=cli("interruptions start this long after the fleet works ...")
     )
     chaos_end_seconds: float = field(default=40.0, metadata=cli("... and end by here (seconds)"))
+    chaos_when_running: int = field(
+        default=0,
+        metadata=cli(
+            "the interruptions' clock waits until every healthy initial instance runs this many "
+            "tasks at once (0: one started task is enough)"
+        ),
+    )
     # ---- compressed AWS timings
     warning_seconds: float = field(default=12.0, metadata=cli("the 2-minute spot warning, compressed"))
     visibility_timeout_seconds: int = field(

@@ -29,6 +29,8 @@ RELEASED = "released"  # the agent gave the message back during a drain; the tas
 CHECKPOINT = "checkpoint"  # the task saved its progress (``context.checkpoint``): ``done`` seconds
 #: "0" turns the drill task handler's checkpoints off (the comparison run of the drill test).
 CHECKPOINTS_ENV = "SPOTGUARD_DRILL_CHECKPOINTS"
+#: Seconds of work between two checkpoints of the drill task handler (``--checkpoint-every-seconds``).
+CHECKPOINT_EVERY_ENV = "SPOTGUARD_DRILL_CHECKPOINT_EVERY_SECONDS"
 
 
 def append(path: str | Path, record: dict[str, Any], *, durable: bool) -> None:

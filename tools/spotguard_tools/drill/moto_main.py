@@ -35,7 +35,7 @@ from typing import Any
 
 from moto.server import main as moto_server_main
 from moto.sqs import models
-from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK
+from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, instance_id_of_key
 
 from spotguard_tools.drill import ledger
 
@@ -59,8 +59,15 @@ def _install_sqs_locks() -> None:
     models.SQSBackend.receive_message = receive_message  # type: ignore[method-assign]
 
 
-_INSTANCE_PREFIX = "instance#"
 _LEASE_PREFIX = "lease#"
+
+
+def _holder(pk: str) -> str | None:
+    """The instance of a lease key (None for a requeue counter)."""
+    try:
+        return instance_id_of_key(pk)
+    except ValueError:
+        return None
 
 
 class AgentLedger:
@@ -91,10 +98,10 @@ class AgentLedger:
                 self.tasks[message.id] = (task, int(message.approximate_receive_count))
 
     def leased(self, table: str, pk: str, sk: str) -> None:
-        is_lease = pk.startswith(_INSTANCE_PREFIX) and sk.startswith(_LEASE_PREFIX)
-        if table != self.lease_table or not is_lease:
+        instance = _holder(pk)
+        if table != self.lease_table or instance is None or not sk.startswith(_LEASE_PREFIX):
             return
-        message_id, instance = sk[len(_LEASE_PREFIX) :], pk[len(_INSTANCE_PREFIX) :]
+        message_id = sk[len(_LEASE_PREFIX) :]
         with self.lock:
             task, receive_count = self.tasks.get(message_id, (f"message:{message_id}", 0))
             self.holders[message_id] = instance
@@ -113,11 +120,11 @@ class AgentLedger:
             return
         message_id = sk[len(_LEASE_PREFIX) :]
         with self.lock:
-            if message_id in self.deleted or self.holders.get(message_id) != pk[len(_INSTANCE_PREFIX) :]:
+            instance = _holder(pk)
+            if message_id in self.deleted or instance is None or self.holders.get(message_id) != instance:
                 return
             del self.holders[message_id]
             task, _ = self.tasks.get(message_id, (f"message:{message_id}", 0))
-            instance = pk[len(_INSTANCE_PREFIX) :]
             self._append({"ev": ledger.RELEASED, "task": task, "instance": instance, "message": message_id})
 
     def deleting(self, queue_name: str, message_id: str, receipt_handle: str) -> None:

@@ -180,6 +180,7 @@ class Drill:
             env[Env.CHECKPOINT_BUCKET.value] = resources.checkpoint_bucket
         if not c.checkpoints:
             env[ledger.CHECKPOINTS_ENV] = "0"
+        env[ledger.CHECKPOINT_EVERY_ENV] = str(c.checkpoint_every_seconds)
         if c.workload is None:
             env[Env.HANDLER.value] = DRILL_HANDLER
             return env

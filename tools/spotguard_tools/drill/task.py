@@ -8,7 +8,8 @@ the message during a drain (the task stops and records nothing more: another ins
 will run it); ``expected_seconds(body)`` lets a drain tell which running tasks finish
 before the deadline.
 
-Checkpoints: every ``CHECKPOINT_EVERY_SECONDS`` of work the task saves its progress with
+Checkpoints: every ``CHECKPOINT_EVERY_SECONDS`` of work (``--checkpoint-every-seconds``,
+``SPOTGUARD_DRILL_CHECKPOINT_EVERY_SECONDS``) the task saves its progress with
 ``context.checkpoint(bytes)`` (the agent stores it in the checkpoint bucket), and once
 more when it is released; an attempt that finds ``context.resumed`` continues from the
 saved progress instead of starting over. ``SPOTGUARD_DRILL_CHECKPOINTS=0`` turns them off
@@ -30,7 +31,7 @@ from spotguard_tools.drill import ledger
 LOG = logging.getLogger("spotguard.drill.task")
 #: How often a running task checks whether the agent released it.
 _CHECK_SECONDS = 0.05
-#: Seconds of work between two checkpoints.
+#: Seconds of work between two checkpoints, unless the drill sets another interval.
 CHECKPOINT_EVERY_SECONDS = 1.0
 
 
@@ -59,6 +60,13 @@ def _progress(resumed: Any) -> float | None:
     except (ValueError, KeyError, TypeError):
         LOG.warning("checkpoint not understood, starting over: %r", bytes(resumed)[:100])
         return None
+
+
+def _checkpoint_every() -> float:
+    try:
+        return float(os.environ.get(ledger.CHECKPOINT_EVERY_ENV) or CHECKPOINT_EVERY_SECONDS)
+    except ValueError:
+        return CHECKPOINT_EVERY_SECONDS
 
 
 def _saver(context: Any) -> Callable[[bytes], Any] | None:
@@ -107,7 +115,8 @@ def handle(body: str, context: Any) -> dict[str, Any]:
     run.record(ledger.START, **start)
     released = getattr(context, "released", None)
     last = time.monotonic()
-    next_checkpoint = run.done + CHECKPOINT_EVERY_SECONDS
+    every = _checkpoint_every()
+    next_checkpoint = run.done + every
     while (left := seconds - run.done) > 0:
         step = min(_CHECK_SECONDS, left)
         if released is not None:
@@ -124,7 +133,7 @@ def handle(body: str, context: Any) -> dict[str, Any]:
         last = now
         if run.done >= next_checkpoint and run.done < seconds:
             run.checkpoint()
-            next_checkpoint = run.done + CHECKPOINT_EVERY_SECONDS
+            next_checkpoint = run.done + every
             last = time.monotonic()  # saving is not work
     run.record(ledger.DONE, durable=True)
     return {"task_id": task_id, "seconds": seconds, "resumed_from": run.resumed_from}
