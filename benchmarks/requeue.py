@@ -13,7 +13,14 @@ the worker writes them (they carry the message's requeue count, 0 on a first rec
 
 Scenarios: one instance holding N leases for each N, and ``--instances I --per-instance L``:
 I instances with L leases each, all terminated in ONE batch of signal records (a mass
-interruption).
+interruption), run twice: the batch's records one at a time (``records_at_once`` 1, what the
+dispatcher did before), then concurrently (its ``RECORD_CONCURRENCY``).
+
+Each run also reports where the time went (``split``): the moto server's CPU time and the
+handler process's CPU time during the handler, and per operation the summed time from
+sending a request to having its answer (moto serving it) and from the answer to the parsed
+result (botocore in this process). moto is one Python process (one interpreter lock) on a
+2-core machine shared with other work: its CPU time bounds what concurrency can win.
 
     python benchmarks/requeue.py --latency-ms 10 --leases 10 100 1000 --instances 100 --per-instance 10
 """
@@ -58,7 +65,12 @@ class CallCounter:
         self.last_visible_at: float | None = None
         self.first_start: dict[str, float] = {}
         self.last_end: dict[str, float] = {}
+        #: Per operation, summed over its calls: sent → answer read (moto's time serving it,
+        #: queueing for moto's one interpreter included) and answer → parsed (this process).
+        self.server_ms: dict[str, float] = {}
+        self.parse_ms: dict[str, float] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # one call runs on one thread from send to parse
 
     def before(self, model: Any, context: Any = None, **_: Any) -> None:
         name = f"{model.service_model.service_name}.{model.name}"
@@ -69,11 +81,25 @@ class CallCounter:
         if isinstance(context, dict):
             context["spotguard_bench_name"] = name
 
+    def sent(self, **_: Any) -> None:
+        self._local.sent_at = time.perf_counter()
+
+    def answered(self, operation_model: Any, **_: Any) -> None:
+        at = time.perf_counter()
+        name = f"{operation_model.service_model.service_name}.{operation_model.name}"
+        with self._lock:
+            elapsed = (at - getattr(self._local, "sent_at", at)) * 1000
+            self.server_ms[name] = self.server_ms.get(name, 0.0) + elapsed
+        self._local.answered_at = at
+
     def after(self, context: Any = None, **_: Any) -> None:
         name = context.get("spotguard_bench_name") if isinstance(context, dict) else None
         if name:
+            at = time.perf_counter()
             with self._lock:
-                self.last_end[name] = time.perf_counter()
+                self.last_end[name] = at
+                parsed = (at - getattr(self._local, "answered_at", at)) * 1000
+                self.parse_ms[name] = self.parse_ms.get(name, 0.0) + parsed
 
     def phases(self, started: float) -> dict[str, list[float]]:
         """Per operation: [first call began, last call ended] in ms after the handler started."""
@@ -89,6 +115,9 @@ class CallCounter:
 
     def attach(self, client: Any) -> None:
         client.meta.events.register("before-call.*.*", self.before)
+        # Last: after the fault injector's hook has slept its latency.
+        client.meta.events.register_last("before-send", self.sent)
+        client.meta.events.register("before-parse.*.*", self.answered)
         client.meta.events.register("after-call.*.*", self.after)
         client.meta.events.register("after-call.sqs.ChangeMessageVisibilityBatch", self.after_visibility)
 
@@ -120,7 +149,22 @@ def lease_messages(env: Any, instance_id: str, count: int) -> list[Lease]:
     return leases
 
 
-def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(
+    instances: int,
+    per_instance: int,
+    latency_ms: float,
+    *,
+    server_pid: int,
+    record_concurrency: int | None = None,
+) -> dict[str, Any]:
+    """One scenario. ``record_concurrency=1``: the batch's records one after another (the
+    dispatcher before it handled them concurrently), for the before/after in one run."""
     os.environ["POWERTOOLS_METRICS_DISABLED"] = "true"
     os.environ["POWERTOOLS_TRACE_DISABLED"] = "true"
     os.environ.setdefault("POWERTOOLS_LOG_LEVEL", "WARNING")
@@ -155,16 +199,23 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
         from spotguard_functions import dispatcher  # noqa: PLC0415
 
         dispatcher.reset_runtime()  # this run's tables: a new container
+        default_concurrency = dispatcher.RECORD_CONCURRENCY
+        if record_concurrency is not None:
+            dispatcher.RECORD_CONCURRENCY = record_concurrency
         dispatcher.runtime()  # build the clients outside the measurement (warm container)
         counter = CallCounter()
         for service in ("sqs", "dynamodb", "ec2", "autoscaling", "events"):
             counter.attach(aws.client(service))
         counter.attach(aws.resource("dynamodb").meta.client)
 
+        server_cpu, handler_cpu = cpu_seconds(server_pid), time.process_time()
         started = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # Powertools' EMF lines stay out of the JSON
             response = dispatcher.handler({"Records": records}, LocalLambdaContext())
         wall_ms = (time.perf_counter() - started) * 1000
+        server_cpu, handler_cpu = cpu_seconds(server_pid) - server_cpu, time.process_time() - handler_cpu
+        dispatcher.RECORD_CONCURRENCY = default_concurrency
+        dispatcher.reset_runtime()
         print(f"# handler took {wall_ms / 1000:.2f}s", file=sys.stderr)
         os.environ.pop(Env.AWS_LATENCY_MS.value, None)
         aws.reset_clients()
@@ -185,6 +236,7 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
         )
         return {
             "instances": instances,
+            "records_at_once": record_concurrency or default_concurrency,
             "leases_per_instance": per_instance,
             "leases": len(held),
             "latency_ms_per_call": latency_ms,
@@ -205,6 +257,13 @@ def run(instances: int, per_instance: int, latency_ms: float) -> dict[str, Any]:
             "all_receivable_after": visible == len(held) and invisible == 0,
             "calls": dict(sorted(counter.calls.items())),
             "phases_ms": counter.phases(started),
+            # Where the wall time went: moto is one Python process on this shared machine.
+            "split": {
+                "moto_server_cpu_ms": round(server_cpu * 1000, 1),
+                "handler_process_cpu_ms": round(handler_cpu * 1000, 1),
+                "server_ms_by_operation": {k: round(v, 1) for k, v in sorted(counter.server_ms.items())},
+                "parse_ms_by_operation": {k: round(v, 1) for k, v in sorted(counter.parse_ms.items())},
+            },
         }
     finally:
         os.environ.pop(Env.AWS_LATENCY_MS.value, None)
@@ -222,15 +281,25 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-instance", type=int, default=10, help="mass interruption: leases each")
     args = parser.parse_args(argv)
     sizes = args.leases if args.leases is not None else (args.sizes or [10, 100, 1000])
-    scenarios = [(1, size) for size in sizes]
+    scenarios: list[tuple[int, int, int | None]] = [(1, size, None) for size in sizes]
     if args.instances:
-        scenarios.append((args.instances, args.per_instance))
+        # The mass interruption twice: records one at a time (before), then concurrently.
+        scenarios += [(args.instances, args.per_instance, 1), (args.instances, args.per_instance, None)]
     results = []
     with running_moto_server() as server:
-        for instances, per_instance in scenarios:
+        server_pid = server._process.pid  # type: ignore[union-attr]  # the server's CPU time: the split
+        for instances, per_instance, record_concurrency in scenarios:
             server.reset()
             aws.reset_clients()
-            results.append(run(instances, per_instance, args.latency_ms))
+            results.append(
+                run(
+                    instances,
+                    per_instance,
+                    args.latency_ms,
+                    server_pid=server_pid,
+                    record_concurrency=record_concurrency,
+                )
+            )
     print(
         json.dumps(
             {

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -108,6 +109,7 @@ class ControlPlane:
         publish: Publisher | None = None,
         logger: Any = None,
         clock: Callable[[], float] = time.time,
+        requeue_executor: Executor | None = None,
     ) -> None:
         self.settings = settings
         self.fleet_store = fleet_store
@@ -118,15 +120,24 @@ class ControlPlane:
         self.managed_check = managed_check or ManagedCheck(
             settings.fleet, ec2=ec2, autoscaling=autoscaling, asg_name=settings.asg_name
         )
-        self.requeuer = Requeuer(lease_store=lease_store, sqs=sqs, metrics=metrics, clock=clock)
+        self.requeuer = Requeuer(
+            lease_store=lease_store, sqs=sqs, metrics=metrics, clock=clock, executor=requeue_executor
+        )
         self.publish: Publisher = publish or notifications.publish
         self.logger = logger or logging.getLogger(__name__)
         self.clock = clock
 
     @classmethod
     def from_env(
-        cls, metrics: MetricsSink, *, logger: Any = None, managed_check: ManagedCheck | None = None
+        cls,
+        metrics: MetricsSink,
+        *,
+        logger: Any = None,
+        managed_check: ManagedCheck | None = None,
+        requeue_executor: Executor | None = None,
     ) -> ControlPlane:
+        """From the environment. ``requeue_executor``: a pool shared by the requeues of every
+        control plane of the process (the dispatcher's, one control plane per thread)."""
         settings = ControlSettings.from_env()
         ec2 = aws.client("ec2")
         return cls(
@@ -139,6 +150,7 @@ class ControlPlane:
             sqs=aws.client("sqs"),
             managed_check=managed_check,
             logger=logger,
+            requeue_executor=requeue_executor,
         )
 
     # -- the path ------------------------------------------------------------------------

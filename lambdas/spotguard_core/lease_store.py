@@ -38,6 +38,20 @@ LEASE_SK_PREFIX = lease_sk("")
 BATCH_WRITE_LIMIT = 25
 BATCH_GET_LIMIT = 100
 BATCH_RETRY_ATTEMPTS = 8
+#: Leases per Query page of a release: the first page's messages are on their way back to
+#: the queue while the next page is read (DynamoDB would answer 1,000 small leases in one page).
+RELEASE_PAGE_SIZE = 100
+#: What ``Lease.from_item`` reads of a lease item (the instance comes from the key; not the
+#: sort key, the plain ``instance_id`` or the TTL).
+LEASE_ATTRIBUTES = (
+    LEASE_TABLE_PK,
+    "message_id",
+    "receipt_handle",
+    "queue_url",
+    "leased_at",
+    "heartbeat_at",
+    "interruption_requeues",
+)
 
 
 class LeaseStore:
@@ -111,6 +125,33 @@ class LeaseStore:
             "ConsistentRead": True,
         }
         return [Lease.from_item(item) for item in dynamo.items(self.table.query, **kwargs)]
+
+    def release_pages(self, instance_id: str, *, page_size: int = RELEASE_PAGE_SIZE) -> Iterator[list[Lease]]:
+        """``instance_id``'s leases, one Query page at a time (the requeue releases each page
+        while the next one is read), with only the attributes a lease is read from. Through
+        the table's client, not the resource: boto3 clients are thread-safe."""
+        kwargs: dict[str, Any] = {
+            "TableName": self.table.name,
+            "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :prefix)",
+            "ExpressionAttributeNames": {
+                "#pk": LEASE_TABLE_PK,
+                "#sk": LEASE_TABLE_SK,
+                **{f"#a{index}": name for index, name in enumerate(LEASE_ATTRIBUTES)},
+            },
+            "ExpressionAttributeValues": {
+                ":pk": instance_key(instance_id, self.arn_prefix),
+                ":prefix": LEASE_SK_PREFIX,
+            },
+            "ProjectionExpression": ", ".join(f"#a{index}" for index in range(len(LEASE_ATTRIBUTES))),
+            "ConsistentRead": True,
+            "Limit": page_size,
+        }
+        while True:
+            page = self._client.query(**kwargs)
+            yield [Lease.from_item(item) for item in page.get("Items", [])]
+            if "LastEvaluatedKey" not in page:
+                return
+            kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
 
     def scan_leases(self) -> Iterator[Lease]:
         """Every lease in the table (the watchdog's orphan sweep)."""

@@ -13,17 +13,22 @@ receives it already subtracts this receive from ``ApproximateReceiveCount``
 then fails only makes the worker more lenient, never stricter. A failure release
 (``interruption=False``) counts nothing: it is a genuine failure.
 
-Three phases, each running its calls concurrently (bounded by ``concurrency``; boto3
-clients are thread-safe, the control plane's use botocore's adaptive retries): the
-counters (one BatchWriteItem per 25 leases when the leases know their count,
-``Lease.interruption_requeues``), then the visibility changes (one
-``ChangeMessageVisibilityBatch`` per ten leases of one queue), then the lease deletes (25
-per BatchWriteItem). 1,000 leases are 180 calls in about ``2 + 4 + 2`` rounds at a
-concurrency of 32, the messages receivable after the first six. Nothing written is read
-back. Entries failing because the message is gone
-(already deleted by the worker, or the receipt handle is no longer valid) count as done;
-throttled or failed entries are retried with exponential back-off; leases of entries that
-still failed are kept and reported, so the caller can retry.
+The calls (bounded by ``concurrency`` or the shared ``executor``; boto3 clients are
+thread-safe, the control plane's use botocore's adaptive retries): the counters (one
+BatchWriteItem per 25 leases when the leases know their count,
+``Lease.interruption_requeues``), the visibility changes (one ``ChangeMessageVisibilityBatch``
+per ten leases of one queue), then the lease deletes (25 per BatchWriteItem). The order above
+holds per message, not per phase: each chunk of ten waits for the counter calls of its own
+ten messages only, so the first chunks are visible while later counters are still being
+written. ``requeue_instance`` reads the leases a Query page at a time
+(``LeaseStore.release_pages``, only the lease attributes) and submits each page as it
+arrives, so the first messages are back while the Query is still reading. The deletes start
+after the last visibility change: the messages first, the bookkeeping after. 1,000 leases are
+180 calls (40 + 100 + 40) plus the Query's pages. Nothing written is read back. Entries
+failing because the message is gone (already deleted by the worker, or the receipt handle is
+no longer valid) count as done; throttled or failed entries are retried with exponential
+back-off; leases of entries that still failed are kept and reported, so the caller can retry.
+A Query page that fails after its retries raises once the pages already read are released.
 
 Standard library + boto3 only: the agent bundle ships this module.
 """
@@ -32,8 +37,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -97,7 +102,32 @@ def _batches(items: Sequence[Lease], size: int) -> list[list[Lease]]:
     return [list(items[start : start + size]) for start in range(0, len(items), size)]
 
 
+def _one_chunk(leases: Sequence[Lease]) -> bool:
+    """One visibility change and one counter call cover these leases."""
+    return len(leases) <= SQS_BATCH_LIMIT and len({lease.queue_url for lease in leases}) <= 1
+
+
+#: One chunk's visibility change: (visible, gone, still failed, when the last became visible).
+_VisibilityOutcome = tuple[list[Lease], list[Lease], list[Lease], float | None]
+
+
+class _Inline:
+    """Runs a submitted call at once on the caller's thread (one chunk: no threads)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as error:  # noqa: BLE001 - handed to whoever reads the result
+            future.set_exception(error)
+        return future
+
+
 class Requeuer:
+    """``executor``: a long-lived pool shared by every release of the process (the
+    dispatcher's: warm threads, one bound across the records it handles at once); without
+    one, each release that needs threads starts and stops its own."""
+
     def __init__(
         self,
         *,
@@ -107,6 +137,7 @@ class Requeuer:
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
         concurrency: int = DEFAULT_CONCURRENCY,
+        executor: Executor | None = None,
     ) -> None:
         self.concurrency = max(1, concurrency)
         self.lease_store = lease_store
@@ -114,17 +145,23 @@ class Requeuer:
         self.metrics = metrics
         self.clock = clock
         self.sleep = sleep
+        self.executor = executor
 
     def requeue_instance(
         self, instance_id: str, *, event_time: datetime | None = None, count_interruption: bool = True
     ) -> RequeueResult:
-        """Requeue every lease ``instance_id`` still holds. Raises ``RequeueIncompleteError``
-        if some messages stayed invisible after retries (their leases are kept).
+        """Requeue every lease ``instance_id`` still holds, each Query page as it arrives.
+        Raises ``RequeueIncompleteError`` if some messages stayed invisible after retries
+        (their leases are kept), or the Query's error after releasing the pages read.
         ``count_interruption=False``: the instance went away without notice (the message may
         be the cause), so the receive is not subtracted from the poison count."""
-        leases = self.lease_store.for_instance(instance_id)
-        return self.requeue_leases(
-            instance_id, leases, event_time=event_time, count_interruption=count_interruption
+        return self._release_pages(
+            instance_id,
+            self.lease_store.release_pages(instance_id),
+            visibility_timeout=0,
+            interruption=count_interruption,
+            leased=True,
+            event_time=event_time,
         )
 
     def requeue_leases(
@@ -156,52 +193,61 @@ class Requeuer:
         in the table (False for messages whose lease write failed: nothing to delete).
         Raises ``RequeueIncompleteError`` when some messages are still invisible after
         retries (their leases are kept for whoever retries)."""
-        result = RequeueResult(instance_id=instance_id, leases=len(leases))
-        if not leases:
-            return result
-        chunks: list[tuple[str, list[Lease]]] = []
-        by_queue: dict[str, list[Lease]] = {}
-        for lease in leases:
-            by_queue.setdefault(lease.queue_url, []).append(lease)
-        for queue_url, queue_leases in by_queue.items():
-            for start in range(0, len(queue_leases), SQS_BATCH_LIMIT):
-                chunks.append((queue_url, queue_leases[start : start + SQS_BATCH_LIMIT]))
-        table_chunks = _batches(leases, BATCH_WRITE_LIMIT)
-        workers = min(self.concurrency, max(len(chunks), len(table_chunks)))
-        # One chunk (the agent's usual case): no threads. Three phases, each concurrent: all
-        # counters, then all visibility changes, then all lease deletes (the fewest calls:
-        # DynamoDB takes 25 items a call, SQS 10).
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="requeue") if workers > 1 else None
+        return self._release_pages(
+            instance_id,
+            [list(leases)],
+            visibility_timeout=visibility_timeout,
+            interruption=interruption,
+            leased=leased,
+            event_time=event_time,
+        )
+
+    def _release_pages(
+        self,
+        instance_id: str,
+        pages: Iterable[list[Lease]],
+        *,
+        visibility_timeout: int,
+        interruption: bool,
+        leased: bool,
+        event_time: datetime | None,
+    ) -> RequeueResult:
+        """The release itself: see the module docstring for the order of the calls."""
+        result = RequeueResult(instance_id=instance_id)
+        own_pool: ThreadPoolExecutor | None = None
+        runner: Any = self.executor
+        if runner is None and isinstance(pages, list) and len(pages) == 1 and _one_chunk(pages[0]):
+            runner = _Inline()  # the agent's usual case: no threads
+        elif runner is None:
+            # Threads start on the first submission (none for an instance without leases).
+            runner = own_pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="requeue")
+        visibility: list[Future[_VisibilityOutcome]] = []
+        read_error: Exception | None = None
         try:
-            run: Any = pool.map if pool is not None else map
-            if interruption:
-                # Poison rule: count the interruption *before* the message can be received again.
-                list(run(self._count, table_chunks))
-            outcomes: list[tuple[list[Lease], list[Lease], list[Lease], float | None]] = list(
-                run(lambda chunk: self._change_visibility(chunk[0], chunk[1], visibility_timeout), chunks)
-            )
+            try:
+                for page in pages:
+                    result.leases += len(page)
+                    visibility.extend(self._submit_page(runner, page, visibility_timeout, interruption))
+            except AWS_ERRORS as error:
+                # Release what was read; the caller retries the signal for the rest.
+                read_error = error
+            outcomes = [future.result() for future in visibility]
             done = [lease for visible, gone, _, _ in outcomes for lease in visible + gone]
             undeleted: list[Lease] = []
             if leased and done:
-                kept = run(self._delete, _batches(done, BATCH_WRITE_LIMIT))
-                undeleted = [lease for chunk in kept for lease in chunk]
+                # After every visibility change: the messages first, the bookkeeping after.
+                deletes = [runner.submit(self._delete, batch) for batch in _batches(done, BATCH_WRITE_LIMIT)]
+                undeleted = [lease for future in deletes for lease in future.result()]
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True)
-        failed: list[Lease] = []
-        visible_at: list[float] = []
-        for visible, gone, still_failed, at in outcomes:
-            result.requeued += len(visible)
-            result.already_gone += len(gone)
-            failed.extend(still_failed)
-            if at is not None:
-                visible_at.append(at)
-        self._record(
-            result, failed, requeued_now=visibility_timeout == 0, visible_at=visible_at, event_time=event_time
-        )
+            if own_pool is not None:
+                own_pool.shutdown(wait=True)
+        failed = self._tally(result, outcomes, requeued_now=visibility_timeout == 0, event_time=event_time)
+        if read_error is not None:
+            raise read_error
         if failed:
             raise RequeueIncompleteError(
-                f"{len(failed)} of {len(leases)} messages of {instance_id} are still invisible after retries"
+                f"{len(failed)} of {result.leases} messages of {instance_id} are still invisible "
+                "after retries"
             )
         if undeleted:
             # The messages are back on the queue, but a lease left behind would let a later
@@ -211,6 +257,65 @@ class Requeuer:
                 f"{len(undeleted)} released leases of {instance_id} could not be deleted after retries"
             )
         return result
+
+    def _tally(
+        self,
+        result: RequeueResult,
+        outcomes: list[_VisibilityOutcome],
+        *,
+        requeued_now: bool,
+        event_time: datetime | None,
+    ) -> list[Lease]:
+        """Add the chunks' outcomes to ``result``, record the metrics; the failed leases."""
+        failed: list[Lease] = []
+        visible_at: list[float] = []
+        for visible, gone, still_failed, at in outcomes:
+            result.requeued += len(visible)
+            result.already_gone += len(gone)
+            failed.extend(still_failed)
+            if at is not None:
+                visible_at.append(at)
+        self._record(result, failed, requeued_now=requeued_now, visible_at=visible_at, event_time=event_time)
+        return failed
+
+    def _submit_page(
+        self, runner: Any, page: list[Lease], visibility_timeout: int, interruption: bool
+    ) -> list[Future[_VisibilityOutcome]]:
+        """Submit one page: its counters (25 a call), then each chunk of ten's visibility
+        change, which waits for the counter calls of its own messages only (poison rule)."""
+        by_queue: dict[str, list[Lease]] = {}
+        for lease in page:
+            by_queue.setdefault(lease.queue_url, []).append(lease)
+        ordered = [lease for queue_leases in by_queue.values() for lease in queue_leases]
+        counted: list[Future[None]] = []
+        if interruption:
+            counted = [runner.submit(self._count, batch) for batch in _batches(ordered, BATCH_WRITE_LIMIT)]
+        futures: list[Future[_VisibilityOutcome]] = []
+        position = 0
+        for queue_url, queue_leases in by_queue.items():
+            for chunk in _batches(queue_leases, SQS_BATCH_LIMIT):
+                # The counter batches holding this chunk's messages (one or two of them).
+                first, last = position // BATCH_WRITE_LIMIT, (position + len(chunk) - 1) // BATCH_WRITE_LIMIT
+                position += len(chunk)
+                futures.append(
+                    runner.submit(
+                        self._change_visibility_after,
+                        counted[first : last + 1],
+                        queue_url,
+                        chunk,
+                        visibility_timeout,
+                    )
+                )
+        return futures
+
+    def _change_visibility_after(
+        self, counted: list[Future[None]], queue_url: str, chunk: Sequence[Lease], visibility_timeout: int
+    ) -> _VisibilityOutcome:
+        # Never waits on a call that has not started: the pool takes its work in submission
+        # order and the counter calls were submitted first, so they are running or done.
+        for future in counted:
+            future.result()
+        return self._change_visibility(queue_url, chunk, visibility_timeout)
 
     def _count(self, chunk: Sequence[Lease]) -> None:
         try:
@@ -254,7 +359,7 @@ class Requeuer:
 
     def _change_visibility(
         self, queue_url: str, chunk: Sequence[Lease], visibility_timeout: int
-    ) -> tuple[list[Lease], list[Lease], list[Lease], float | None]:
+    ) -> _VisibilityOutcome:
         """(visible, gone, still failed, when the last of them became visible)."""
         pending = {str(index): lease for index, lease in enumerate(chunk)}
         visible: list[Lease] = []

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import threading
 import time
+from typing import Any
 
 import pytest
+from botocore.awsrequest import AWSResponse
+from spotguard_core import aws
 from spotguard_core.contracts import (
     EndReason,
     Env,
@@ -12,6 +17,8 @@ from spotguard_core.contracts import (
     Metric,
 )
 from spotguard_core.lease_store import LeaseStore
+from spotguard_core.local_context import LocalLambdaContext
+from spotguard_tools import events
 
 from tests.integration.control_plane_helpers import (
     Output,
@@ -206,3 +213,92 @@ def test_notification_is_published_on_the_bus(cp):
     messages = cp.sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10).get("Messages", [])
     assert len(messages) == 1
     assert "instance.interrupted" in messages[0]["Body"] and instance in messages[0]["Body"]
+
+
+class InFlight:
+    """The most calls of one operation in flight at once (botocore hooks), each held a
+    moment, so that records handled at the same time are seen at the same time."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self.most = 0
+        self.lock = threading.Lock()
+
+    def before(self, **_: Any) -> None:
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        time.sleep(0.1)
+
+    def after(self, **_: Any) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+def _failing_visibility(receipt_handles: set[str]) -> Any:
+    """A before-call hook answering visibility changes of these messages with a 500."""
+
+    def hook(params: dict[str, Any], **_: Any) -> Any:
+        entries = json.loads(params["body"])["Entries"]  # the request as sent (SQS's JSON protocol)
+        if any(entry["ReceiptHandle"] in receipt_handles for entry in entries):
+            error = {"Error": {"Code": "InternalError", "Message": "injected"}, "ResponseMetadata": {}}
+            return AWSResponse("http://127.0.0.1", 500, {}, None), error
+        return None
+
+    return hook
+
+
+def test_a_mass_interruption_batch_runs_its_records_at_once_and_fails_only_its_failed_record(cp, capfd):
+    """Six warned instances terminated in one batch: their records overlap, each is
+    requeued and recorded once (idempotency per record), and the one whose visibility
+    changes keep failing is the only batch item failure (its leases kept for the retry)."""
+    from spotguard_functions import dispatcher  # noqa: PLC0415 - imported once the env is set
+
+    instances = cp.launch_in_asg(6)
+    leases = {}
+    for instance in instances:
+        seed_record(instance, InstanceState.DRAINING, interrupted_at=time.time() - 100)
+        leases[instance] = cp.lease_messages(instance, 2)
+    failing = instances[0]
+    in_flight = InFlight()
+    ddb_events = aws.resource("dynamodb").meta.client.meta.events
+    ddb_events.register("before-call.dynamodb.GetItem", in_flight.before)
+    ddb_events.register("after-call.dynamodb.GetItem", in_flight.after)
+    hook = _failing_visibility({lease.receipt_handle for lease in leases[failing]})
+    aws.client("sqs").meta.events.register("before-call.sqs.ChangeMessageVisibilityBatch", hook)
+    event = events.to_sqs_event(*(sample_event("state_change_terminated", i) for i in instances))
+
+    response = dispatcher.handler(event, LocalLambdaContext())
+
+    assert response == {"batchItemFailures": [{"itemIdentifier": event["Records"][0]["messageId"]}]}
+    assert in_flight.most >= 2, "the records were handled one after another"
+    assert len(cp.receive_all()) == 2 * 5
+    for instance in instances[1:]:
+        record = fleet_record(instance)
+        assert record is not None and record.state is InstanceState.ENDED
+        assert LeaseStore().for_instance(instance) == []
+        assert {LeaseStore().requeue_count(lease.message_id) for lease in leases[instance]} == {1}
+    assert len(LeaseStore().for_instance(failing)) == 2
+    out = Output(capfd.readouterr().out)
+    assert out.metric(Metric.SIGNALS_RECEIVED) == 6
+    assert out.metric(Metric.MESSAGES_REQUEUED) == 10
+    assert out.metric(Metric.INSTANCES_ENDED) == 5
+
+
+def test_signals_of_one_instance_in_one_batch_run_in_batch_order(cp):
+    """A warning and the termination in one batch: the termination is decided on what the
+    warning wrote (the instance was warned), so its requeue counts as an interruption."""
+    [instance] = cp.launch_in_asg(1)
+    seed_record(instance)
+    leases = cp.lease_messages(instance, 3)
+
+    response = dispatch(
+        sample_event("spot_interruption_warning", instance), sample_event("state_change_terminated", instance)
+    )
+
+    assert response == {"batchItemFailures": []}
+    record = fleet_record(instance)
+    assert record is not None and record.state is InstanceState.ENDED
+    assert record.end_reason is EndReason.SPOT_RECLAIM and record.interrupted_at is not None
+    assert {LeaseStore().requeue_count(lease.message_id) for lease in leases} == {1}
+    assert len(cp.receive_all()) == 3

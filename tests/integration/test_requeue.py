@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from botocore.exceptions import ClientError
 from spotguard_core import aws
 from spotguard_core.contracts import EndReason, FleetRecord, InstanceState, Lease, Metric, genuine_failures
 from spotguard_core.fleet_store import FleetStore
@@ -181,3 +185,108 @@ def test_a_failure_release_counts_nothing_and_keeps_the_backoff(cp):
     assert store.requeue_count(lease.message_id) == 0, "a genuine failure is not an interruption"
     assert store.for_instance(lease.instance_id) == []
     assert cp.receive_all() == [], "invisible for the backoff"
+
+
+class CountCheckingSqs:
+    """The real (moto) SQS client, recording for every visibility change the messages whose
+    interruption counter was not written yet (the poison rule says: none, ever)."""
+
+    def __init__(self, real: Any, store: LeaseStore) -> None:
+        self.real = real
+        self.store = store
+        self.uncounted: list[str] = []
+        self.calls = 0
+        self.message_ids: dict[str, str] = {}  # receipt handle -> message id
+
+    def change_message_visibility_batch(self, **kwargs: Any) -> dict[str, Any]:
+        ids = [self.message_ids[entry["ReceiptHandle"]] for entry in kwargs["Entries"]]
+        counts = self.store.requeue_counts(ids)
+        self.uncounted.extend(message_id for message_id in ids if counts[message_id] == 0)
+        self.calls += 1
+        return dict(self.real.change_message_visibility_batch(**kwargs))
+
+
+class SmallPages(LeaseStore):
+    """Query pages of ten leases: a requeue of 27 reads three pages."""
+
+    def release_pages(self, instance_id: str, *, page_size: int = 10) -> Iterator[list[Lease]]:
+        return super().release_pages(instance_id, page_size=page_size)
+
+
+def _leases_on_two_queues(cp, instance_id: str) -> tuple[list[Lease], str]:
+    """13 leases on the work queue and 14 on a second queue, written interleaved."""
+    second_url = cp.sqs.create_queue(QueueName=f"{cp.fleet}-second-{instance_id[-4:]}")["QueueUrl"]
+    first = cp.lease_messages(instance_id, 13)
+    for start in range(0, 14, 10):
+        entries = [{"Id": str(i), "MessageBody": f"second-{i}"} for i in range(start, min(14, start + 10))]
+        cp.sqs.send_message_batch(QueueUrl=second_url, Entries=entries)
+    received: list[dict[str, Any]] = []
+    while len(received) < 14:
+        received += cp.sqs.receive_message(
+            QueueUrl=second_url, MaxNumberOfMessages=10, VisibilityTimeout=600
+        ).get("Messages", [])
+    # Leased like the first queue's messages, on the second queue.
+    second = [
+        replace(first[0], message_id=m["MessageId"], receipt_handle=m["ReceiptHandle"], queue_url=second_url)
+        for m in received
+    ]
+    leases = [lease for pair in zip(first, second, strict=False) for lease in pair] + second[13:]
+    LeaseStore().put_many(leases)
+    return leases, second_url
+
+
+def _slow(**_: Any) -> None:
+    time.sleep(0.2)
+
+
+def test_every_message_is_counted_before_it_becomes_visible_across_queues_and_pages(cp):
+    """Counters and visibility changes overlap (each chunk waits only for its own counter
+    calls), so the poison rule's order is checked per message: on two queues, over three
+    Query pages, no message becomes visible before its counter is written."""
+    instance_id = "i-0abcabcabcabcabc1"
+    leases, second_url = _leases_on_two_queues(cp, instance_id)
+    store = SmallPages()
+    sqs = CountCheckingSqs(aws.client("sqs"), LeaseStore())
+    sqs.message_ids = {lease.receipt_handle: lease.message_id for lease in leases}
+    # Slow counter writes: a visibility change that did not wait for its counters would
+    # certainly come first.
+    events = store.table.meta.client.meta.events
+    events.register("before-call.dynamodb.BatchWriteItem", _slow, unique_id="slow-counters")
+    try:
+        result = Requeuer(lease_store=store, sqs=sqs, metrics=RecordingMetrics()).requeue_instance(
+            instance_id
+        )
+    finally:
+        events.unregister("before-call.dynamodb.BatchWriteItem", unique_id="slow-counters")
+    assert result.leases == 27 and result.requeued == 27 and result.failed == []
+    assert sqs.uncounted == []
+    # Three pages of at most ten, each split by queue into chunks of at most ten.
+    assert 3 <= sqs.calls <= 6
+    assert store.for_instance(instance_id) == []
+    assert len(cp.receive_all()) == 13
+    second = cp.sqs.receive_message(QueueUrl=second_url, MaxNumberOfMessages=10)["Messages"]
+    second += cp.sqs.receive_message(QueueUrl=second_url, MaxNumberOfMessages=10)["Messages"]
+    assert len(second) == 14
+
+
+class FailingAfterFirstPage(SmallPages):
+    """The Query fails (after botocore's retries) once the first page was read."""
+
+    def release_pages(self, instance_id: str, *, page_size: int = 10) -> Iterator[list[Lease]]:
+        pages = super().release_pages(instance_id, page_size=page_size)
+        yield next(pages)
+        raise ClientError({"Error": {"Code": "InternalServerError", "Message": "boom"}}, "Query")
+
+
+def test_a_query_failing_midway_releases_the_pages_read_then_raises(cp):
+    leases = _known_count_leases(cp, "i-0abcabcabcabcabc2", 23, requeues=0)
+    store = FailingAfterFirstPage()
+    requeuer = Requeuer(lease_store=store, sqs=aws.client("sqs"), metrics=RecordingMetrics())
+    with pytest.raises(ClientError):
+        requeuer.requeue_instance(leases[0].instance_id)
+    # The first page is back on the queue, its leases gone; the retry finds the other 13.
+    assert len(cp.receive_all()) == 10
+    assert len(store.for_instance(leases[0].instance_id)) == 13
+    result = Requeuer(lease_store=SmallPages(), sqs=aws.client("sqs")).requeue_instance(leases[0].instance_id)
+    assert result.requeued == 13
+    assert store.for_instance(leases[0].instance_id) == []
