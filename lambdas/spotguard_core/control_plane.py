@@ -76,6 +76,17 @@ class TransientActionError(RuntimeError):
     unprocessed items): transient, the caller retries the signal."""
 
 
+#: What a signal's actions may raise that a retry can fix: AWS errors, a requeue left
+#: incomplete, a write left unfinished. The dispatcher reports these records back to SQS; the
+#: watchdog's sweep logs them and goes on to the next instance.
+TRANSIENT_ERRORS: tuple[type[Exception], ...] = (
+    ClientError,
+    BotoCoreError,
+    RequeueIncompleteError,
+    TransientActionError,
+)
+
+
 @dataclass(slots=True)
 class Outcome:
     """What happened to one signal (logged by the handlers, printed by the drill)."""

@@ -123,29 +123,22 @@ class _Inline:
         return future
 
 
+@dataclass(kw_only=True)
 class Requeuer:
     """``executor``: a long-lived pool shared by every release of the process (the
     dispatcher's: warm threads, one bound across the records it handles at once); without
     one, each release that needs threads starts and stops its own."""
 
-    def __init__(
-        self,
-        *,
-        lease_store: LeaseStore,
-        sqs: Any,
-        metrics: MetricsSink | None = None,
-        clock: Callable[[], float] = time.time,
-        sleep: Callable[[float], None] = time.sleep,
-        concurrency: int = DEFAULT_CONCURRENCY,
-        executor: Executor | None = None,
-    ) -> None:
-        self.concurrency = max(1, concurrency)
-        self.lease_store = lease_store
-        self.sqs = sqs
-        self.metrics = metrics
-        self.clock = clock
-        self.sleep = sleep
-        self.executor = executor
+    lease_store: LeaseStore
+    sqs: Any
+    metrics: MetricsSink | None = None
+    clock: Callable[[], float] = time.time
+    sleep: Callable[[float], None] = time.sleep
+    concurrency: int = DEFAULT_CONCURRENCY
+    executor: Executor | None = None
+
+    def __post_init__(self) -> None:
+        self.concurrency = max(1, self.concurrency)
 
     def requeue_instance(
         self, instance_id: str, *, event_time: datetime | None = None, count_interruption: bool = True

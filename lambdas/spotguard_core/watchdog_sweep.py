@@ -29,8 +29,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from botocore.exceptions import BotoCoreError, ClientError
-
 from spotguard_core import dynamo
 from spotguard_core.contracts import (
     FLEET_TABLE_PK,
@@ -44,11 +42,14 @@ from spotguard_core.contracts import (
     SignalKind,
     SignalSource,
 )
-from spotguard_core.control_plane import UNREADABLE_ITEM_ERRORS, ControlPlane, TransientActionError
+from spotguard_core.control_plane import (
+    TRANSIENT_ERRORS,
+    UNREADABLE_ITEM_ERRORS,
+    ControlPlane,
+)
 from spotguard_core.control_settings import ControlSettings
 from spotguard_core.decisions import counts_as_interruption
 from spotguard_core.lease_store import lease_filter
-from spotguard_core.requeue import RequeueIncompleteError
 
 #: How much earlier than the recorded request a replacement's launch may be dated. The ASG
 #: launches it during the ``DetachInstances`` call, before the request time is written, and
@@ -57,13 +58,6 @@ from spotguard_core.requeue import RequeueIncompleteError
 #: matched (the detached instance then waits ``replacement_wait_seconds``, or takes a later
 #: instance's replacement and leaves that one running outside the ASG).
 REPLACEMENT_LAUNCH_SLACK_SECONDS = 10.0
-
-SWEEP_ERRORS: tuple[type[Exception], ...] = (
-    ClientError,
-    BotoCoreError,
-    RequeueIncompleteError,
-    TransientActionError,
-)
 
 
 @dataclass(slots=True)
@@ -243,7 +237,7 @@ class WatchdogSweep:
         )
         try:
             outcome = self.control_plane.process(signal, record)
-        except SWEEP_ERRORS as error:
+        except TRANSIENT_ERRORS as error:
             # One instance's trouble must not stop the sweep; next minute retries.
             report.errors.append(f"{record.instance_id} {kind.value}: {error}")
             self.logger.warning("watchdog %s for %s failed: %s", kind.value, record.instance_id, error)
@@ -298,7 +292,7 @@ class WatchdogSweep:
             except RuntimeError as error:  # lease deletes left unprocessed, incomplete requeue
                 report.errors.append(f"{instance_id} orphan leases: {error}")
                 continue
-            except SWEEP_ERRORS as error:
+            except TRANSIENT_ERRORS as error:
                 report.errors.append(f"{instance_id} orphan leases: {error}")
                 continue
             released += result.requeued + result.already_gone

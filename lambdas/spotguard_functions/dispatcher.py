@@ -49,7 +49,6 @@ from aws_lambda_powertools.utilities.idempotency.exceptions import (
     IdempotencyPersistenceLayerError,
 )
 from aws_lambda_powertools.utilities.idempotency.persistence.datarecord import DataRecord
-from botocore.exceptions import BotoCoreError, ClientError
 from spotguard_core import aws
 from spotguard_core.contracts import (
     IDEMPOTENCY_TABLE_PK,
@@ -59,10 +58,11 @@ from spotguard_core.contracts import (
     Metric,
     Signal,
 )
-from spotguard_core.control_plane import ControlPlane, TransientActionError
+from spotguard_core.control_plane import TRANSIENT_ERRORS as CONTROL_PLANE_TRANSIENT_ERRORS
+from spotguard_core.control_plane import ControlPlane
 from spotguard_core.control_settings import ControlSettings
 from spotguard_core.managed import DEFAULT_CACHE_SIZE, DEFAULT_CACHE_TTL_SECONDS, ManagedCheck, TtlLru
-from spotguard_core.requeue import DEFAULT_CONCURRENCY, RequeueIncompleteError
+from spotguard_core.requeue import DEFAULT_CONCURRENCY
 from spotguard_core.signals import ParseResult, Rejection, parse_event
 
 from spotguard_functions.observability import powertools
@@ -76,11 +76,10 @@ IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 #: the network, not the CPU: 16 keep a Lambda's one vCPU and its connection pool
 #: (``aws.MAX_POOL_CONNECTIONS``, shared with the requeue pool) busy without queueing.
 RECORD_CONCURRENCY = 16
+#: The control plane's transient errors and Powertools' own (a concurrent duplicate in
+#: progress, the idempotency table unreachable): the record is retried.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    ClientError,
-    BotoCoreError,
-    RequeueIncompleteError,
-    TransientActionError,
+    *CONTROL_PLANE_TRANSIENT_ERRORS,
     IdempotencyAlreadyInProgressError,
     IdempotencyPersistenceLayerError,
 )
