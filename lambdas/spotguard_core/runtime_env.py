@@ -39,7 +39,7 @@ class FleetResources:
     idempotency_table: str = ""
     notification_bus: str = ""
     #: ``contracts.instance_arn_prefix``: the stack passes it built from CDK tokens (partition
-    #: included); the drill and tests get the ``aws`` partition's from region and account.
+    #: included); the drill and tests get it from region and account (the region's partition).
     instance_arn_prefix: str = ""
 
     def __post_init__(self) -> None:
@@ -47,7 +47,9 @@ class FleetResources:
             object.__setattr__(self, "asg_name", contracts.asg_name(self.fleet))
         if not self.instance_arn_prefix and self.region and self.account_id:
             prefix = contracts.instance_arn_prefix(
-                partition="aws", region=self.region, account_id=self.account_id
+                partition=contracts.partition_of_region(self.region),
+                region=self.region,
+                account_id=self.account_id,
             )
             object.__setattr__(self, "instance_arn_prefix", prefix)
 
