@@ -38,9 +38,11 @@ LEASE_SK_PREFIX = lease_sk("")
 BATCH_WRITE_LIMIT = 25
 BATCH_GET_LIMIT = 100
 BATCH_RETRY_ATTEMPTS = 8
-#: Leases per Query page of a release: the first page's messages are on their way back to
-#: the queue while the next page is read (DynamoDB would answer 1,000 small leases in one page).
-RELEASE_PAGE_SIZE = 100
+#: Leases in the first Query page of a release: its messages are on their way back to the
+#: queue while the rest is read. The rest comes in DynamoDB's own pages (up to 1 MB, some
+#: 3,000 leases): every further page is one more round trip in sequence, and a store that
+#: reads the whole partition for each page (moto does) pays for it again.
+RELEASE_FIRST_PAGE_SIZE = 100
 #: What ``Lease.from_item`` reads of a lease item (the instance comes from the key; not the
 #: sort key, the plain ``instance_id`` or the TTL).
 LEASE_ATTRIBUTES = (
@@ -126,10 +128,18 @@ class LeaseStore:
         }
         return [Lease.from_item(item) for item in dynamo.items(self.table.query, **kwargs)]
 
-    def release_pages(self, instance_id: str, *, page_size: int = RELEASE_PAGE_SIZE) -> Iterator[list[Lease]]:
+    def release_pages(
+        self,
+        instance_id: str,
+        *,
+        first_page_size: int = RELEASE_FIRST_PAGE_SIZE,
+        page_size: int | None = None,
+    ) -> Iterator[list[Lease]]:
         """``instance_id``'s leases, one Query page at a time (the requeue releases each page
-        while the next one is read), with only the attributes a lease is read from. Through
-        the table's client, not the resource: boto3 clients are thread-safe."""
+        while the next one is read), with only the attributes a lease is read from: the first
+        page of at most ``first_page_size``, then pages of at most ``page_size`` (None:
+        DynamoDB's own). Through the table's client, not the resource: boto3 clients are
+        thread-safe."""
         kwargs: dict[str, Any] = {
             "TableName": self.table.name,
             "KeyConditionExpression": "#pk = :pk AND begins_with(#sk, :prefix)",
@@ -144,7 +154,7 @@ class LeaseStore:
             },
             "ProjectionExpression": ", ".join(f"#a{index}" for index in range(len(LEASE_ATTRIBUTES))),
             "ConsistentRead": True,
-            "Limit": page_size,
+            "Limit": first_page_size if page_size is None else min(first_page_size, page_size),
         }
         while True:
             page = self._client.query(**kwargs)
@@ -152,6 +162,10 @@ class LeaseStore:
             if "LastEvaluatedKey" not in page:
                 return
             kwargs["ExclusiveStartKey"] = page["LastEvaluatedKey"]
+            if page_size is None:
+                kwargs.pop("Limit", None)
+            else:
+                kwargs["Limit"] = page_size
 
     def scan_leases(self) -> Iterator[Lease]:
         """Every lease in the table (the watchdog's orphan sweep)."""

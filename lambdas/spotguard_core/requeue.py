@@ -21,10 +21,11 @@ per ten leases of one queue), then the lease deletes (25 per BatchWriteItem). Th
 holds per message, not per phase: each chunk of ten waits for the counter calls of its own
 ten messages only, so the first chunks are visible while later counters are still being
 written. ``requeue_instance`` reads the leases a Query page at a time
-(``LeaseStore.release_pages``, only the lease attributes) and submits each page as it
-arrives, so the first messages are back while the Query is still reading. The deletes start
+(``LeaseStore.release_pages``, only the lease attributes: a first page of 100, then
+DynamoDB's own pages) and submits each page as it arrives, so the first messages are back
+while the Query is still reading the rest. The deletes start
 after the last visibility change: the messages first, the bookkeeping after. 1,000 leases are
-180 calls (40 + 100 + 40) plus the Query's pages. Nothing written is read back. Entries
+180 calls (40 + 100 + 40) plus the Query's two pages. Nothing written is read back. Entries
 failing because the message is gone (already deleted by the worker, or the receipt handle is
 no longer valid) count as done; throttled or failed entries are retried with exponential
 back-off; leases of entries that still failed are kept and reported, so the caller can retry.

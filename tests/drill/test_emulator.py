@@ -3,13 +3,23 @@
 moto's threaded server could drop a message sent while another was being deleted; the
 drill's launcher (``spotguard_tools.drill.moto_main``) fixes that. Senders and consumers
 race here; every message sent must be received exactly once or more, never zero times.
+Its fixes of moto's per-request cost must not change an answer: the same reads against
+plain moto and against the launcher answer the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import sys
 import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -17,7 +27,8 @@ from boto3.dynamodb.types import TypeSerializer
 from spotguard_core.contracts import Lease
 from spotguard_tools.drill import ledger
 from spotguard_tools.drill.ledger import Ledger
-from spotguard_tools.drill.moto import MotoServer
+from spotguard_tools.drill.moto import MotoServer, free_port
+from spotguard_tools.drill.moto_main import plain_attribute_value
 from spotguard_tools.drill.resources import lease_table_name, work_queue_name
 from spotguard_tools.local_tables import TableKind, create_table
 
@@ -151,3 +162,114 @@ def test_agent_ledger_counts_what_the_agents_did(tmp_path: Path) -> None:
 
 def _attributes(item: dict[str, object]) -> dict[str, object]:
     return {key: TypeSerializer().serialize(value) for key, value in item.items()}
+
+
+@contextlib.contextmanager
+def _plain_moto() -> Iterator[str]:
+    """moto's own server, without the launcher's fixes: the reference answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+#: One item of every attribute type, nested ones included.
+_EVERY_TYPE = {
+    "pk": "p",
+    "sk": "s#1",
+    "text": "héllo",
+    "empty_text": "",
+    "number": Decimal("1.5"),
+    "integer": 42,
+    "flag": True,
+    "off": False,
+    "nothing": None,
+    "blob": b"\x00\xffbinary",
+    "strings": {"a", "b"},
+    "numbers": {Decimal(1), Decimal("2.25")},
+    "blobs": {b"x", b"y"},
+    "list": ["a", Decimal(1), b"z", None, {"m": True}],
+    "map": {"inner": {"deeper": [b"q", "r"]}, "n": Decimal(7)},
+}
+
+
+def _reads(endpoint: str) -> list[Any]:
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    dynamodb = session.client("dynamodb", endpoint_url=endpoint)
+    dynamodb.create_table(
+        TableName="answers",
+        KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+        AttributeDefinitions=[
+            {"AttributeName": "pk", "AttributeType": "S"},
+            {"AttributeName": "sk", "AttributeType": "S"},
+        ],
+        BillingMode="PAY_PER_REQUEST",
+    )
+    items = [_EVERY_TYPE, {**_EVERY_TYPE, "sk": "s#2", "number": Decimal(-3)}, {"pk": "p", "sk": "s#3"}]
+    for item in items:
+        dynamodb.put_item(TableName="answers", Item=_attributes(item))
+    key = {"pk": {"S": "p"}, "sk": {"S": "s#1"}}
+    return [
+        dynamodb.get_item(TableName="answers", Key=key, ConsistentRead=True)["Item"],
+        dynamodb.query(
+            TableName="answers",
+            KeyConditionExpression="pk = :p AND begins_with(sk, :s)",
+            ExpressionAttributeValues={":p": {"S": "p"}, ":s": {"S": "s#"}},
+            Limit=2,
+        ),
+        dynamodb.query(
+            TableName="answers",
+            KeyConditionExpression="pk = :p",
+            ExpressionAttributeValues={":p": {"S": "p"}},
+            ProjectionExpression="sk, #b, #m.inner",
+            ExpressionAttributeNames={"#b": "blob", "#m": "map"},
+        )["Items"],
+        dynamodb.scan(TableName="answers")["Items"],
+        dynamodb.batch_get_item(RequestItems={"answers": {"Keys": [key]}})["Responses"],
+        dynamodb.update_item(
+            TableName="answers",
+            Key=key,
+            UpdateExpression="ADD #i :one",
+            ExpressionAttributeNames={"#i": "integer"},
+            ExpressionAttributeValues={":one": {"N": "1"}},
+            ReturnValues="ALL_NEW",
+        )["Attributes"],
+    ]
+
+
+def test_the_launchers_fast_paths_answer_as_plain_moto_does() -> None:
+    with _plain_moto() as reference, MotoServer() as launcher:
+        expected = _reads(reference)
+        answered = _reads(launcher.endpoint)
+    for answers in (expected, answered):
+        for answer in answers:
+            if isinstance(answer, dict):
+                answer.pop("ResponseMetadata", None)
+    assert answered == expected
+    assert expected[0]["blob"] == {"B": b"\x00\xffbinary"}  # binary still base64 on the wire
+
+
+def test_only_one_plain_value_takes_the_fast_path() -> None:
+    assert plain_attribute_value({"S": "x"}) and plain_attribute_value({"N": "1"})
+    assert plain_attribute_value({"BOOL": False}) and plain_attribute_value({"NULL": True})
+    for other in ({"B": "eA=="}, {"SS": ["a"]}, {"M": {}}, {"L": []}, {"N": 1}, {"S": "x", "N": "1"}, "x"):
+        assert not plain_attribute_value(other)

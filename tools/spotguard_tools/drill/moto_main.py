@@ -1,4 +1,5 @@
-"""``python -m spotguard_tools.drill.moto_main``: moto's server with two thread-safety fixes.
+"""``python -m spotguard_tools.drill.moto_main``: moto's server with two thread-safety fixes
+and two fixes of its per-request cost.
 
 moto's server answers requests on several threads, and its SQS queue is not guarded:
 
@@ -11,6 +12,22 @@ moto's server answers requests on several threads, and its SQS queue is not guar
 The drill counts lost and duplicated tasks, so the emulator must not add its own. Both
 fixes take the queue's own lock (a condition variable: a long poll waiting for messages
 releases it); nothing else changes.
+
+moto's server also spends CPU that has nothing to do with the emulated service, and the
+benchmarks measure against it (issue 15):
+
+- its router lists moto's package directory (``os.listdir`` and an ``isdir`` per backend,
+  some 200 system calls) for every request, under the one lock all requests pass through:
+  the list is computed once (the directory does not change while the server runs);
+- werkzeug formats and writes a log line per request: kept only when
+  ``SPOTGUARD_MOTO_REQUEST_LOG`` is set;
+- its JSON response serializer walks every DynamoDB attribute value against the
+  ``AttributeValue`` shape's ten members (about 70 look-ups per attribute): a Query answering
+  1,000 leases spent 0.6 s there. An attribute value that is one string, number, boolean or
+  null (already in the wire form: ``{"S": "..."}``) is written as it is; every other value
+  (binary, sets, lists, maps) goes through moto's serializer as before.
+
+Answers are unchanged (``tests/integration/test_moto_emulator.py`` compares them).
 
 It also keeps the **agent ledger** when ``SPOTGUARD_DRILL_AGENT_LEDGER`` names a file: what
 the agents did to the work queue, as SQS and the lease table saw it, in the drill
@@ -26,18 +43,65 @@ The drill counts completions from it, so the count does not depend on the task's
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import sys
 import threading
 import time
 from typing import Any
 
+from moto import backends
+from moto.core import serialize
 from moto.server import main as moto_server_main
 from moto.sqs import models
 from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, instance_id_of_key
 
 from spotguard_tools.drill import ledger
+
+#: Set (to anything) to keep werkzeug's line per request in the server's log.
+REQUEST_LOG_ENV = "SPOTGUARD_MOTO_REQUEST_LOG"
+
+
+def _install_request_cost_fixes() -> None:
+    if not getattr(backends.list_of_moto_modules, "_spotguard_cached", False):
+        modules = tuple(backends.list_of_moto_modules())
+        cached = functools.wraps(backends.list_of_moto_modules)(lambda: modules)
+        cached._spotguard_cached = True  # type: ignore[attr-defined]
+        backends.list_of_moto_modules = cached
+    if not os.environ.get(REQUEST_LOG_ENV):
+        # Errors stay; werkzeug logs each request at INFO.
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    _install_attribute_value_fast_path()
+
+
+#: Attribute value members whose wire form is the model's own: a str, or a bool.
+_PLAIN_ATTRIBUTE_TYPES = {"S": str, "N": str, "BOOL": bool, "NULL": bool}
+
+
+def plain_attribute_value(value: Any) -> bool:
+    """One string, number, boolean or null in DynamoDB's wire form (``{"N": "1.5"}``)."""
+    if not isinstance(value, dict) or len(value) != 1:
+        return False
+    ((kind, inner),) = value.items()
+    expected = _PLAIN_ATTRIBUTE_TYPES.get(kind)
+    return expected is not None and type(inner) is expected
+
+
+def _install_attribute_value_fast_path() -> None:
+    original = serialize.BaseJSONSerializer._serialize_type_structure
+    if getattr(original, "_spotguard_fast", False):
+        return
+
+    def serialize_structure(self: Any, serialized: Any, value: Any, shape: Any, key: str) -> None:
+        if key and shape.name == "AttributeValue" and plain_attribute_value(value):
+            self._default_serialize(serialized, dict(value), shape, key)
+            return
+        original(self, serialized, value, shape, key)
+
+    serialize_structure._spotguard_fast = True  # type: ignore[attr-defined]
+    serialize.BaseJSONSerializer._serialize_type_structure = serialize_structure  # type: ignore[method-assign]
 
 
 def _install_sqs_locks() -> None:
@@ -182,8 +246,14 @@ def _install_agent_ledger(agent_ledger: AgentLedger) -> None:
     Table.delete_item = delete_item  # type: ignore[method-assign]
 
 
-def main(argv: list[str] | None = None) -> None:
+def install_emulator_fixes() -> None:
+    """Every fix above except the agent ledger (also used in-process by the emulator test)."""
+    _install_request_cost_fixes()
     _install_sqs_locks()
+
+
+def main(argv: list[str] | None = None) -> None:
+    install_emulator_fixes()
     path = os.environ.get(ledger.AGENT_LEDGER_ENV)
     if path:
         _install_agent_ledger(
