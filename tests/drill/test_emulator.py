@@ -28,7 +28,7 @@ from spotguard_core.contracts import Lease
 from spotguard_tools.drill import ledger
 from spotguard_tools.drill.ledger import Ledger
 from spotguard_tools.drill.moto import MotoServer, free_port
-from spotguard_tools.drill.moto_main import plain_attribute_value
+from spotguard_tools.drill.moto_main import install_emulator_fixes, plain_attribute_value
 from spotguard_tools.drill.resources import lease_table_name, work_queue_name
 from spotguard_tools.local_tables import TableKind, create_table
 
@@ -273,3 +273,36 @@ def test_only_one_plain_value_takes_the_fast_path() -> None:
     assert plain_attribute_value({"BOOL": False}) and plain_attribute_value({"NULL": True})
     for other in ({"B": "eA=="}, {"SS": ["a"]}, {"M": {}}, {"L": []}, {"N": 1}, {"S": "x", "N": "1"}, "x"):
         assert not plain_attribute_value(other)
+
+
+def test_a_message_made_visible_again_wakes_a_waiting_long_poll() -> None:
+    """A requeue (visibility 0) answers a waiting receive at once, as SQS does; plain moto
+    looks again only when its wait times out (here 30 s)."""
+    from moto import mock_aws  # noqa: PLC0415 - in-process moto: the backend's own wait
+    from moto.sqs.models import sqs_backends  # noqa: PLC0415
+
+    install_emulator_fixes()
+    with mock_aws():
+        sqs = boto3.client(
+            "sqs", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+        )
+        url = sqs.create_queue(QueueName="wake")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody="task")
+        [message] = sqs.receive_message(QueueUrl=url, VisibilityTimeout=600)["Messages"]
+        queue = sqs_backends["123456789012"]["us-east-1"].get_queue("wake")
+        waited: list[float] = []
+
+        def long_poll() -> None:
+            started = time.monotonic()
+            queue.wait_for_messages(30)
+            waited.append(time.monotonic() - started)
+
+        poller = threading.Thread(target=long_poll)
+        poller.start()
+        time.sleep(0.3)  # the poll is waiting: nothing is visible
+        assert not waited
+        sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=message["ReceiptHandle"], VisibilityTimeout=0
+        )
+        poller.join(timeout=40)
+    assert waited and waited[0] < 10
