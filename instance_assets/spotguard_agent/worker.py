@@ -7,7 +7,11 @@ it runs) -> deletes batched (DeleteMessageBatch, then the leases in one BatchWri
 release with backoff on failure. A message whose lease could not be written is never
 started. While recent tasks are short the worker receives up to ``prefetch`` messages
 ahead of its free slots (leased like the others), so one receive and one lease batch serve
-up to ten messages.
+up to ten messages. The receive loop hands each receive to the intake thread (poison check,
+lease write, queueing) and receives again at once, so the next receive overlaps this one's
+lease write; when tasks are so short that the backlog would be worked off before a receive
+and its lease write could bring more (``_intake_seconds``, measured), it receives the next
+batch ahead while every slot is busy.
 
 A drain (IMDS notice, the control plane's order in the fleet record, SIGTERM) stops
 receiving, hands back at once what was received but not started, lets tasks finish that fit
@@ -81,7 +85,7 @@ LEASE_FAILURE_VISIBILITY_SECONDS = 5
 #: Prefetch only while the mean task takes at most this long: a prefetched message then
 #: waits a few seconds at most, and long tasks never hoard messages other instances could run.
 PREFETCH_MAX_TASK_SECONDS = 0.5
-#: Weight of the newest task in the running mean of task durations.
+#: Weight of the newest task in the running mean of task durations (and of intake times).
 DURATION_SMOOTHING = 0.2
 #: ``Signal.attributes["origin"]`` of a drain ordered through the fleet record.
 FLEET_RECORD_ORIGIN = "fleet_record"
@@ -208,6 +212,12 @@ class Worker:
         #: Notified whenever a task ends or a delete batch finishes (the receive loop waits on it).
         self._changed = threading.Condition(self._tasks_lock)
         self._pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="task")
+        #: One thread: receives are taken in order, each while the next one is received.
+        self._intake = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake")
+        #: Messages received and not yet taken (leased and queued, or given back).
+        self._in_transit = 0
+        #: Running mean of a receive plus its intake (lease write), in seconds.
+        self._intake_seconds: float | None = None
         self._deletes = DeleteBatcher(self)
         self._protection = ScaleInProtection(self)
         self._stop = threading.Event()  # stop receiving
@@ -248,7 +258,8 @@ class Worker:
 
     def holds_leases(self) -> bool:
         with self._tasks_lock:
-            held = any(t.state is not TaskState.RELEASED for t in self._tasks.values())
+            held = self._in_transit > 0
+            held = held or any(t.state is not TaskState.RELEASED for t in self._tasks.values())
         return held or not self._deletes.idle()
 
     def status(self) -> dict[str, Any]:
@@ -396,6 +407,7 @@ class Worker:
                     with self._tasks_lock:
                         self._changed.wait(0.2)
                     continue
+                receive_started = time.monotonic()
                 try:
                     messages = self._receive(min(SQS_BATCH_LIMIT, room))
                 except AWS_ERRORS as error:
@@ -403,9 +415,12 @@ class Worker:
                     self._stop.wait(1.0)
                     continue
                 if messages:
-                    self._take(messages)
+                    with self._tasks_lock:
+                        self._in_transit += len(messages)
+                    self._intake.submit(self._take_received, messages, receive_started)
             self._wait_for_tasks()
         finally:
+            self._intake.shutdown(wait=True)
             self._close_execution()
             self._pool.shutdown(wait=False)
             self._deletes.close()
@@ -432,14 +447,35 @@ class Worker:
         mean = self._mean_task_seconds
         prefetching = bool(self.config.prefetch) and mean is not None and mean <= PREFETCH_MAX_TASK_SECONDS
         with self._tasks_lock:
-            held = len(self._tasks)
+            held = len(self._tasks) + self._in_transit
         if not prefetching:
             return limit - held
-        # Receive ahead once the backlog has run down to what is running: one receive and
-        # one lease batch then serve a full batch, not the one slot that just came free.
-        if held > limit:
+        if held <= limit:
+            # The backlog has run down to what is running: one receive and one lease batch
+            # then serve a full batch, not the one slot that just came free.
+            return limit + self.config.prefetch - held
+        # Every slot is busy and a backlog waits. Receive the next batch ahead only when the
+        # backlog will be worked off before a receive and its lease write could bring one
+        # (tasks this short wait for round trips, not for slots): at most one batch ahead.
+        intake = self._intake_seconds
+        if mean is None or intake is None or held > limit + self.config.prefetch:
             return 0
-        return limit + self.config.prefetch - held
+        return SQS_BATCH_LIMIT if held * mean / limit <= intake else 0
+
+    def _take_received(self, messages: list[dict[str, Any]], receive_started: float) -> None:
+        """The intake thread's part of a receive: take it, then measure receive + intake."""
+        try:
+            self._take(messages)
+        except Exception:  # the intake must outlive any single failure; the leases say what was taken
+            LOG.exception("taking %d received messages failed", len(messages))
+        finally:
+            took = time.monotonic() - receive_started
+            previous = self._intake_seconds
+            smoothed = took if previous is None else previous + DURATION_SMOOTHING * (took - previous)
+            self._intake_seconds = smoothed
+            with self._tasks_lock:
+                self._in_transit -= len(messages)
+                self._changed.notify_all()
 
     def _wait_for_tasks(self) -> None:
         """Until no task is held and every delete is done. Released tasks whose handler has
@@ -846,9 +882,14 @@ def _receive_count(message: dict[str, Any]) -> int:
 
 class DeleteBatcher:
     """Deletes finished messages in batches: DeleteMessageBatch (ten per call), then their
-    leases in one BatchWriteItem. No linger: whatever finished while the previous batch was
-    in flight forms the next one, so a lone task is deleted at once and a busy worker pays
-    one round trip per ten messages."""
+    leases in one BatchWriteItem. No linger: whatever finished while a batch was in flight
+    forms the next one, so a lone task is deleted at once and a busy worker pays one round
+    trip per ten messages. ``DELETE_THREADS`` batches are in flight at once: one batch is two
+    calls in sequence (the message first, so a failed delete never leaves a message without
+    its lease), and with one thread those two round trips per ten messages capped a busy
+    worker below a bare receive/delete loop."""
+
+    DELETE_THREADS = 2
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
@@ -856,10 +897,14 @@ class DeleteBatcher:
         self._in_flight = 0
         self._closed = False
         self._condition = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="deletes", daemon=True)
+        self._threads = [
+            threading.Thread(target=self._run, name=f"deletes-{index}", daemon=True)
+            for index in range(self.DELETE_THREADS)
+        ]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def put(self, task: Task) -> None:
         with self._condition:
@@ -874,8 +919,9 @@ class DeleteBatcher:
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout=30)
 
     def _run(self) -> None:
         while True:
@@ -886,14 +932,14 @@ class DeleteBatcher:
                     return
                 batch = self._pending[:SQS_BATCH_LIMIT]
                 del self._pending[:SQS_BATCH_LIMIT]
-                self._in_flight = len(batch)
+                self._in_flight += len(batch)
             try:
                 self._delete(batch)
             except Exception:  # the delete thread must outlive any single failure
                 LOG.exception("delete batch failed")
             finally:
                 with self._condition:
-                    self._in_flight = 0
+                    self._in_flight -= len(batch)
                     self._condition.notify_all()
                 with self.worker._tasks_lock:
                     self.worker._changed.notify_all()

@@ -362,6 +362,22 @@ def counter(aws: Aws, message_id: str) -> int:
     return int(item[REQUEUE_COUNTER_ATTRIBUTE]) if item else 0
 
 
+def assert_receives_were_interruptions(aws: Aws, received: list[dict[str, Any]]) -> None:
+    """Each message, received again by the test, was released by the worker and every one of
+    the worker's receives counted as an interruption, none as a failed attempt.
+
+    Not a fixed count of 1: the worker's long poll, in flight when the drain began, may take a
+    just-released message once more (real SQS does; the emulator wakes long polls at a
+    release as SQS does) and hands it straight back, counted again. What must hold is the
+    poison count, receives - 1 - interruptions, staying 0.
+    """
+    assert received
+    for message in received:
+        receives = int(message["Attributes"]["ApproximateReceiveCount"])
+        assert receives >= 2, "received by the worker before the test"
+        assert counter(aws, message["MessageId"]) == receives - 1, "a drain release is an interruption"
+
+
 class CallLog:
     """Counts ``service.Operation`` calls a client makes (botocore ``before-call``)."""
 
@@ -405,7 +421,7 @@ def test_the_fleet_record_orders_a_drain_within_one_heartbeat(aws: Aws, run_work
     assert worker.drain_signal is not None and worker.drain_signal.kind is SignalKind.HEALTH_SCHEDULED
     assert worker.drain_signal.deadline is not None
     assert abs(worker.drain_signal.deadline.timestamp() - deadline) < 0.01
-    assert counter(aws, long_id) == 1, "a drain release is an interruption"
+    assert_receives_were_interruptions(aws, released)
     record = fleet_item(aws)
     assert float(record["drained_at"]) >= float(record["drain_deadline_at"]) - 3
     assert record["last_signal"]["event_id"] == "health-1", "the control plane's order is kept"
@@ -450,15 +466,22 @@ def test_messages_received_but_not_started_go_back_at_drain_start_as_interruptio
     # The long one runs; what was received behind it is leased, not started.
     wait_for(lambda: len(worker.running_tasks()) == 1 and len(worker.held_tasks()) >= 2, timeout=15)
     assert worker.running_tasks()[0].message_id == long_id
+    # Every held message is leased and nothing else is (a receive taken by the intake thread
+    # is leased first and held a moment later: compare once both have settled).
+    wait_for(
+        lambda: (
+            {lease["message_id"] for lease in aws.leases()} == {t.message_id for t in worker.held_tasks()}
+        ),
+        timeout=5,
+    )
     waiting = [task.message_id for task in worker.held_tasks() if task.message_id != long_id]
-    assert {lease["message_id"] for lease in aws.leases()} == {long_id, *waiting}
+    assert waiting
     worker.drain(spot_signal(INSTANCE, 4.0))
     thread.join(timeout=30)
     assert result == [0]
-    for message_id in waiting:
-        assert counter(aws, message_id) == 1, "handed back at drain start: an interruption"
-    assert counter(aws, long_id) == 1
-    assert sorted(m["MessageId"] for m in aws.receive()) == sorted([long_id, *others])
+    received = aws.receive()
+    assert sorted(m["MessageId"] for m in received) == sorted([long_id, *others])
+    assert_receives_were_interruptions(aws, [m for m in received if m["MessageId"] in {long_id, *waiting}])
     assert aws.leases() == []
 
 
@@ -500,6 +523,48 @@ def test_a_failed_lease_write_hands_the_message_back_as_an_interruption(aws: Aws
         assert counter(aws, message_id) == 1
         assert worker.counters[Metric.TASKS_FAILED] == 0
     finally:
+        worker.request_stop()
+        thread.join(timeout=30)
+
+
+def test_a_drain_while_a_receive_is_being_leased_gives_it_back_before_the_worker_exits(aws: Aws, run_worker):
+    """The receive loop hands each receive to the intake thread: a drain that begins while
+    the lease write is in flight must still see that message as held (the worker may not
+    exit), and hand it back at once, counted as an interruption."""
+    worker = Worker(config_for(aws, concurrency=2), instance_id=INSTANCE)
+    lease_write_started = threading.Event()
+    finish_lease_write = threading.Event()
+
+    def slow_lease_write(model: Any, params: dict[str, Any], **_: Any) -> None:
+        body = params["body"]  # the serialized request by now
+        if b'"PutRequest"' in (body if isinstance(body, bytes) else body.encode()):
+            lease_write_started.set()
+            finish_lease_write.wait(10)
+
+    worker.clients.resource("dynamodb").meta.client.meta.events.register(
+        "before-call.dynamodb.BatchWriteItem", slow_lease_write
+    )
+    message_id = aws.send(task_id="in-transit", seconds=30)
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(worker.run()), daemon=True)
+    thread.start()
+    try:
+        assert lease_write_started.wait(10)
+        assert worker.holds_leases(), "a receive in the intake is held"
+        assert worker.running_tasks() == []
+        worker.drain(spot_signal(INSTANCE, 30.0))
+        thread.join(timeout=1)
+        assert thread.is_alive(), "the worker waits for its intake"
+        finish_lease_write.set()
+        thread.join(timeout=30)
+        assert result == [0]
+        assert worker.counters[Metric.TASKS_COMPLETED] == 0, "never started after the drain"
+        received = aws.receive()
+        assert [m["MessageId"] for m in received] == [message_id], "visible again at once"
+        assert_receives_were_interruptions(aws, received)
+        assert aws.leases() == []
+    finally:
+        finish_lease_write.set()
         worker.request_stop()
         thread.join(timeout=30)
 
