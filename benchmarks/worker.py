@@ -5,7 +5,8 @@
    loop (receive up to 10, one DeleteMessageBatch) and (b) by the spotguard worker (poison
    check, one lease batch per receive, heartbeat thread, handler call, batched deletes of
    messages and leases). ``ratio`` = worker throughput / bare throughput, at concurrency 1
-   and 8 with the default settings (prefetch while tasks are short).
+   and 8 with the default settings (prefetch while tasks are short): the median of
+   ``--rounds`` paired runs (each pair's ratio listed too).
 2. Notice-to-drain latency: a worker with a long task and the IMDS watcher (default 1 s
    poll) against the IMDS emulator; the time from publishing the spot notice to the
    message being receivable by another consumer. p50/p99 over the trials.
@@ -14,7 +15,7 @@ Latency model: ``--latency-ms N`` adds N ms before every AWS attempt of both loo
 the worker (the fault injector, ``spotguard_core.fault_injection``; the observers that
 measure use plain clients); moto's own CPU time comes on top.
 
-    .venv/bin/python benchmarks/worker.py [--latency-ms 10] [--messages 300] [--trials 12]
+    .venv/bin/python benchmarks/worker.py [--latency-ms 10] [--messages 300] [--rounds 3] [--trials 12]
 """
 
 from __future__ import annotations
@@ -68,10 +69,15 @@ def fill(queue: str, count: int, body: dict[str, Any]) -> None:
 
 
 def bare_loop(queue: str, count: int) -> float:
-    """The baseline every SQS consumer has: receive up to 10, delete them in one batch."""
+    """The baseline every SQS consumer has: receive up to 10, delete them in one batch.
+
+    Timed as the worker is: from the moment a producer starts sending ``count`` messages
+    (the sends cost the emulator's CPU in both windows) until the last one is deleted."""
     sqs = AwsClients("us-east-1").sqs  # the same factory (and injected latency) as the worker
+    producer = threading.Thread(target=fill, args=(queue, count, {"seconds": 0}))
     done = 0
     started = time.perf_counter()
+    producer.start()
     while done < count:
         messages = sqs.receive_message(QueueUrl=queue, MaxNumberOfMessages=10, WaitTimeSeconds=1).get(
             "Messages", []
@@ -80,7 +86,9 @@ def bare_loop(queue: str, count: int) -> float:
             entries = [{"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]} for i, m in enumerate(messages)]
             sqs.delete_message_batch(QueueUrl=queue, Entries=entries)
             done += len(messages)
-    return count / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    producer.join()
+    return count / elapsed
 
 
 def config(resources: dict[str, str], concurrency: int) -> AgentConfig:
@@ -118,18 +126,23 @@ def worker_loop(resources: dict[str, str], count: int, concurrency: int) -> floa
     return count / elapsed
 
 
-def throughput(messages: int) -> dict[str, Any]:
-    """Each worker run is paired with a bare run just before it (the machine's load moves)."""
-    results: dict[str, Any] = {"messages": messages}
+def throughput(messages: int, rounds: int) -> dict[str, Any]:
+    """Each worker run is paired with a bare run just before it (the machine's load moves);
+    the figures are the medians over ``rounds`` pairs, the ratio the median of the pairs'."""
+    results: dict[str, Any] = {"messages": messages, "rounds": rounds}
     for concurrency in (1, 8):
-        bare = setup(f"bare{concurrency}")
-        fill(bare["queue"], messages, {"seconds": 0})
-        bare_rate = bare_loop(bare["queue"], messages)
-        resources = setup(f"worker{concurrency}")
-        rate = worker_loop(resources, messages, concurrency)
-        results[f"bare_c{concurrency}_msgs_per_s"] = round(bare_rate, 1)
-        results[f"worker_c{concurrency}_msgs_per_s"] = round(rate, 1)
-        results[f"ratio_c{concurrency}"] = round(rate / bare_rate, 3)
+        bare_rates: list[float] = []
+        worker_rates: list[float] = []
+        for round_index in range(rounds):
+            bare = setup(f"bare{concurrency}-{round_index}")
+            bare_rates.append(bare_loop(bare["queue"], messages))
+            resources = setup(f"worker{concurrency}-{round_index}")
+            worker_rates.append(worker_loop(resources, messages, concurrency))
+        ratios = [rate / bare_rate for rate, bare_rate in zip(worker_rates, bare_rates, strict=True)]
+        results[f"bare_c{concurrency}_msgs_per_s"] = round(statistics.median(bare_rates), 1)
+        results[f"worker_c{concurrency}_msgs_per_s"] = round(statistics.median(worker_rates), 1)
+        results[f"ratio_c{concurrency}"] = round(statistics.median(ratios), 3)
+        results[f"ratios_c{concurrency}"] = [round(ratio, 3) for ratio in ratios]
     return results
 
 
@@ -169,6 +182,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--messages", type=int, default=300)
     parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=3, help="paired bare/worker throughput runs")
     parser.add_argument("--latency-ms", type=float, default=0.0, help="added before every AWS attempt")
     args = parser.parse_args()
     with running_moto_server():
@@ -182,7 +196,7 @@ def main() -> int:
             "benchmark": "worker",
             "backend": "moto server (127.0.0.1)",
             "latency_model": f"{args.latency_ms} ms added before every AWS attempt, plus moto's CPU",
-            "throughput": throughput(args.messages),
+            "throughput": throughput(args.messages, args.rounds),
             "drain_latency": drain_latency(args.trials, 1.0),
         }
     print(json.dumps(result, indent=2))

@@ -887,7 +887,8 @@ class DeleteBatcher:
     trip per ten messages. ``DELETE_THREADS`` batches are in flight at once: one batch is two
     calls in sequence (the message first, so a failed delete never leaves a message without
     its lease), and with one thread those two round trips per ten messages capped a busy
-    worker below a bare receive/delete loop."""
+    worker below a bare receive/delete loop. A second batch starts beside one in flight
+    only when it is full."""
 
     DELETE_THREADS = 2
 
@@ -915,6 +916,18 @@ class DeleteBatcher:
         with self._condition:
             return not self._pending and not self._in_flight
 
+    def pending_count(self) -> int:
+        """Finished tasks waiting for a delete batch."""
+        with self._condition:
+            return len(self._pending)
+
+    def _batch_ready(self) -> bool:
+        """With nothing in flight any pending task goes at once; beside a batch in flight
+        only a full one starts (a partial one would cost two calls for a few messages)."""
+        if not self._pending:
+            return False
+        return not self._in_flight or len(self._pending) >= SQS_BATCH_LIMIT
+
     def close(self) -> None:
         with self._condition:
             self._closed = True
@@ -926,7 +939,7 @@ class DeleteBatcher:
     def _run(self) -> None:
         while True:
             with self._condition:
-                while not self._pending and not self._closed:
+                while not self._closed and not self._batch_ready():
                     self._condition.wait()
                 if not self._pending:
                     return

@@ -256,10 +256,55 @@ def _reads(endpoint: str) -> list[Any]:
     ]
 
 
+#: Attributes that name the moment of the call, different on any two servers.
+_QUEUE_TIMESTAMPS = ("CreatedTimestamp", "LastModifiedTimestamp")
+
+
+def _queue_reads(endpoint: str) -> list[Any]:
+    """Queue attributes (counters of visible, delayed and in-flight messages, settings, the
+    redrive policy, a FIFO queue's deduplication) and what receives return."""
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    sqs = session.client("sqs", endpoint_url=endpoint)
+    dlq = sqs.create_queue(QueueName="answers-dlq")["QueueUrl"]
+    dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    work = sqs.create_queue(
+        QueueName="answers",
+        Attributes={
+            "VisibilityTimeout": "45",
+            "MessageRetentionPeriod": "3600",
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": "5"}),
+        },
+    )["QueueUrl"]
+    fifo = sqs.create_queue(
+        QueueName="answers.fifo", Attributes={"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+    )["QueueUrl"]
+    for index in range(5):
+        sqs.send_message(QueueUrl=work, MessageBody=f"task-{index}", DelaySeconds=60 if index >= 3 else 0)
+    for _ in range(2):
+        sqs.send_message(QueueUrl=fifo, MessageBody="same", MessageGroupId="g")  # deduplicated
+    taken = sqs.receive_message(QueueUrl=work, MaxNumberOfMessages=2, VisibilityTimeout=300)["Messages"]
+    answers: list[Any] = [len(taken)]
+    for url in (work, fifo, dlq):
+        every = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        answers.append({k: v for k, v in every.items() if k not in _QUEUE_TIMESTAMPS})
+        answers.append(
+            sqs.get_queue_attributes(
+                QueueUrl=url,
+                AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+            )["Attributes"]
+        )
+    rest = sqs.receive_message(QueueUrl=work, MaxNumberOfMessages=10)["Messages"]
+    answers.append(sorted(m["Body"] for m in taken + rest))
+    answers.append(len(sqs.receive_message(QueueUrl=fifo, MaxNumberOfMessages=10)["Messages"]))
+    return answers
+
+
 def test_the_launchers_fast_paths_answer_as_plain_moto_does() -> None:
     with _plain_moto() as reference, MotoServer() as launcher:
-        expected = _reads(reference)
-        answered = _reads(launcher.endpoint)
+        expected = [*_reads(reference), *_queue_reads(reference)]
+        answered = [*_reads(launcher.endpoint), *_queue_reads(launcher.endpoint)]
     for answers in (expected, answered):
         for answer in answers:
             if isinstance(answer, dict):

@@ -633,6 +633,42 @@ def test_one_receive_is_one_lease_batch_and_first_receives_read_no_counter(aws: 
     assert calls.count("DeleteMessage") == 0 and calls.count("DeleteMessageBatch") >= 1
 
 
+def test_a_lone_task_is_deleted_at_once_and_a_partial_batch_waits_for_the_one_in_flight(aws: Aws, run_worker):
+    """Deletes are batched without a linger: nothing in flight, a finished task goes at
+    once; beside a batch in flight only a full batch starts, so what finishes meanwhile
+    goes together in the next one (two calls, not one pair per task)."""
+    worker = Worker(config_for(aws, concurrency=4), instance_id=INSTANCE)
+    delete_sizes: list[int] = []
+    first_delete_sent = threading.Event()
+    finish_first_delete = threading.Event()
+
+    def hold_the_first_delete(model: Any, params: dict[str, Any], **_: Any) -> None:
+        delete_sizes.append(len(json.loads(params["body"])["Entries"]))  # the serialized request
+        if len(delete_sizes) == 1:
+            first_delete_sent.set()
+            finish_first_delete.wait(10)
+
+    worker.sqs.meta.events.register("before-call.sqs.DeleteMessageBatch", hold_the_first_delete)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    try:
+        aws.send(task_id="lone", seconds=0.01)
+        assert first_delete_sent.wait(15), "the lone task's delete went at once"
+        for index in range(3):
+            aws.send(task_id=f"meanwhile-{index}", seconds=0.01)
+        wait_for(lambda: worker._deletes.pending_count() == 3, timeout=15)
+        time.sleep(0.3)  # a partial batch would have started by now
+        assert delete_sizes == [1]
+        finish_first_delete.set()
+        wait_for(lambda: worker.counters[Metric.TASKS_COMPLETED] == 4, timeout=15)
+        assert delete_sizes == [1, 3]
+        assert aws.counts() == (0, 0) and aws.leases() == []
+    finally:
+        finish_first_delete.set()
+        worker.request_stop()
+        thread.join(timeout=30)
+
+
 def test_a_process_stop_drains_but_leaves_the_fleet_record_for_the_restarted_agent(aws: Aws, run_worker):
     """SIGTERM (``systemctl restart``, an upgrade) says nothing about the instance: the record
     must not turn draining (it cannot go back, and the restarted agent would obey it)."""

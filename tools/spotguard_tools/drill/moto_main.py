@@ -1,5 +1,5 @@
 """``python -m spotguard_tools.drill.moto_main``: moto's server with three SQS fixes and
-four fixes of its per-request cost.
+five fixes of its per-request cost.
 
 moto's server answers requests on several threads, and its SQS queue is not guarded:
 
@@ -23,8 +23,9 @@ moto's server also spends CPU that has nothing to do with the emulated service, 
 benchmarks measure against it (issue 15):
 
 - its router lists moto's package directory (``os.listdir`` and an ``isdir`` per backend,
-  some 200 system calls) for every request, under the one lock all requests pass through:
-  the list is computed once (the directory does not change while the server runs);
+  some 200 system calls) for every request, under the one lock all requests pass through,
+  and each response object lists its class's methods (``inspect.getmembers``): both are
+  computed once (neither changes while the server runs);
 - werkzeug formats and writes a log line per request: kept only when
   ``SPOTGUARD_MOTO_REQUEST_LOG`` is set;
 - its SQS queue asks the clock twice per message for every receive (is it visible? is it
@@ -35,7 +36,13 @@ benchmarks measure against it (issue 15):
   ``AttributeValue`` shape's ten members (about 70 look-ups per attribute): a Query answering
   1,000 leases spent 0.6 s there. An attribute value that is one string, number, boolean or
   null (already in the wire form: ``{"S": "..."}``) is written as it is; every other value
-  (binary, sets, lists, maps) goes through moto's serializer as before.
+  (binary, sets, lists, maps) goes through moto's serializer as before;
+- it builds every attribute of a queue, its three message counters included (a scan of
+  the queue's messages each), once for each message it sends and three times for each
+  message it receives, to read one setting: a third of the server's time in the worker
+  benchmark. The counters come from one scan (none while a message is sent: the send
+  reads ContentBasedDeduplication only), and a receive's retention check reads its one
+  setting.
 
 Answers are unchanged (``tests/drill/test_emulator.py`` compares them with plain moto's).
 
@@ -63,7 +70,7 @@ import time
 from typing import Any
 
 from moto import backends
-from moto.core import serialize
+from moto.core import responses, serialize
 from moto.server import main as moto_server_main
 from moto.sqs import models
 from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, instance_id_of_key
@@ -80,6 +87,11 @@ def _install_request_cost_fixes() -> None:
         cached = functools.wraps(backends.list_of_moto_modules)(lambda: modules)
         cached._spotguard_cached = True  # type: ignore[attr-defined]
         backends.list_of_moto_modules = cached
+    if not getattr(responses.method_names_from_class, "_spotguard_cached", False):
+        # Each request listed its response class's methods with ``inspect.getmembers``.
+        names = functools.cache(responses.method_names_from_class)
+        names._spotguard_cached = True  # type: ignore[attr-defined]
+        responses.method_names_from_class = names
     if not getattr(models.unix_time_millis, "_spotguard_fast", False):
         exact = models.unix_time_millis
 
@@ -92,6 +104,89 @@ def _install_request_cost_fixes() -> None:
         # Errors stay; werkzeug logs each request at INFO.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
     _install_attribute_value_fast_path()
+    _install_queue_attribute_fast_paths()
+
+
+#: A queue's message counters, which moto computes with one scan of its messages each.
+_QUEUE_COUNTERS = (
+    "ApproximateNumberOfMessages",
+    "ApproximateNumberOfMessagesDelayed",
+    "ApproximateNumberOfMessagesNotVisible",
+)
+
+
+#: Set while this thread runs moto's ``send_message``, which builds a queue's attributes to
+#: read one setting (ContentBasedDeduplication), never its counters.
+_SENDING = threading.local()
+
+
+def queue_counters(queue: Any) -> dict[str, int]:
+    """moto's three approximate counters of ``queue`` from one scan at one instant."""
+    current = models.unix_time_millis()
+    visible = delayed = not_visible = 0
+    for message in queue._messages:
+        is_delayed = current < message.delayed_until
+        is_visible = current > message.visible_at
+        delayed += is_delayed
+        not_visible += not is_visible
+        visible += is_visible and not is_delayed
+    return dict(zip(_QUEUE_COUNTERS, (visible, delayed, not_visible), strict=True))
+
+
+def _install_queue_attribute_fast_paths() -> None:
+    """The queue's attributes as moto builds them, the counters from one scan; a receive's
+    retention check reads ``MessageRetentionPeriod`` alone (moto built every attribute
+    three times for it, for each message received)."""
+    if getattr(models.Queue.__dict__["attributes"].fget, "_spotguard_fast", False):
+        return
+    fields = {
+        name: models.camelcase_to_underscores(name)
+        for name in (
+            *models.Queue.BASE_ATTRIBUTES,
+            *models.Queue.FIFO_ATTRIBUTES,
+            *models.Queue.KMS_ATTRIBUTES,
+        )
+    }
+
+    def attributes(self: Any) -> dict[str, Any]:
+        # A send reads only ContentBasedDeduplication: its counters would go unread.
+        sending = getattr(_SENDING, "active", False)
+        counters = dict.fromkeys(_QUEUE_COUNTERS, 0) if sending else queue_counters(self)
+        names = list(self.BASE_ATTRIBUTES)
+        if self.fifo_queue:
+            names += self.FIFO_ATTRIBUTES
+        if self.kms_master_key_id:
+            names += self.KMS_ATTRIBUTES
+        result: dict[str, Any] = {
+            name: counters[name] if name in counters else getattr(self, fields[name]) for name in names
+        }
+        if self.policy:
+            result["Policy"] = self.policy
+        if self.redrive_policy:
+            result["RedrivePolicy"] = json.dumps(self.redrive_policy)
+        return {
+            key: str(value).lower() if isinstance(value, bool) else value for key, value in result.items()
+        }
+
+    def is_message_valid_based_on_retention_period(self: Any, queue_name: str, message: Any) -> bool:
+        retention_period = self.get_queue(queue_name).message_retention_period
+        return bool(retention_period + message.sent_timestamp / 1000 > time.time())
+
+    original_send = models.SQSBackend.send_message
+
+    def send_message(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _SENDING.active = True
+        try:
+            return original_send(self, *args, **kwargs)
+        finally:
+            _SENDING.active = False
+
+    models.SQSBackend.send_message = send_message  # type: ignore[method-assign]
+    attributes._spotguard_fast = True  # type: ignore[attr-defined]
+    models.Queue.attributes = property(attributes)  # type: ignore[method-assign,assignment]
+    models.SQSBackend.is_message_valid_based_on_retention_period = (  # type: ignore[method-assign]
+        is_message_valid_based_on_retention_period
+    )
 
 
 #: Attribute value members whose wire form is the model's own: a str, or a bool.
