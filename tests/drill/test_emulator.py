@@ -351,3 +351,35 @@ def test_a_message_made_visible_again_wakes_a_waiting_long_poll() -> None:
         )
         poller.join(timeout=40)
     assert waited and waited[0] < 10
+
+
+def test_a_visibility_change_with_an_earlier_receives_handle_is_refused_as_sqs_does() -> None:
+    """A requeue with a dead instance's handle must not make visible a message another
+    agent has received since (moto applied it to the new receive)."""
+    with MotoServer() as server:
+        session = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        )
+        sqs = session.client("sqs", endpoint_url=server.endpoint)
+        url = sqs.create_queue(QueueName="handles")["QueueUrl"]
+        sqs.send_message(QueueUrl=url, MessageBody="task")
+        [first] = sqs.receive_message(QueueUrl=url, VisibilityTimeout=600)["Messages"]
+        sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=0)
+        [second] = sqs.receive_message(QueueUrl=url, VisibilityTimeout=600)["Messages"]
+        with pytest.raises(sqs.exceptions.ReceiptHandleIsInvalid):
+            sqs.change_message_visibility(
+                QueueUrl=url, ReceiptHandle=first["ReceiptHandle"], VisibilityTimeout=0
+            )
+        batch = sqs.change_message_visibility_batch(
+            QueueUrl=url,
+            Entries=[{"Id": "stale", "ReceiptHandle": first["ReceiptHandle"], "VisibilityTimeout": 0}],
+        )
+        assert [(f["Id"], f["Code"]) for f in batch.get("Failed", [])] == [
+            ("stale", "ReceiptHandleIsInvalid")
+        ]
+        assert not sqs.receive_message(QueueUrl=url).get("Messages"), "still held by the second receive"
+        sqs.change_message_visibility(
+            QueueUrl=url, ReceiptHandle=second["ReceiptHandle"], VisibilityTimeout=0
+        )
+        [third] = sqs.receive_message(QueueUrl=url)["Messages"]
+        assert third["MessageId"] == first["MessageId"]

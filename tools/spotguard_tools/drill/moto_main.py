@@ -1,4 +1,4 @@
-"""``python -m spotguard_tools.drill.moto_main``: moto's server with three SQS fixes and
+"""``python -m spotguard_tools.drill.moto_main``: moto's server with four SQS fixes and
 five fixes of its per-request cost.
 
 moto's server answers requests on several threads, and its SQS queue is not guarded:
@@ -12,6 +12,12 @@ moto's server answers requests on several threads, and its SQS queue is not guar
 The drill counts lost and duplicated tasks, so the emulator must not add its own. Both
 fixes take the queue's own lock (a condition variable: a long poll waiting for messages
 releases it); nothing else changes.
+
+moto also applies a visibility change made with the receipt handle of an earlier receive
+to the message's current one; SQS refuses it (``ReceiptHandleIsInvalid``). Seen in the
+drill: the two state changes of one hard kill (shutting-down, terminated) each requeued its
+tasks, and the second, with the dead instance's handles, made a task visible again that
+another agent had just received, so two agents ran it at once. The emulator refuses it too.
 
 A long poll in moto wakes when a message is *sent*, not when one becomes visible again by
 ``ChangeMessageVisibility``: it looks again only after a second, so every requeued message
@@ -73,6 +79,7 @@ from moto import backends
 from moto.core import responses, serialize
 from moto.server import main as moto_server_main
 from moto.sqs import models
+from moto.sqs.exceptions import ReceiptHandleIsInvalid
 from spotguard_core.contracts import LEASE_TABLE_PK, LEASE_TABLE_SK, instance_id_of_key
 
 from spotguard_tools.drill import ledger
@@ -217,6 +224,15 @@ def _install_attribute_value_fast_path() -> None:
     serialize.BaseJSONSerializer._serialize_type_structure = serialize_structure  # type: ignore[method-assign]
 
 
+def stale_receipt_handle(queue: Any, receipt_handle: str) -> bool:
+    """The handle of an earlier receive of a message received again since: SQS refuses a
+    visibility change with it, moto applied it to the message's new receive."""
+    for message in queue._messages:
+        if message.had_receipt_handle(receipt_handle):
+            return bool(message.receipt_handle != receipt_handle)
+    return False
+
+
 def _install_sqs_locks() -> None:
     original_delete = models.Queue.delete_message
     if getattr(original_delete, "_spotguard_locked", False):
@@ -238,6 +254,8 @@ def _install_sqs_locks() -> None:
     ) -> None:
         queue = self.get_queue(queue_name)
         with queue._messages_lock:
+            if stale_receipt_handle(queue, receipt_handle):
+                raise ReceiptHandleIsInvalid
             original_change(self, queue_name, receipt_handle, visibility_timeout)
             if int(visibility_timeout) == 0:
                 queue._messages_lock.notify_all()  # visible now: wake the long polls
