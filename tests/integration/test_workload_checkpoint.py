@@ -40,7 +40,10 @@ def interrupt(
     first = workers.start(agent_config(world, **config), workload, FIRST)
     wait_for(lambda: world.leases(FIRST))
     time.sleep(after)
-    first.worker.drain(spot_signal(FIRST, 3))
+    # 1.5 s leaves 0.5 s after the drain margin (1 s): the task cannot fit even if it began
+    # well before its lease was seen (with 3 s, a task that began 0.5 s earlier on a loaded
+    # machine fitted, ran to the end, and nothing was released).
+    first.worker.drain(spot_signal(FIRST, 1.5))
     assert first.join() == 0
     assert first.worker.counters[Metric.TASKS_RELEASED_ON_DRAIN] == 1
 
