@@ -106,11 +106,8 @@ def test_agent_ledger_counts_what_the_agents_did(tmp_path: Path) -> None:
         ledger.LEASE_TABLE_ENV: lease_table_name("hook"),
     }
     with MotoServer(environment=environment) as server:
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-        )
-        sqs = session.client("sqs", endpoint_url=server.endpoint)
-        dynamodb = session.client("dynamodb", endpoint_url=server.endpoint)
+        sqs = _client("sqs", server.endpoint)
+        dynamodb = _client("dynamodb", server.endpoint)
         create_table(dynamodb, TableKind.LEASES, lease_table_name("hook"))
         url = sqs.create_queue(QueueName=work_queue_name("hook"))["QueueUrl"]
         other = sqs.create_queue(QueueName="not-the-work-queue")["QueueUrl"]
@@ -158,6 +155,14 @@ def test_agent_ledger_counts_what_the_agents_did(tmp_path: Path) -> None:
     assert attempts[("a", "i-a")].finished_at is not None
     assert attempts[("b", "i-b")].released_at is not None
     assert attempts[("b", "i-b")].receive_count == 1
+
+
+def _client(service: str, endpoint: str) -> Any:
+    """A client of ``endpoint`` with moto's test credentials (not this process's environment)."""
+    session = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    )
+    return session.client(service, endpoint_url=endpoint)
 
 
 def _attributes(item: dict[str, object]) -> dict[str, object]:
@@ -211,10 +216,7 @@ _EVERY_TYPE = {
 
 
 def _reads(endpoint: str) -> list[Any]:
-    session = boto3.session.Session(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    )
-    dynamodb = session.client("dynamodb", endpoint_url=endpoint)
+    dynamodb = _client("dynamodb", endpoint)
     dynamodb.create_table(
         TableName="answers",
         KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
@@ -263,10 +265,7 @@ _QUEUE_TIMESTAMPS = ("CreatedTimestamp", "LastModifiedTimestamp")
 def _queue_reads(endpoint: str) -> list[Any]:
     """Queue attributes (counters of visible, delayed and in-flight messages, settings, the
     redrive policy, a FIFO queue's deduplication) and what receives return."""
-    session = boto3.session.Session(
-        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-    )
-    sqs = session.client("sqs", endpoint_url=endpoint)
+    sqs = _client("sqs", endpoint)
     dlq = sqs.create_queue(QueueName="answers-dlq")["QueueUrl"]
     dlq_arn = sqs.get_queue_attributes(QueueUrl=dlq, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
     work = sqs.create_queue(
@@ -357,10 +356,7 @@ def test_a_visibility_change_with_an_earlier_receives_handle_is_refused_as_sqs_d
     """A requeue with a dead instance's handle must not make visible a message another
     agent has received since (moto applied it to the new receive)."""
     with MotoServer() as server:
-        session = boto3.session.Session(
-            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
-        )
-        sqs = session.client("sqs", endpoint_url=server.endpoint)
+        sqs = _client("sqs", server.endpoint)
         url = sqs.create_queue(QueueName="handles")["QueueUrl"]
         sqs.send_message(QueueUrl=url, MessageBody="task")
         [first] = sqs.receive_message(QueueUrl=url, VisibilityTimeout=600)["Messages"]
